@@ -1,0 +1,1 @@
+"""pdcnno_jax: compressed, parallel CNN training in JAX."""

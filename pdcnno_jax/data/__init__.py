@@ -1,0 +1,1 @@
+"""Input pipelines: TFDS loading, IDX import, sharding onto the mesh."""

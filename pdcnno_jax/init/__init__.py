@@ -1,0 +1,1 @@
+"""Weight initialisers: He, glowworm swarm (GSO / IFAS)."""

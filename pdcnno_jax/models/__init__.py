@@ -1,0 +1,1 @@
+"""Flax NNX models with feature-map masks."""

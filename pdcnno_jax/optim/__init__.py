@@ -1,0 +1,1 @@
+"""Optimizers: optax factory and CGMSE."""

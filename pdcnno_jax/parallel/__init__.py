@@ -1,0 +1,1 @@
+"""Parallel training: MapReduce with load balancers and stale synchronous parallel."""

@@ -1,0 +1,1 @@
+"""Stale synchronous parallel training over a key-value store."""

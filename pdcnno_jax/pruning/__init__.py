@@ -1,0 +1,1 @@
+"""Feature-map pruning: FMP, FMPTL, selection, compaction."""

@@ -1,0 +1,1 @@
+"""Training loop, state, checkpoints, metrics and reports."""
