@@ -1,0 +1,112 @@
+"""Jitted train and eval steps over :class:`~pdcnno_jax.train.state.TrainState`.
+
+The loss is the mean softmax cross-entropy of the global batch. Steps are pure functions of
+``(state, batch)`` compiled once with ``jax.jit`` and explicit shardings (parameters
+replicated, batch sharded over the mesh's ``'data'`` axis), so the same code runs on one
+CPU, eight fake devices or many hosts.
+
+Optimizers that need the loss function itself (``optax.GradientTransformationExtraArgs``
+with a line search, e.g. CGMSE or L-BFGS) receive ``value``, ``grad`` and ``value_fn`` of the
+*current* batch.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from pdcnno_jax.train import sharding as sharding_lib
+from pdcnno_jax.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+Preprocess = Callable[[jax.Array], jax.Array]
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array,
+                  weights: jax.Array | None = None) -> jax.Array:
+  """Mean softmax cross-entropy over the examples with nonzero ``weights``."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  if weights is None:
+    return losses.mean()
+  return (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+def apply_model(graphdef: nnx.GraphDef, params: nnx.State, model_state: nnx.State,
+                images: jax.Array, *, train: bool) -> tuple[jax.Array, nnx.State]:
+  """Runs the model; returns logits and the updated non-param state (BatchNorm stats)."""
+  model = nnx.merge(graphdef, params, model_state)
+  logits = model(images, train=train)
+  _, _, new_model_state = nnx.split(model, nnx.Param, ...)
+  return logits, new_model_state
+
+
+def batch_loss(params: nnx.State, model_state: nnx.State, batch: Batch, *,
+               graphdef: nnx.GraphDef, preprocess: Preprocess,
+               train: bool = True) -> tuple[jax.Array, tuple[jax.Array, nnx.State]]:
+  """Mean cross-entropy of ``batch``; aux is ``(logits, new_model_state)``."""
+  images = preprocess(batch['image'])
+  logits, new_model_state = apply_model(graphdef, params, model_state, images, train=train)
+  return cross_entropy(logits, batch['label']), (logits, new_model_state)
+
+
+def needs_value_fn(tx: optax.GradientTransformation) -> bool:
+  """Whether ``tx.update`` takes ``value`` / ``grad`` / ``value_fn`` (line searches)."""
+  return isinstance(tx, optax.GradientTransformationExtraArgs)
+
+
+def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
+               tx: optax.GradientTransformation, preprocess: Preprocess,
+               pass_value_fn: bool) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update on ``batch`` (not jitted; see :func:`make_train_step`)."""
+  loss_fn = functools.partial(batch_loss, model_state=state.model_state, batch=batch,
+                              graphdef=graphdef, preprocess=preprocess, train=True)
+  (loss, (logits, new_model_state)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  if pass_value_fn:
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss,
+                                   grad=grads, value_fn=lambda p: loss_fn(p)[0])
+  else:
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  accuracy = (logits.argmax(-1) == batch['label']).mean()
+  metrics = {'loss': loss, 'accuracy': accuracy, 'grad_norm': optax.global_norm(grads)}
+  new_state = state.replace(step=state.step + 1, params=params,
+                            model_state=new_model_state, opt_state=opt_state)
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
+              preprocess: Preprocess) -> dict[str, jax.Array]:
+  """Sums of loss and correct predictions over the real (``batch['mask']``) examples."""
+  images = preprocess(batch['image'])
+  logits, _ = apply_model(graphdef, state.params, state.model_state, images, train=False)
+  weights = batch.get('mask', jnp.ones(batch['label'].shape, jnp.float32))
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
+  correct = (logits.argmax(-1) == batch['label']).astype(jnp.float32)
+  return {'loss_sum': (losses * weights).sum(), 'correct': (correct * weights).sum(),
+          'count': weights.sum()}
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    preprocess: Preprocess, mesh: Mesh,
+                    donate: bool = True) -> Callable[[TrainState, Batch], Any]:
+  """``jax.jit``-compiled :func:`train_step` with replicated state and sharded batches."""
+  step = functools.partial(train_step, graphdef=graphdef, tx=tx, preprocess=preprocess,
+                           pass_value_fn=needs_value_fn(tx))
+  rep, data = sharding_lib.replicated(mesh), sharding_lib.batch_sharded(mesh)
+  return jax.jit(step, in_shardings=(rep, data), out_shardings=(rep, rep),
+                 donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(graphdef: nnx.GraphDef, preprocess: Preprocess,
+                   mesh: Mesh) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
+  """``jax.jit``-compiled :func:`eval_step`."""
+  step = functools.partial(eval_step, graphdef=graphdef, preprocess=preprocess)
+  rep, data = sharding_lib.replicated(mesh), sharding_lib.batch_sharded(mesh)
+  return jax.jit(step, in_shardings=(rep, data), out_shardings=rep)
