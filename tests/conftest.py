@@ -1,0 +1,13 @@
+"""Test session setup: CPU only, 8 fake devices for the multi-device tests.
+
+XLA reads XLA_FLAGS when the backend starts, so it must be set before anything imports JAX
+and initialises devices. Tests that need exactly one device build a one-device mesh.
+"""
+
+import os
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+if '--xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
