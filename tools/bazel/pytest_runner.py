@@ -10,19 +10,17 @@ pytest:
 * `TEST_TMPDIR` -> `HOME`, `TMPDIR` and pytest's `--basetemp`, so temporary
   files and caches written under `~` stay in the directory Bazel gives the
   test (as the test encyclopedia recommends) instead of the sandbox's
-  read-only view of the real home;
-* `XLA_FLAGS` defaults to 8 fake CPU devices, set before JAX is imported, so
-  sharding tests see a mesh as they do under plain pytest.
+  read-only view of the real home.
 
 The pytest cache is disabled: the runfiles tree is not a place to write to.
+Device setup (8 fake CPU devices) is left to tests/conftest.py, which pytest
+loads here exactly as it does outside Bazel.
 """
 
 import os
 import sys
 
 import pytest
-
-_DEFAULT_XLA_FLAGS = "--xla_force_host_platform_device_count=8"
 
 
 def pytest_args(argv: list[str], environ: dict[str, str]) -> list[str]:
@@ -57,7 +55,6 @@ def main() -> int:
   """Runs the test file given on the command line; returns pytest's status."""
   if 'TEST_TMPDIR' in os.environ:
     os.environ['HOME'] = os.environ['TMPDIR'] = os.environ['TEST_TMPDIR']
-  os.environ.setdefault('XLA_FLAGS', _DEFAULT_XLA_FLAGS)
   # pytest exits with 5 when it collects no test: a failure here too, since a
   # test target without tests is a mistake.
   return int(pytest.main(pytest_args(sys.argv[1:], dict(os.environ))))
