@@ -95,6 +95,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.parallel.num_blocks = 64
   config.parallel.rounds_per_epoch = 1
   config.parallel.lbrla_ceiling = 0.97
+  config.parallel.lbrla_weights = ''  # 'load=0.5,disk=0.1,accelerator=0.1,memory=0.1,network=0.1,node=0.1' ('' = these).
   config.parallel.dlbpce_entropy_target = 0.999  # H_b (0.99 costs ~18% makespan: bench_balancers).
   # SSP (delay synchronization).
   config.parallel.staleness = 2  # -1: infinite (ASP); 0: BSP.

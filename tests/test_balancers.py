@@ -308,11 +308,12 @@ def test_get_balancer_and_config_binding():
   with pytest.raises(ValueError, match='config.parallel.balancer'):
     balancers.get_balancer('round_robin')
   config = ml_collections.ConfigDict(dict(
-      balancer='lbrla', lbrla_ceiling=0.5, dlbpce_entropy_target=0.9))
-  stats = balancers.WorkerStats(np.ones(2), {'memory': np.array([0.2, 0.2])})
+      balancer='lbrla', lbrla_ceiling=0.5, lbrla_weights='load=1,memory=3',
+      dlbpce_entropy_target=0.9))
+  stats = balancers.WorkerStats(np.ones(2), {'memory': np.array([0.2, 0.6])})
   np.testing.assert_array_equal(
       balancers.balancer_from_config(config)(10, stats),
-      balancers.lbrla(10, stats, ceiling=0.5))
+      balancers.lbrla(10, stats, ceiling=0.5, weights={'load': 1.0, 'memory': 3.0}))
   for name in NAMES:
     config.balancer = name
     assert balancers.balancer_from_config(config)(10, stats).sum() == 10
@@ -322,3 +323,15 @@ def test_all_balancers_agree_on_identical_workers():
   stats = balancers.WorkerStats(np.full(4, 2.5))
   for name, previous in itertools.product(NAMES, (None,)):
     np.testing.assert_array_equal(balancers.get_balancer(name)(20, stats, previous), [5] * 4)
+
+
+def test_parse_lbrla_weights():
+  assert balancers.parse_lbrla_weights('') == balancers.DEFAULT_LBRLA_WEIGHTS
+  assert balancers.parse_lbrla_weights(' load=1, node = 0.5') == {'load': 1.0, 'node': 0.5}
+  for bad in ('load', 'load=x', 'gpu=1', 'load=1,load=2'):
+    with pytest.raises(ValueError, match='bad entry'):
+      balancers.parse_lbrla_weights(bad)
+  with pytest.raises(ValueError, match='>= 0'):
+    balancers.parse_lbrla_weights('load=-1')
+  with pytest.raises(ValueError, match='"load" weight must be > 0'):
+    balancers.lbrla(4, balancers.WorkerStats(np.ones(2)), weights={'node': 1.0})

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import heapq
 from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import numpy as np
@@ -333,7 +334,7 @@ def lbrla(num_blocks: int, stats: WorkerStats, previous: np.ndarray | None = Non
           weights: Mapping[str, float] | None = None, strict: bool = False) -> np.ndarray:
   """LBRLA: hand out blocks one at a time by regulated load rate.
 
-  Every worker first gets `min_blocks`. Each further block goes to the worker whose combined
+  Every worker first gets `min_blocks` (ceiling or not). Each further block goes to the worker whose combined
   load rate R_i (`lbrla_rates`) would be lowest after taking it, among the workers whose rate
   would stay at or below `ceiling`; the rates are updated after every block. The lowest such
   rate is never above the average rate, so this is the paper's rule "the node furthest below the
@@ -371,17 +372,20 @@ def lbrla(num_blocks: int, stats: WorkerStats, previous: np.ndarray | None = Non
   base, load_weight = _lbrla_base_rates(stats, weights)
   rate_per_block = load_weight * stats.speed.max() / (max(num_blocks, 1) * stats.speed)
   blocks = np.full(num_workers, min_blocks, dtype=np.int64)
+  # Heap of (rate after one more block, worker): its head is the lowest such rate; if even that
+  # exceeds the ceiling, every worker does, and the head is also the least-bad choice.
+  heap = [(base[k] + rate_per_block[k] * (min_blocks + 1), k) for k in range(num_workers)]
+  heapq.heapify(heap)
   for _ in range(int(num_blocks) - min_blocks * num_workers):
-    next_rate = base + rate_per_block * (blocks + 1)
-    allowed = next_rate <= ceiling
-    if not allowed.any():
-      if strict:
-        raise ValueError(
-            f'LBRLA: every worker would exceed the load-rate ceiling {ceiling} with '
-            f'{blocks.sum()} of {num_blocks} blocks placed (rates {next_rate}); raise '
-            'config.parallel.lbrla_ceiling, add workers, or use strict=False.')
-      allowed = np.ones(num_workers, dtype=bool)
-    blocks[np.argmin(np.where(allowed, next_rate, np.inf))] += 1
+    next_rate, k = heap[0]
+    if strict and next_rate > ceiling:
+      rates = base + rate_per_block * blocks
+      raise ValueError(
+          f'LBRLA: every worker would exceed the load-rate ceiling {ceiling} with '
+          f'{blocks.sum()} of {num_blocks} blocks placed (rates {rates}); raise '
+          'config.parallel.lbrla_ceiling, add workers, or use strict=False.')
+    blocks[k] += 1
+    heapq.heapreplace(heap, (base[k] + rate_per_block[k] * (blocks[k] + 1), k))
   return blocks
 
 
@@ -544,15 +548,51 @@ def get_balancer(name: str) -> Balancer:
         f'{sorted(BALANCERS)}.') from None
 
 
+def parse_lbrla_weights(spec: str) -> dict[str, float]:
+  """Parses config.parallel.lbrla_weights, e.g. 'load=0.5,memory=0.3,node=0.2'.
+
+  Args:
+    spec: comma-separated name=weight pairs, names 'load' and `UTILISATION_KEYS`; names left
+      out weigh 0. An empty string means `DEFAULT_LBRLA_WEIGHTS`.
+
+  Returns:
+    The weights.
+
+  Raises:
+    ValueError: a malformed pair, an unknown name, or a negative weight.
+  """
+  if not spec.strip():
+    return dict(DEFAULT_LBRLA_WEIGHTS)
+  weights = {}
+  for pair in spec.split(','):
+    name, sep, value = pair.partition('=')
+    name = name.strip()
+    try:
+      weight = float(value) if sep else None
+    except ValueError:
+      weight = None
+    if weight is None or name not in ('load', *UTILISATION_KEYS) or name in weights:
+      raise ValueError(
+          f'config.parallel.lbrla_weights={spec!r}: bad entry {pair.strip()!r}; expected '
+          f'distinct name=weight pairs with names from {("load", *UTILISATION_KEYS)}, e.g. '
+          "'load=0.5,memory=0.3,node=0.2'.")
+    if not np.isfinite(weight) or weight < 0:
+      raise ValueError(f'config.parallel.lbrla_weights: weight of {name} must be >= 0.')
+    weights[name] = weight
+  return weights
+
+
 def balancer_from_config(parallel_config: Any) -> Callable[..., np.ndarray]:
   """The configured balancer with its options bound: assign(num_blocks, stats, previous).
 
-  Reads config.parallel.balancer, lbrla_ceiling and dlbpce_entropy_target.
+  Reads config.parallel.balancer, and lbrla_ceiling + lbrla_weights (LBRLA) or
+  dlbpce_entropy_target (DLBPCE).
   """
   name = parallel_config.balancer
   options = {}
   if name == 'lbrla':
     options['ceiling'] = float(parallel_config.lbrla_ceiling)
+    options['weights'] = parse_lbrla_weights(parallel_config.lbrla_weights)
   elif name == 'dlbpce':
     options['entropy_target'] = float(parallel_config.dlbpce_entropy_target)
   return functools.partial(get_balancer(name), **options)
