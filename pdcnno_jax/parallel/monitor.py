@@ -47,7 +47,8 @@ class _Counters:
 
 def _read_counters(clock: Callable[[], float]) -> _Counters:
   cpu = psutil.cpu_times()
-  cpu_total = float(sum(cpu))
+  # Linux counts guest time inside user time as well; do not count it twice.
+  cpu_total = float(sum(cpu)) - getattr(cpu, 'guest', 0.0) - getattr(cpu, 'guest_nice', 0.0)
   cpu_idle = cpu.idle + getattr(cpu, 'iowait', 0.0)
   disk = psutil.disk_io_counters()
   network = psutil.net_io_counters(pernic=True)
