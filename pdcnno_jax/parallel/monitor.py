@@ -64,7 +64,7 @@ def _read_counters(clock: Callable[[], float]) -> _Counters:
 
 
 def _is_loopback(interface: str) -> bool:
-  return interface == 'lo' or interface.startswith('lo') and interface[2:].isdigit()
+  return interface == 'lo' or (interface.startswith('lo') and interface[2:].isdigit())
 
 
 def _link_bandwidth_bytes_per_s() -> float | None:
