@@ -1,0 +1,83 @@
+"""Builds the optimizer named in ``config.optimizer``: any optax alias, or CGMSE.
+
+Names:
+  * ``sgd``, ``momentum`` (heavy ball / Nesterov), ``adam``, ``adamw``, ``rmsprop``,
+    ``adagrad``, ``lamb``, ``lion``, ... : optax aliases, with the learning-rate schedule
+    below, optional global-norm clipping and decoupled weight decay where the alias has none.
+  * ``lbfgs``: ``optax.lbfgs`` with its zoom line search (learning rate ignored).
+  * ``cgmse``: PDCNNO's conjugate gradient with a modified secant equation
+    (``pdcnno_jax.optim.cgmse``); ``optimizer.mode`` picks full-batch or mini-batch use.
+
+Schedules: ``constant`` or ``cosine`` (decay to 0 over the run) after a linear warm-up of
+``warmup_epochs``.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import ml_collections
+import optax
+
+# Aliases whose signature already has a weight-decay argument.
+_DECOUPLED_DECAY = ('adamw', 'lamb', 'lion', 'adafactor')
+
+
+def learning_rate_schedule(opt_config: ml_collections.ConfigDict, *, total_steps: int,
+                           steps_per_epoch: int) -> optax.Schedule:
+  """Linear warm-up then constant or cosine decay of ``opt_config.learning_rate``."""
+  base = opt_config.learning_rate
+  warmup = int(round(opt_config.get('warmup_epochs', 0.0) * steps_per_epoch))
+  name = opt_config.get('schedule', 'constant')
+  if name == 'constant':
+    main = optax.constant_schedule(base)
+  elif name == 'cosine':
+    main = optax.cosine_decay_schedule(base, max(1, total_steps - warmup))
+  else:
+    raise ValueError(f"Unknown optimizer.schedule {name!r}; use 'constant' or 'cosine'.")
+  if warmup <= 0:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), main], [warmup])
+
+
+def build_optimizer(opt_config: ml_collections.ConfigDict, *, total_steps: int,
+                    steps_per_epoch: int) -> optax.GradientTransformation:
+  """Returns the optax transformation described by ``opt_config``.
+
+  Args:
+    opt_config: the ``config.optimizer`` section.
+    total_steps: optimizer updates in the whole run (for decaying schedules).
+    steps_per_epoch: updates per epoch (for warm-up given in epochs).
+
+  Raises:
+    ValueError: for an unknown optimizer name or schedule.
+  """
+  name = opt_config.name
+  if name == 'cgmse':
+    from pdcnno_jax.optim import cgmse  # pylint: disable=g-import-not-at-top
+    return cgmse.from_config(opt_config)
+  if name == 'lbfgs':
+    return optax.lbfgs()
+  schedule = learning_rate_schedule(opt_config, total_steps=total_steps,
+                                    steps_per_epoch=steps_per_epoch)
+  weight_decay = opt_config.get('weight_decay', 0.0)
+  if name == 'momentum':
+    tx = optax.sgd(schedule, momentum=opt_config.momentum,
+                   nesterov=opt_config.get('nesterov', False))
+  else:
+    alias = getattr(optax, name, None)
+    if alias is None or not callable(alias):
+      raise ValueError(
+          f'Unknown optimizer {name!r}: config.optimizer.name must be an optax alias '
+          "(sgd, momentum, adam, adamw, rmsprop, ...), 'lbfgs' or 'cgmse'.")
+    kwargs = {'learning_rate': schedule}
+    if name in _DECOUPLED_DECAY and 'weight_decay' in inspect.signature(alias).parameters:
+      kwargs['weight_decay'] = weight_decay
+      weight_decay = 0.0
+    tx = alias(**kwargs)
+  parts = []
+  if opt_config.get('grad_clip_norm', 0.0) > 0:
+    parts.append(optax.clip_by_global_norm(opt_config.grad_clip_norm))
+  if weight_decay > 0:
+    parts.append(optax.add_decayed_weights(weight_decay))
+  return optax.chain(*parts, tx) if parts else tx

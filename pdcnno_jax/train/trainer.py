@@ -1,0 +1,329 @@
+"""``train_and_evaluate(config, workdir)``: the whole experiment as one importable function.
+
+Stages, each a plain function of (config, state) so that tests, Colab and the benchmarks call
+the same code as ``main.py``::
+
+  data -> model -> init (he | ifas | gso) -> prune (none | fmp | fmptl | random | l1)
+       -> train (sync | mapreduce | ssp) -> evaluate -> report.json
+
+The workdir alone decides whether to resume: if it holds a checkpoint, the run continues from
+it (the architecture of a compacted model is recorded in the checkpoint's metadata, and the
+init and pruning stages are not repeated). The batch order is a pure function of
+``(seed, epoch, step)``, so a killed and resumed run ends with the same parameters as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from pdcnno_jax.data import input_pipeline
+from pdcnno_jax.models import counting, factory
+from pdcnno_jax.optim import factory as optim_factory
+from pdcnno_jax.train import checkpointing
+from pdcnno_jax.train import metrics as metrics_lib
+from pdcnno_jax.train import report as report_lib
+from pdcnno_jax.train import sharding as sharding_lib
+from pdcnno_jax.train import state as state_lib
+from pdcnno_jax.train import steps as steps_lib
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or inf."""
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything the stages share: config, data, mesh, model structure and bookkeeping.
+
+  Attributes:
+    config: the full experiment config.
+    workdir: run directory (checkpoints, metrics, report).
+    dataset: the loaded data set.
+    mesh: the data-parallel mesh over every device of every process.
+    preprocess: uint8 images -> normalised float32 (runs inside jitted steps).
+    graphdef: static structure of the current model (changes when pruning compacts it).
+    model_overrides: constructor arguments of the current architecture (compaction).
+    timer: wall time per phase.
+    writer: metric sink.
+    stage_reports: reports of the init / pruning / parallel stages, kept in checkpoints.
+  """
+  config: ml_collections.ConfigDict
+  workdir: str
+  dataset: input_pipeline.Dataset
+  mesh: jax.sharding.Mesh
+  preprocess: Callable[[jax.Array], jax.Array]
+  graphdef: Any = None
+  model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+  timer: report_lib.PhaseTimer = dataclasses.field(default_factory=report_lib.PhaseTimer)
+  writer: metrics_lib.MetricWriter | None = None
+  stage_reports: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def global_batch_size(self) -> int:
+    return self.config.data.batch_size
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return input_pipeline.steps_per_epoch(self.dataset, 'train', self.global_batch_size)
+
+  def build_model(self, seed: int | None = None) -> nnx.Module:
+    """The current architecture (with compaction overrides) freshly initialised."""
+    seed = self.config.seed if seed is None else seed
+    return factory.build_model(self.config.model, num_classes=self.dataset.num_classes,
+                               input_shape=self.dataset.image_shape, rngs=nnx.Rngs(seed),
+                               **self.model_overrides)
+
+  def build_optimizer(self, num_epochs: float | None = None):
+    epochs = self.config.num_epochs if num_epochs is None else num_epochs
+    return optim_factory.build_optimizer(
+        self.config.optimizer, total_steps=max(1, int(epochs * self.steps_per_epoch)),
+        steps_per_epoch=self.steps_per_epoch)
+
+
+# ---------------------------------------------------------------------------------------
+# Training and evaluation loops (synchronous data parallel).
+# ---------------------------------------------------------------------------------------
+
+
+def evaluate(exp: Experiment, state: state_lib.TrainState, split: str,
+             eval_step: Callable | None = None) -> dict[str, float]:
+  """Exact loss and accuracy over every example of ``split``."""
+  eval_step = eval_step or steps_lib.make_eval_step(exp.graphdef, exp.preprocess, exp.mesh)
+  totals = None
+  for batch in input_pipeline.eval_batches(
+      exp.dataset, split, global_batch_size=exp.config.data.eval_batch_size,
+      sharding=sharding_lib.batch_sharded(exp.mesh)):
+    out = eval_step(state, batch)
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  totals = jax.device_get(totals)
+  count = max(float(totals['count']), 1.0)
+  return {'loss': float(totals['loss_sum']) / count,
+          'accuracy': float(totals['correct']) / count}
+
+
+def train_epochs(exp: Experiment, state: state_lib.TrainState, *,
+                 tx, num_epochs: float, dataset: input_pipeline.Dataset | None = None,
+                 checkpointer: checkpointing.Checkpointer | None = None,
+                 eval_split: str | None = None, phase: str = 'train',
+                 log_prefix: str = 'train') -> state_lib.TrainState:
+  """Synchronous data-parallel training from ``state.step`` for ``num_epochs`` epochs.
+
+  Steps are counted from ``state.step`` (so a resumed state continues where it stopped)
+  and the batch order is a pure function of (seed, epoch, step in epoch).
+
+  Args:
+    exp: the experiment.
+    state: starting state (replicated on the mesh).
+    tx: the optimizer whose state is ``state.opt_state``.
+    num_epochs: epochs in this phase (fractions allowed).
+    dataset: data to train on (default: the experiment's; pruning pre-trains on a subset).
+    checkpointer: saves every ``checkpoint_every_steps`` and at each epoch end.
+    eval_split: evaluated every ``eval_every_epochs`` epochs.
+    phase: timer phase name for the training steps.
+    log_prefix: metric name prefix.
+
+  Returns:
+    The trained state.
+
+  Raises:
+    NonFiniteLossError: when the loss becomes NaN/inf (the last good checkpoint is kept).
+  """
+  config = exp.config
+  dataset = dataset or exp.dataset
+  batch = exp.global_batch_size
+  steps_per_epoch = input_pipeline.steps_per_epoch(dataset, 'train', batch)
+  total_steps = int(round(num_epochs * steps_per_epoch))
+  step = int(jax.device_get(state.step))
+  if step >= total_steps:
+    return state
+  data_sharding = sharding_lib.batch_sharded(exp.mesh)
+  jitted = steps_lib.make_train_step(exp.graphdef, tx, exp.preprocess, exp.mesh)
+  eval_step = steps_lib.make_eval_step(exp.graphdef, exp.preprocess, exp.mesh)
+  progress = metrics_lib.Progress(total_steps, batch, first_step=step)
+  compiled, pending = None, []
+  epoch = step // steps_per_epoch
+  while step < total_steps:
+    batches = input_pipeline.train_batches(
+        dataset, global_batch_size=batch, epoch=epoch, seed=config.seed,
+        sharding=data_sharding, start_step=step - epoch * steps_per_epoch)
+    for batch_arrays in batches:
+      if step >= total_steps:
+        break
+      if compiled is None:
+        with exp.timer.phase('compile'):
+          compiled = jitted.lower(state, batch_arrays).compile()
+      with exp.timer.phase(phase):
+        state, step_metrics = compiled(state, batch_arrays)
+      pending.append(step_metrics)
+      step += 1
+      if step % config.log_every_steps == 0 or step == total_steps:
+        with exp.timer.phase(phase):
+          values = jax.device_get(pending)
+        pending = []
+        mean = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+        if not np.isfinite(mean['loss']):
+          last_good = checkpointer.latest_step() if checkpointer else None
+          raise NonFiniteLossError(
+              f'Training loss is {mean["loss"]} at step {step} ({log_prefix}). The run stops '
+              f'here; the last good checkpoint is step {last_good} in {exp.workdir}. Lower '
+              'config.optimizer.learning_rate or set config.optimizer.grad_clip_norm.')
+        text, rates = progress.line(step, mean)
+        metrics_lib.log_line(f'[{log_prefix}] {text}')
+        if exp.writer:
+          exp.writer.write(step, {**mean, **rates}, prefix=log_prefix)
+      if checkpointer and step % config.checkpoint_every_steps == 0:
+        _save(exp, checkpointer, state, phase=log_prefix)
+    epoch += 1
+    if eval_split and (epoch % config.eval_every_epochs == 0 or step >= total_steps):
+      with exp.timer.phase('eval'):
+        result = evaluate(exp, state, eval_split, eval_step)
+      metrics_lib.log_line(f'[{log_prefix}] epoch {epoch} {eval_split}: '
+                           f'loss={result["loss"]:.4f} accuracy={result["accuracy"]:.4f}')
+      if exp.writer:
+        exp.writer.write(step, result, prefix=eval_split)
+    if checkpointer:
+      _save(exp, checkpointer, state, phase=log_prefix)
+  return state
+
+
+def _save(exp: Experiment, checkpointer: checkpointing.Checkpointer,
+          state: state_lib.TrainState, *, phase: str) -> None:
+  """Saves ``state`` with what resuming needs to rebuild the experiment."""
+  step = int(jax.device_get(state.step))
+  if checkpointer.latest_step() == step:
+    return
+  meta = {'phase': phase, 'model_overrides': _jsonable(exp.model_overrides),
+          'stage_reports': _jsonable(exp.stage_reports)}
+  with exp.timer.phase('checkpoint'):
+    checkpointer.save(step, state, meta)
+
+
+def _jsonable(tree: Any) -> Any:
+  if isinstance(tree, dict):
+    return {str(k): _jsonable(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [_jsonable(v) for v in tree]
+  if isinstance(tree, (np.generic, np.ndarray)):
+    return tree.tolist()
+  return tree
+
+
+def _restore_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# The experiment.
+# ---------------------------------------------------------------------------------------
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
+  """Loads data and builds the mesh: the part of a run every stage needs."""
+  timer = report_lib.PhaseTimer()
+  mesh = sharding_lib.make_mesh()
+  sharding_lib.check_global_batch(config.data.batch_size, mesh)
+  with timer.phase('data_load'):
+    dataset = input_pipeline.load_dataset(config.data, seed=config.seed)
+  preprocess = functools.partial(input_pipeline.normalize, dataset=dataset)
+  return Experiment(config=config, workdir=workdir, dataset=dataset, mesh=mesh,
+                    preprocess=preprocess, timer=timer,
+                    writer=metrics_lib.MetricWriter(workdir))
+
+
+def _model_report(model: nnx.Module) -> dict[str, Any]:
+  rows = counting.count_layers(model)
+  return {'params': sum(r.params for r in rows), 'macs': sum(r.macs for r in rows),
+          'macs_note': 'FLOPs counted as multiply-accumulates (MACs) per example',
+          'layers': [dataclasses.asdict(r) for r in rows]}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs the experiment described by ``config`` in ``workdir``; returns the report.
+
+  Args:
+    config: experiment config (see configs/default.py for every key).
+    workdir: run directory; if it holds a checkpoint the run resumes from it.
+
+  Returns:
+    The report also written to ``<workdir>/report.json``.
+  """
+  start = time.perf_counter()
+  os.makedirs(workdir, exist_ok=True)
+  exp = setup(config, workdir)
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                            keep=config.keep_checkpoints)
+  resumed_from = checkpointer.latest_step()
+  meta = checkpointer.read_meta() if resumed_from is not None else None
+  if meta is not None:
+    exp.model_overrides = _restore_overrides(meta.get('model_overrides', {}))
+    exp.stage_reports = meta.get('stage_reports', {})
+
+  model = exp.build_model()
+  tx = exp.build_optimizer()
+  exp.graphdef, state = state_lib.create_train_state(model, tx)
+  state = sharding_lib.replicate(state, exp.mesh)
+  if resumed_from is not None:
+    state, _ = checkpointer.restore(state)
+    metrics_lib.log_line(f'Resuming from step {resumed_from} in {workdir}.')
+  else:
+    state, tx = _run_stages(exp, state, tx, checkpointer)
+
+  mode = config.parallel.mode
+  if mode == 'sync':
+    state = train_epochs(exp, state, tx=tx, num_epochs=config.num_epochs,
+                         checkpointer=checkpointer, eval_split=_eval_split(exp))
+  else:
+    state = _run_parallel_mode(exp, state, tx, checkpointer)
+  checkpointer.close()
+
+  with exp.timer.phase('eval'):
+    test = evaluate(exp, state, 'test')
+  metrics_lib.log_line(f'Test accuracy {test["accuracy"]:.4f}, loss {test["loss"]:.4f}.')
+  final_model = state_lib.merge_model(exp.graphdef, jax.device_get(state))
+  report = {
+      'config': config.to_dict(),
+      'test': test,
+      'resumed_from_step': resumed_from,
+      'steps': int(jax.device_get(state.step)),
+      'wall_time_s': {'total': time.perf_counter() - start, **exp.timer.seconds},
+      'peak_host_rss_bytes': report_lib.peak_host_rss_bytes(),
+      'peak_device_memory_bytes': report_lib.peak_device_memory_bytes(),
+      'model': _model_report(final_model),
+      'devices': {'count': jax.device_count(), 'processes': jax.process_count(),
+                  'platform': jax.default_backend()},
+      **exp.stage_reports,
+  }
+  if exp.writer:
+    exp.writer.write(report['steps'], {f'test_{k}': v for k, v in test.items()})
+    exp.writer.close()
+  report_lib.write_report(workdir, report)
+  return report
+
+
+def _eval_split(exp: Experiment) -> str:
+  return 'validation' if 'validation' in exp.dataset.splits else 'test'
+
+
+def _run_stages(exp: Experiment, state: state_lib.TrainState, tx,
+                checkpointer: checkpointing.Checkpointer):
+  """Init and pruning stages on a fresh run; returns the state and optimizer to train."""
+  return state, tx
+
+
+def _run_parallel_mode(exp: Experiment, state: state_lib.TrainState, tx,
+                       checkpointer: checkpointing.Checkpointer) -> state_lib.TrainState:
+  mode = exp.config.parallel.mode
+  raise ValueError(f"Unknown config.parallel.mode {mode!r}; use 'sync', 'mapreduce' or "
+                   "'ssp'.")
