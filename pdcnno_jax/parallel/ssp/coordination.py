@@ -18,8 +18,9 @@ Fault model (checked on jax 0.10.2):
     fails first raises `CoordinatorUnavailableError`. Restart the whole job
     from the checkpoints.
   * With recoverability on, JAX's shutdown barrier no longer waits for the
-    other processes, so process 0 must outlive the others: `SSPWorker.close`
-    does that.
+    other processes, and a process still connected when process 0 exits is
+    aborted: end every process with `shutdown(store)`, which stops process 0
+    last.
 
 References:
   DESIGN.md, "SSP" (engine: the key-value store of JAX's coordination service).
@@ -28,6 +29,8 @@ References:
 from __future__ import annotations
 
 from collections.abc import Sequence
+import logging
+import time
 
 import jax
 
@@ -241,3 +244,47 @@ class CoordinationStore(store_lib.Store):
     except self._errors as e:
       self._raise(e, f'barrier({name!r}, participants={list(participants)})')
 
+
+
+def shutdown(store: CoordinationStore, timeout_s: float = 60.0) -> None:
+  """Shuts the distributed runtime down in a safe order: process 0 last.
+
+  With recoverability on, JAX's own shutdown barrier no longer waits for the
+  other processes, and a process still connected when process 0 exits is
+  aborted. Every process calls this at the end: the others announce their exit
+  and disconnect; process 0 waits (up to `timeout_s`) for the announcements and
+  for the others to disconnect, then stops the service.
+
+  Args:
+    store: the job's store.
+    timeout_s: how long process 0 waits for the others.
+  """
+  state = _distributed_state()
+  if state.client is None:
+    return
+  pid, num = state.process_id, state.num_processes
+  if pid != 0:
+    store.set(f'pdcnno_ssp/_exit/{pid}', b'1', overwrite=True)
+    jax.distributed.shutdown()
+    return
+  deadline = time.monotonic() + timeout_s
+  pending = set(range(1, num))
+  while pending and time.monotonic() < deadline:
+    for worker in sorted(pending):
+      if store.try_get(f'pdcnno_ssp/_exit/{worker}') is not None:
+        pending.discard(worker)
+    time.sleep(0.05)
+  if not pending and hasattr(state.client, 'get_live_nodes'):
+    # get_live_nodes acts as a barrier among the live processes named, so it
+    # returns once the others have disconnected.
+    while (len(state.client.get_live_nodes(list(range(num)))) > 1 and
+           time.monotonic() < deadline):
+      time.sleep(0.05)
+  elif not pending:
+    time.sleep(1.0)  # Grace period for the others' disconnect RPCs.
+  if pending:
+    logging.warning('Processes %s did not announce their exit within %.3g s; '
+                    'shutting the coordination service down anyway.',
+                    sorted(pending), timeout_s)
+  store.delete('pdcnno_ssp/_exit')
+  jax.distributed.shutdown()

@@ -110,8 +110,8 @@ class SSPStats:
 
   Staleness is counted in clocks. `view_staleness` is, per pull at clock c,
   max over the other (live) workers j of (c - 1 - last clock of j applied):
-  the SSP bound keeps it <= s. `update_age` is, per applied update (j, t),
-  c - 1 - t (negative when j was ahead).
+  the SSP bound keeps it <= s. `update_age` is, per update (j, t) applied by
+  `pull(c)`, c - 1 - t (negative when j was ahead); `drain` is not counted.
   """
   worker: int
   staleness: int | None
@@ -433,7 +433,8 @@ class SSPWorker:
     return dead
 
   def _fetch(self, worker: int, upto: int, published: int, deadline: float,
-             wait_for_dead: bool, clock: int, out: list[Update]) -> float:
+             wait_for_dead: bool, clock: int, out: list[Update],
+             draining: bool) -> float:
     """Applies `worker`'s updates through `upto`; returns seconds waited."""
     waited = 0.0
     t = self._applied[worker] + 1
@@ -475,7 +476,8 @@ class SSPWorker:
       out.append(self._decode(worker, t, payload))
       self._applied[worker] = t
       self._stats.applied_per_worker[worker] += 1
-      self._stats.update_age[clock - 1 - t] += 1
+      if not draining:
+        self._stats.update_age[clock - 1 - t] += 1
       t += 1
     return waited
 
@@ -497,7 +499,7 @@ class SSPWorker:
       else:
         upto = max(have, required)
       waited += self._fetch(worker, upto, have, deadline, wait_for_dead, clock,
-                            out)
+                            out, draining=upto_required_only)
     self._stats.applied_updates += len(out)
     return out, waited
 

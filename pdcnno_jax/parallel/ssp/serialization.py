@@ -100,7 +100,7 @@ def encode(tree: Any,
   for path, array in _flatten(tree):
     if cast is not None and np.issubdtype(array.dtype, np.floating):
       array = array.astype(cast)
-    array = np.ascontiguousarray(array)
+    array = np.require(array, requirements='C')  # Keeps 0-d arrays 0-d.
     if array.dtype.hasobject:
       raise ValueError(f'Leaf {path} has object dtype; only numeric arrays '
                        'can be serialised.')
@@ -149,7 +149,7 @@ def decode_flat(payload: bytes) -> dict[str, np.ndarray]:
     dtype = _dtype_from_name(leaf['dtype'])
     chunk = body[leaf['offset']:leaf['offset'] + leaf['nbytes']]
     out[leaf['path']] = np.frombuffer(chunk, dtype=dtype).reshape(
-        leaf['shape'])
+        tuple(leaf['shape']))
   return out
 
 
