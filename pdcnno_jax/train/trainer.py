@@ -324,6 +324,17 @@ def _run_stages(exp: Experiment, state: state_lib.TrainState, tx,
 
 def _run_parallel_mode(exp: Experiment, state: state_lib.TrainState, tx,
                        checkpointer: checkpointing.Checkpointer) -> state_lib.TrainState:
+  """MapReduce or SSP training; their per-round / per-worker report joins the run's."""
   mode = exp.config.parallel.mode
-  raise ValueError(f"Unknown config.parallel.mode {mode!r}; use 'sync', 'mapreduce' or "
-                   "'ssp'.")
+  # pylint: disable=g-import-not-at-top
+  if mode == 'mapreduce':
+    from pdcnno_jax.parallel import mapreduce
+    state, mode_report = mapreduce.train(exp, state, tx=tx, checkpointer=checkpointer)
+  elif mode == 'ssp':
+    from pdcnno_jax.parallel.ssp import training as ssp_training
+    state, mode_report = ssp_training.train(exp, state, tx=tx, checkpointer=checkpointer)
+  else:
+    raise ValueError(f"Unknown config.parallel.mode {mode!r}; use 'sync', 'mapreduce' or "
+                     "'ssp'.")
+  exp.stage_reports[mode] = mode_report
+  return state
