@@ -2,9 +2,11 @@
 
 `pytest_test` runs a single test file under pytest through
 //tools/bazel:pytest_runner.py; `pytest_suite` declares one `pytest_test` for
-each file it is given (tests/BUILD passes `glob(["test_*.py"])`, so new test
+each file it is given (tests/BUILD passes `glob(["**/test_*.py"])`, so new test
 files become targets without editing BUILD files) and a `test_suite` of them.
 """
+
+load("@rules_python//python:defs.bzl", "py_test")
 
 _RUNNER = "//tools/bazel:pytest_runner.py"
 
@@ -19,7 +21,7 @@ def pytest_test(name, src, deps = [], data = [], args = [], **kwargs):
       args: extra pytest arguments.
       **kwargs: passed on to py_test (size, timeout, tags, ...).
     """
-    native.py_test(
+    py_test(
         name = name,
         srcs = [src, _RUNNER],
         main = _RUNNER,
@@ -31,7 +33,8 @@ def pytest_test(name, src, deps = [], data = [], args = [], **kwargs):
         **kwargs
     )
 
-def _is_exclusive(filename, exclusive_prefixes, exclusive_substrings):
+def _is_exclusive(path, exclusive_prefixes, exclusive_substrings):
+    filename = path.rsplit("/", 1)[-1]
     for prefix in exclusive_prefixes:
         if filename.startswith(prefix):
             return True
@@ -52,20 +55,23 @@ def pytest_suite(
         tags = []):
     """Declares one pytest_test per file in `srcs` and a test_suite `name`.
 
-    Each target is named after its file without ".py" (test_foo.py ->
-    :test_foo). Files matching `exclusive_prefixes` or `exclusive_substrings`
-    (tests that start several processes or bind ports) are tagged "exclusive":
-    Bazel runs them one at a time with no other test alongside.
+    Each target is named after its path without ".py" (test_foo.py ->
+    :test_foo, sub/test_bar.py -> :sub/test_bar). Files whose name matches
+    `exclusive_prefixes` or `exclusive_substrings` (tests that start several
+    processes or bind ports) are tagged "exclusive": Bazel runs them one at a
+    time with no other test alongside.
 
     Args:
       name: name of the test_suite holding every generated test.
-      srcs: the test files, e.g. glob(["test_*.py"]).
+      srcs: the test files, e.g. glob(["**/test_*.py"]).
       deps: py_library targets every test imports.
       data: files every test reads at run time.
       size: Bazel test size of each test (sets its timeout and resources).
       sizes: per-file overrides of `size`, {"test_foo.py": "large"}.
-      exclusive_prefixes: file-name prefixes of tests to run exclusively.
-      exclusive_substrings: file-name substrings of tests to run exclusively.
+      exclusive_prefixes: prefixes of the file names (without directory) of
+        tests to run exclusively.
+      exclusive_substrings: substrings of the file names of tests to run
+        exclusively.
       tags: tags added to every test.
     """
     for filename in sizes:
