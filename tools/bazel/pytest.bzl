@@ -49,6 +49,7 @@ def pytest_suite(
         deps = [],
         data = [],
         size = "medium",
+        exclusive_size = "large",
         sizes = {},
         exclusive_prefixes = [],
         exclusive_substrings = [],
@@ -59,7 +60,8 @@ def pytest_suite(
     :test_foo, sub/test_bar.py -> :sub/test_bar). Files whose name matches
     `exclusive_prefixes` or `exclusive_substrings` (tests that start several
     processes or bind ports) are tagged "exclusive": Bazel runs them one at a
-    time with no other test alongside.
+    time with no other test alongside, with the longer timeout of
+    `exclusive_size`.
 
     Args:
       name: name of the test_suite holding every generated test.
@@ -67,6 +69,7 @@ def pytest_suite(
       deps: py_library targets every test imports.
       data: files every test reads at run time.
       size: Bazel test size of each test (sets its timeout and resources).
+      exclusive_size: Bazel test size of the exclusive tests.
       sizes: per-file overrides of `size`, {"test_foo.py": "large"}.
       exclusive_prefixes: prefixes of the file names (without directory) of
         tests to run exclusively.
@@ -81,14 +84,16 @@ def pytest_suite(
     for src in srcs:
         test_name = src[:-len(".py")] if src.endswith(".py") else src
         test_tags = list(tags)
+        test_size = size
         if _is_exclusive(src, exclusive_prefixes, exclusive_substrings):
             test_tags.append("exclusive")
+            test_size = exclusive_size
         pytest_test(
             name = test_name,
             src = src,
             deps = deps,
             data = data,
-            size = sizes.get(src, size),
+            size = sizes.get(src, test_size),
             tags = test_tags,
         )
         tests.append(":" + test_name)
