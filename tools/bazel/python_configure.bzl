@@ -5,6 +5,12 @@ in Bazel's view of the world. `python_configure` creates an external repository
 holding a `py_runtime` whose interpreter is that virtualenv's python, and a
 `toolchain` for it that the WORKSPACE registers. Nothing is downloaded.
 
+It also writes python_environment.txt: the interpreter's path and version and
+every installed distribution with its version. Tests depend on it, so Bazel's
+test cache is invalidated when the virtualenv changes. Bazel re-runs this rule
+when $PDCNNO_PYTHON changes, when its server restarts and on
+`bazel sync --configure`.
+
 The interpreter is, in this order:
   1. $PDCNNO_PYTHON, e.g. `bazel test --repo_env=PDCNNO_PYTHON=/opt/venv/bin/python`
      (a relative path is taken relative to the workspace root);
@@ -33,6 +39,9 @@ py_runtime_pair(
     py3_runtime = ":py3_runtime",
 )
 
+# What is installed in the interpreter's environment; see python_configure.bzl.
+exports_files(["python_environment.txt"])
+
 toolchain(
     name = "toolchain",
     toolchain = ":runtime_pair",
@@ -40,8 +49,16 @@ toolchain(
 )
 """
 
-# Prints the interpreter's version; fails if pytest cannot be imported.
-_PROBE = "import sys, pytest; print('%d.%d' % sys.version_info[:2])"
+# Prints the interpreter's major.minor version, then its full version and the
+# installed distributions; fails if pytest cannot be imported.
+_PROBE = "\n".join([
+    "import importlib.metadata, sys, pytest",
+    "print('%d.%d' % sys.version_info[:2])",
+    "print('python ' + sys.version.replace('\\n', ' '))",
+    "dists = importlib.metadata.distributions()",
+    "print('\\n'.join(sorted({'%s==%s' % (d.metadata['Name'], d.version)",
+    "                          for d in dists})))",
+])
 
 def _fix_hint(python):
     return (
@@ -65,16 +82,18 @@ def _python_configure_impl(rctx):
     if result.return_code != 0:
         fail(("The Python interpreter cannot import pytest:\n{err}\n" +
               _fix_hint(python)).format(err = result.stderr))
-    major, minor = [int(part) for part in result.stdout.strip().split(".")]
+    version, environment = result.stdout.split("\n", 1)
+    major, minor = [int(part) for part in version.strip().split(".")]
     if (major, minor) < _MIN_PYTHON:
         fail("Python {have} is too old; pdcnno_jax needs {need}. {hint}".format(
-            have = result.stdout.strip(),
+            have = version.strip(),
             need = "%d.%d" % _MIN_PYTHON,
             hint = _fix_hint(python),
         ))
 
     rctx.file("WORKSPACE", "workspace(name = \"%s\")\n" % rctx.name)
     rctx.file("BUILD", _BUILD_TEMPLATE.format(python = python))
+    rctx.file("python_environment.txt", python + "\n" + environment)
 
 python_configure = repository_rule(
     implementation = _python_configure_impl,
