@@ -55,6 +55,7 @@ class LeNet5(nnx.Module):
     fc_widths = tuple(_scaled(w, width_multiplier) for w in base_fc)
     height, width, channels = input_shape
     self.variant = variant
+    self.width_multiplier = width_multiplier
     self.input_shape = tuple(input_shape)
     # 28x28 inputs pad the first conv so the map sizes match LeNet's 32x32 digits.
     self.first_padding = 'SAME' if height < 32 else 'VALID'
@@ -103,5 +104,5 @@ class LeNet5(nnx.Module):
 
   def constructor_kwargs(self) -> dict:
     """Keyword arguments that rebuild this architecture (used by compaction)."""
-    return dict(variant=self.variant,
+    return dict(variant=self.variant, width_multiplier=self.width_multiplier,
                 conv_widths=(self.conv1.conv.out_features, self.conv2.conv.out_features))
