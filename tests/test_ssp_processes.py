@@ -118,5 +118,26 @@ def test_kill_and_restart_keeps_exact_sum(tmp_path):
   assert results[2]['stats']['kill']['clock'] == 24
 
 
+def test_coordinator_death_is_fatal_not_a_hang(tmp_path):
+  port = _free_port()
+  out_dir = str(tmp_path)
+  procs = [_spawn(pid, port, out_dir, 'coordinator') for pid in range(_NUM)]
+  deadline = time.monotonic() + 40
+  for p in procs:
+    try:
+      p.wait(max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+      p.kill()
+      p.wait()
+      pytest.fail('a worker hung after the coordinator died')
+  assert procs[0].returncode == -9
+  for pid in (1, 2):
+    assert procs[pid].returncode != 0
+    log = open(os.path.join(out_dir, f'log{pid}.txt')).read()
+    assert ('coordination service is unreachable' in log or
+            'JAX distributed service detected fatal errors' in log), log[-2000:]
+    assert not os.path.exists(os.path.join(out_dir, f'{pid}.json'))
+
+
 if __name__ == '__main__':
   sys.exit(pytest.main([__file__, '-q']))

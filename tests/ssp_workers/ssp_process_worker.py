@@ -12,6 +12,8 @@ run. Scenarios:
         SIGKILLs itself; the test restarts it with --restart, it rejoins from
         its checkpoint. Survivors record the clocks they ran while worker 2
         was dropped from the bound.
+  coordinator: process 0 (host of the coordination service) SIGKILLs itself
+        at clock 3; the others must fail (not hang).
 """
 
 import argparse
@@ -38,7 +40,8 @@ def _parse():
   parser.add_argument('--num_processes', type=int, required=True)
   parser.add_argument('--port', type=int, required=True)
   parser.add_argument('--out_dir', required=True)
-  parser.add_argument('--scenario', choices=('main', 'kill'), required=True)
+  parser.add_argument('--scenario', choices=('main', 'kill', 'coordinator'),
+                      required=True)
   parser.add_argument('--restart', action='store_true')
   return parser.parse_args()
 
@@ -157,6 +160,20 @@ def _kill_scenario(store, args, result):
   result['dead_clocks'] = dead_clocks
 
 
+def _coordinator_scenario(store, args, result):
+  steps = 200
+  worker = _worker(store, args, 'coordinator', 1, steps, timeout_s=20.0)
+
+  def hook(clock, view):
+    del view
+    if args.process_id == 0 and clock == 3:
+      os.kill(os.getpid(), signal.SIGKILL)
+
+  indicator_loop.run(worker, steps, delay_s=lambda c: 0.05,
+                     after_publish=hook)
+  result['errors']['coordinator'] = ['survived the coordinator death']
+
+
 def main():
   args = _parse()
   coordination.initialize(
@@ -167,8 +184,10 @@ def main():
   start = time.monotonic()
   if args.scenario == 'main':
     _main_scenario(store, args, result)
-  else:
+  elif args.scenario == 'kill':
     _kill_scenario(store, args, result)
+  else:
+    _coordinator_scenario(store, args, result)
   result['seconds'] = time.monotonic() - start
   with open(os.path.join(args.out_dir, f'{args.process_id}.json'), 'w') as f:
     json.dump(result, f)

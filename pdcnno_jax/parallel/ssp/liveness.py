@@ -17,6 +17,7 @@ References:
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -57,6 +58,8 @@ class Heartbeat:
       try:
         self.beat()
       except Exception as e:  # pylint: disable=broad-except
+        if self.error is None:  # E.g. CoordinatorUnavailableError: say why.
+          logging.error('SSP heartbeat %s failed: %s', self._key, e)
         self.error = e  # Surfaces through SSPWorker.stats(); keep beating.
 
   def stop(self) -> None:
