@@ -208,9 +208,17 @@ def _import_split_generators(builder, dataset: str, src: str):
 
 def _make_builder_cls(base: type[Any], name: str) -> type[Any]:
   """Subclasses TFDS builder `base` (unregistered) to read local IDX files."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   class IdxBuilder(base, skip_registration=True):
     """TFDS builder `base` with `_split_generators` reading local IDX files."""
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> None:
+      # Nothing is downloaded, so there is no checksums file to locate (and
+      # locating it needs the optional `importlib_resources` package).
+      return None
 
     def __init__(self, *, src: str, dataset: str, **kwargs):
       self._idx_src = src

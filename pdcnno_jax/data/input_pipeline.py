@@ -55,6 +55,7 @@ _HOLDOUT_STREAM = 0x686F6C64  # 'hold'
 _STREAM_SHUFFLE_BUFFER = 8192  # Encoded examples held by the streaming shuffle.
 _STATS_CHUNK = 8192  # Images per chunk when computing mean/std.
 _RESIZE_CHUNK = 2048  # Images per chunk when resizing in-memory splits.
+_READ_CHUNK = 8192  # Examples per chunk when reading a split into memory.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,16 +180,24 @@ def _tfds_split_names(
 
 
 def _read_split(builder: Any, data_dir: str, tfds_split: str) -> HostSplit:
-  """Reads a whole TFDS split into host memory."""
+  """Reads a whole TFDS split into host memory (stored order)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  arrays = tfds.as_numpy(
-      _as_dataset(builder, data_dir, split=tfds_split, batch_size=-1)
+  ds = _as_dataset(
+      builder,
+      data_dir,
+      split=tfds_split,
+      read_config=tfds.ReadConfig(try_autocache=False),
   )
-  return HostSplit(
-      images=np.asarray(arrays['image'], dtype=np.uint8),
-      labels=np.asarray(arrays['label'], dtype=np.int32),
-  )
+  ds = ds.batch(_READ_CHUNK).prefetch(tf.data.AUTOTUNE)
+  images, labels = [], []
+  for chunk in tfds.as_numpy(ds):
+    images.append(np.asarray(chunk['image'], dtype=np.uint8))
+    labels.append(np.asarray(chunk['label'], dtype=np.int32))
+  if not images:
+    raise ValueError(f'TFDS split {tfds_split!r} of {builder.name} is empty.')
+  return HostSplit(np.concatenate(images), np.concatenate(labels))
 
 
 def _resize_square(images: Any, size: int) -> Any:
@@ -770,7 +779,10 @@ def _stream_train(
 
   epoch_seed = _derive_seed(seed, epoch, _TRAIN_ORDER_STREAM)
   ds = _stream_examples(dataset, 'train', shuffle_seed=epoch_seed)
-  ds = ds.repeat().shuffle(_STREAM_SHUFFLE_BUFFER, seed=epoch_seed)
+  # A buffer beyond this process's share only delays the first batch.
+  share = dataset.num_examples['train'] // jax.process_count()
+  buffer_size = max(1, min(_STREAM_SHUFFLE_BUFFER, share))
+  ds = ds.repeat().shuffle(buffer_size, seed=epoch_seed)
   ds = ds.skip(start_step * local_batch)  # Before decoding: cheap resume.
   ds = ds.map(_decode_fn(dataset), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local_batch, drop_remainder=True).take(steps - start_step)
