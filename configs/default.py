@@ -67,6 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.init.search_space = 'layer_scales'  # layer_scales | subspace
   config.init.subspace_dim = 16
   config.init.log_scale_range = 1.0  # Box [-r, r] on per-layer log-scales.
+  config.init.swarm_chunk_size = 0  # Candidates evaluated at once (vmapped); 0: whole swarm.
 
   # --- prune (pdcnno_jax/pruning) ---
   config.prune = ml_collections.ConfigDict()
