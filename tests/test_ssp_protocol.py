@@ -112,8 +112,8 @@ def test_timeout_raises_clear_error():
   with pytest.raises(ssp.SSPTimeoutError,
                      match=r'worker 0 at clock 1 waited .* update \(1, 0\)'):
     w0.pull(1)
-  w0._heartbeat.stop()  # pylint: disable=protected-access
-  w1._heartbeat.stop()  # pylint: disable=protected-access
+  w0.abandon()
+  w1.abandon()
 
 
 def test_dead_worker_dropped_then_rejoins_exactly():
@@ -136,7 +136,7 @@ def test_dead_worker_dropped_then_rejoins_exactly():
         checkpoint['state'] = worker.state()
         worker.commit()
       if clock == crash_clock:
-        worker._heartbeat.stop()  # pylint: disable=protected-access
+        worker.abandon()
         raise Crash()
     return hook
 
@@ -174,3 +174,42 @@ def test_dead_worker_dropped_then_rejoins_exactly():
     assert any(w == 2 for w, _ in survivors[i].stats().dropped)
   np.testing.assert_array_equal(view['count'], 1)
   assert len(store) == 0
+
+
+def test_misuse_raises_clear_errors():
+  store = ssp.InMemoryStore()
+  with pytest.raises(ValueError, match='staleness must be'):
+    ssp.SSPWorker(store, 0, 2, staleness=-2)
+  with pytest.raises(ValueError, match='worker_id must be in'):
+    ssp.SSPWorker(store, 2, 2, staleness=0)
+  worker = ssp.SSPWorker(store, 0, 1, staleness=0, gc=False)
+  with pytest.raises(ssp.SSPStateError, match='call join'):
+    worker.pull(0)
+  worker.join()
+  with pytest.raises(ssp.SSPStateError, match='out of order'):
+    worker.publish(1, {'x': np.ones(1)})
+  worker.pull(0)
+  worker.publish(0, {'x': np.ones(1)})
+  worker.abandon()
+  # A fresh worker 0 in the same run must bring its checkpoint.
+  with pytest.raises(ssp.SSPStateError, match='already published clocks 0..0'):
+    ssp.SSPWorker(store, 0, 1, staleness=0).join()
+
+
+def test_restart_fails_clearly_if_its_updates_were_collected():
+  store = ssp.InMemoryStore()
+  workers = [ssp.SSPWorker(store, i, 2, staleness=0, timeout_s=5.0)
+             for i in range(2)]
+  state = None
+  for w in workers:
+    w.join()
+  for clock in range(4):
+    for w in workers:
+      w.pull(clock)
+      w.publish(clock, {'x': np.ones(1)})
+    if clock == 0:
+      state = workers[1].state()  # An old checkpoint; acks went past it.
+  workers[0].abandon()
+  workers[1].abandon()
+  with pytest.raises(ssp.SSPStateError, match='garbage-collected'):
+    ssp.SSPWorker(store, 1, 2, staleness=0).join(state)

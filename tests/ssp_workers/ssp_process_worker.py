@@ -120,7 +120,7 @@ def _main_scenario(store, args, result):
       store.set('timeout_checked', b'1')
     else:
       store.get('timeout_checked', 30.0)
-    worker._heartbeat.stop()  # pylint: disable=protected-access
+    worker.abandon()
   store.barrier('main_end', 30.0, list(range(n)))
 
 

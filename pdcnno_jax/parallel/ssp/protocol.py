@@ -372,6 +372,15 @@ class SSPWorker:
       time.sleep(self._poll_s / 4)
     self.store.delete(self._root)
 
+  def abandon(self) -> None:
+    """Stops the heartbeat without marking this worker finished.
+
+    For a worker that gives up (e.g. on an exception it cannot handle): the
+    others drop it from the staleness bound after the heartbeat timeout, and
+    it may rejoin later from its checkpoint.
+    """
+    self._heartbeat.stop()
+
   # Steps.
 
   def _check_joined(self) -> None:
