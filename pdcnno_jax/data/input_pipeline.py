@@ -134,11 +134,11 @@ def _hide_accelerators_from_tf() -> None:
   """Keeps TensorFlow (used only for reading data) off GPUs/TPUs."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  try:
-    tf.config.set_visible_devices([], 'GPU')
-    tf.config.set_visible_devices([], 'TPU')
-  except (RuntimeError, ValueError):
-    pass  # Devices already initialised (nothing to hide) or no TPU type.
+  for device_type in ('GPU', 'TPU'):
+    try:
+      tf.config.set_visible_devices([], device_type)
+    except (RuntimeError, ValueError):
+      pass  # TF devices already initialised, or no such device type.
 
 
 def _as_dataset(builder: Any, data_dir: str, **kwargs: Any) -> Any:
