@@ -273,6 +273,8 @@ def load_dataset(
 
   Returns:
     A `Dataset` with splits 'train', 'validation' (if held out) and 'test'.
+    In memory if `data_config.in_memory` and the data set allows it
+    (imagenet2012 always streams).
 
   Raises:
     ValueError: unknown data set or inconsistent settings.
@@ -309,59 +311,85 @@ def load_dataset(
       )
   _hide_accelerators_from_tf()
   builder = tfds.builder(spec.name, data_dir=data_dir)
-  channels = builder.info.features['image'].shape[-1]
-
   if data_config.in_memory and spec.in_memory:
-    train = _read_split(builder, data_dir, spec.train_split)
-    test = _read_split(builder, data_dir, spec.test_split)
-    host_splits = {'train': train}
-    if holdout > 0:
-      host_splits['train'], host_splits['validation'] = _holdout_split(
-          train, holdout, seed
-      )
-    host_splits['test'] = test
-    host_splits = {
-        split: HostSplit(_resize_host(s.images, image_size), s.labels)
-        for split, s in host_splits.items()
-    }
-    if spec.mean is not None:
-      mean, std = spec.mean, spec.std
-    else:
-      mean, std = _channel_stats(host_splits['train'].images)
-    return Dataset(
-        name=spec.name,
-        num_classes=num_classes,
-        image_shape=tuple(host_splits['train'].images.shape[1:]),
-        num_examples={k: len(v.labels) for k, v in host_splits.items()},
-        mean=tuple(mean),
-        std=tuple(std),
-        host_splits=host_splits,
+    return _load_in_memory(
+        spec, builder, data_dir, holdout=holdout, image_size=image_size,
+        seed=seed,
     )
+  return _load_streaming(
+      spec, builder, data_dir, holdout=holdout, image_size=image_size,
+      num_classes=num_classes,
+  )
 
-  # Streaming mode: counts from the metadata (a counting pass if absent).
+
+def _load_in_memory(
+    spec: datasets.DatasetSpec,
+    builder: Any,
+    data_dir: str,
+    *,
+    holdout: int,
+    image_size: int,
+    seed: int,
+) -> Dataset:
+  """Reads every split into host memory (holdout, resize, statistics)."""
+  train = _read_split(builder, data_dir, spec.train_split)
+  host_splits = {'train': train}
+  if holdout > 0:
+    host_splits['train'], host_splits['validation'] = _holdout_split(
+        train, holdout, seed
+    )
+  host_splits['test'] = _read_split(builder, data_dir, spec.test_split)
+  host_splits = {
+      split: HostSplit(_resize_host(s.images, image_size), s.labels)
+      for split, s in host_splits.items()
+  }
+  if spec.mean is not None:
+    mean, std = spec.mean, spec.std
+  else:
+    mean, std = _channel_stats(host_splits['train'].images)
+  return Dataset(
+      name=spec.name,
+      num_classes=spec.num_classes,
+      image_shape=tuple(host_splits['train'].images.shape[1:]),
+      num_examples={k: len(v.labels) for k, v in host_splits.items()},
+      mean=tuple(mean),
+      std=tuple(std),
+      host_splits=host_splits,
+  )
+
+
+def _load_streaming(
+    spec: datasets.DatasetSpec,
+    builder: Any,
+    data_dir: str,
+    *,
+    holdout: int,
+    image_size: int,
+    num_classes: int,
+) -> Dataset:
+  """Describes the streaming source; counts come from the TFDS metadata."""
+  if spec.mean is None:
+    raise ValueError(
+        f'{spec.name} has no published mean/std for streaming mode; set '
+        'config.data.in_memory=True.'
+    )
   fraction = num_classes / spec.num_classes
   full_train = _split_size(builder, data_dir, spec.train_split)
   tfds_splits = _tfds_split_names(spec, holdout, full_train)
-  filter_classes = num_classes < spec.num_classes
   num_examples = {
       split: _estimated_split_size(
           builder, data_dir, tfds_split, num_classes, fraction
       )
       for split, tfds_split in tfds_splits.items()
   }
-  size = image_size if image_size > 0 else None
-  native = spec.image_shape
-  image_shape = (
-      (size, size, channels) if size else (native[0], native[1], channels)
+  channels = builder.info.features['image'].shape[-1]
+  height, width = (
+      (image_size, image_size) if image_size > 0 else spec.image_shape[:2]
   )
-  if spec.mean is None:
-    raise ValueError(
-        f'{spec.name} has no published mean/std; use config.data.in_memory.'
-    )
   return Dataset(
       name=spec.name,
       num_classes=num_classes,
-      image_shape=image_shape,
+      image_shape=(height, width, channels),
       num_examples=num_examples,
       mean=tuple(spec.mean),
       std=tuple(spec.std),
@@ -370,7 +398,7 @@ def load_dataset(
           tfds_splits=tfds_splits,
           image_size=image_size,
           num_classes=num_classes,
-          filter_classes=filter_classes,
+          filter_classes=num_classes < spec.num_classes,
       ),
   )
 
