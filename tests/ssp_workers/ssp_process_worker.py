@@ -7,7 +7,7 @@ Writes D/<process_id>.json with the contract violations and SSP stats of each
 run. Scenarios:
   main: store contract checks (process 0), a barrier, then the indicator loop
         for s in {0, 1, 3, inf} with worker 1 slow, a round-robin straggler
-        run for s in {0, 3}, and a timed-out wait (processes 0 and 1).
+        run for s in {0, 5}, and a timed-out wait (processes 0 and 1).
   kill: s = 1; process 2 checkpoints at clock 5, publishes up to clock 9 and
         SIGKILLs itself; the test restarts it with --restart, it rejoins from
         its checkpoint. Survivors record the clocks they ran while worker 2
@@ -99,7 +99,7 @@ def _main_scenario(store, args, result):
         worker, steps, delay_s=lambda c: 0.01 if pid == 1 else 0.0)
     result['errors'][run_id] = errors
     result['stats'][run_id] = worker.stats().as_dict()
-  for staleness in (0, 3):  # Round-robin transient straggler.
+  for staleness in (0, 5):  # Round-robin transient straggler.
     run_id = f'straggler_s{staleness}'
     worker = _worker(store, args, run_id, staleness, steps)
     _, errors = indicator_loop.run(

@@ -1,4 +1,4 @@
-"""`Store` over the key-value store of JAX's distributed runtime (coordination service).
+"""`Store` over the key-value store of JAX's coordination service.
 
 `jax.distributed.initialize` starts a coordination service in process 0 and a
 client in every process. Its key-value store (write-once keys, blocking gets
@@ -112,7 +112,7 @@ def initialize(coordinator_address: str,
                recoverable: bool = True,
                initialization_timeout_s: int = 120,
                shutdown_timeout_s: int = 30) -> None:
-  """Starts JAX's distributed runtime with the settings SSP fault tolerance needs.
+  """Starts JAX's distributed runtime with the settings SSP faults need.
 
   Must run before any JAX computation (like `jax.distributed.initialize`).
 

@@ -116,6 +116,9 @@ class SSPStats:
   worker: int
   staleness: int | None
   clock: int = 0
+  steps: int = 0
+  elapsed_s: float = 0.0
+  steps_per_s: float = 0.0
   pulls: int = 0
   blocked_pulls: int = 0
   wait_s: float = 0.0
@@ -140,7 +143,8 @@ class SSPStats:
     """JSON-friendly view (histogram keys as ints, sorted)."""
     out = dataclasses.asdict(self)
     for name in ('view_staleness', 'update_age', 'applied_per_worker'):
-      out[name] = {int(k): int(v) for k, v in sorted(getattr(self, name).items())}
+      counts = getattr(self, name)
+      out[name] = {int(k): int(v) for k, v in sorted(counts.items())}
     out['dropped'] = [list(d) for d in self.dropped]
     return out
 
@@ -254,6 +258,8 @@ class SSPWorker:
                                            heartbeat_timeout_s)
     self._applied = [-1] * num_workers  # Highest contiguous clock applied.
     self._next_clock: int | None = None
+    self._start_clock = 0
+    self._joined_at = 0.0
     self._gc_upto = -1
     self._dead: set[int] = set()
     self._closed = False
@@ -309,22 +315,24 @@ class SSPWorker:
             f'{self.num_workers}.')
       if applied[me] > last_published:
         raise SSPStateError(
-            f'Checkpoint of worker {me} is at clock {applied[me]} but the store '
-            f'says it published only up to {last_published}: the store belongs '
-            'to a different run.')
+            f'Checkpoint of worker {me} is at clock {applied[me]} but the '
+            f'store says it published only up to {last_published}: the store '
+            'belongs to a different run.')
       for t in range(applied[me] + 1, last_published + 1):
         payload = self.store.try_get(self._update_key(me, t))
         if payload is None:
           raise SSPStateError(
-              f'Worker {me} cannot rejoin: its update {t} was garbage-collected '
-              'after its checkpoint. Use commit_on_pull=False and call commit() '
-              'after each checkpoint.')
+              f'Worker {me} cannot rejoin: its update {t} was '
+              'garbage-collected after its checkpoint. Use '
+              'commit_on_pull=False and call commit() after each checkpoint.')
         updates.append(self._decode(me, t, payload))
       applied[me] = last_published
       self._applied = applied
       raw_gc = self.store.try_get(self._key('gc', me))
       self._gc_upto = -1 if raw_gc is None else int(json.loads(raw_gc))
     self._next_clock = last_published + 1
+    self._start_clock = self._next_clock
+    self._joined_at = time.monotonic()
     self._stats.clock = self._next_clock
     self._heartbeat.start()
     self._liveness.refresh()
@@ -597,5 +605,13 @@ class SSPWorker:
     return frozenset(self._dead)
 
   def stats(self) -> SSPStats:
-    """The worker's counters (a live object; use `.as_dict()` to log)."""
+    """The worker's counters (a live object; use `.as_dict()` to log).
+
+    `steps` and `steps_per_s` count this incarnation's steps since `join`.
+    """
+    if self._next_clock is not None:
+      self._stats.steps = self._next_clock - self._start_clock
+      self._stats.elapsed_s = time.monotonic() - self._joined_at
+      self._stats.steps_per_s = self._stats.steps / max(
+          self._stats.elapsed_s, 1e-9)
     return self._stats

@@ -37,7 +37,7 @@ class KeyExistsError(StoreError):
 
 
 class Store(abc.ABC):
-  """Key-value store used by the SSP protocol. Implementations are thread-safe."""
+  """Key-value store of the SSP protocol; implementations are thread-safe."""
 
   @abc.abstractmethod
   def set(self, key: str, value: bytes, *, overwrite: bool = False) -> None:
@@ -70,7 +70,7 @@ class Store(abc.ABC):
 
   @abc.abstractmethod
   def delete(self, key: str) -> None:
-    """Deletes `key` and every key under the directory `key`; missing is fine."""
+    """Deletes `key` and every key under directory `key`; missing is fine."""
 
   @abc.abstractmethod
   def barrier(self, name: str, timeout_s: float,
