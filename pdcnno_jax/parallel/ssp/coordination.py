@@ -29,6 +29,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Sequence
+import inspect
 import logging
 import time
 
@@ -128,15 +129,29 @@ def initialize(coordinator_address: str,
     shutdown_timeout_s: `shutdown_timeout_seconds` of JAX's shutdown barrier.
   """
   check_supported_jax()
-  jax.config.update('jax_enable_recoverability', bool(recoverable))
-  jax.distributed.initialize(
-      coordinator_address=coordinator_address,
-      num_processes=num_processes,
-      process_id=process_id,
+  try:
+    jax.config.update('jax_enable_recoverability', bool(recoverable))
+  except AttributeError as e:
+    if recoverable:
+      raise UnsupportedJaxError(
+          f'jax {jax.__version__} has no jax_enable_recoverability option: a '
+          'dead worker would abort the job. Upgrade JAX, or pass '
+          'recoverable=False and accept that.') from e
+  kwargs = dict(
       initialization_timeout=int(initialization_timeout_s),
       heartbeat_timeout_seconds=max(1, int(round(heartbeat_timeout_s))),
       shutdown_timeout_seconds=int(shutdown_timeout_s),
   )
+  accepted = inspect.signature(jax.distributed.initialize).parameters
+  dropped = sorted(k for k in kwargs if k not in accepted)
+  if dropped:
+    logging.warning('jax %s: jax.distributed.initialize does not take %s; '
+                    'using its defaults.', jax.__version__, dropped)
+  jax.distributed.initialize(
+      coordinator_address=coordinator_address,
+      num_processes=num_processes,
+      process_id=process_id,
+      **{k: v for k, v in kwargs.items() if k in accepted})
 
 
 def _status_code(error: Exception) -> str:
