@@ -102,7 +102,8 @@ def test_mismatched_counts_and_labels_out_of_range(tmp_path):
 
 
 def test_missing_file_lists_the_names_tried(tmp_path):
-  with pytest.raises(idx_import.IdxFormatError, match='train-images-idx3-ubyte'):
+  with pytest.raises(idx_import.IdxFormatError,
+                     match='train-images-idx3-ubyte'):
     idx_import.find_idx_files('mnist', str(tmp_path))
 
 

@@ -68,7 +68,7 @@ def _labels(batches) -> list[np.ndarray]:
   return [np.asarray(b['label']) for b in batches]
 
 
-# --- Pipeline mechanics --------------------------------------------------------
+# --- Pipeline mechanics ---------------------------------------------------
 
 
 def test_train_batches_are_global_sharded_arrays():
@@ -211,7 +211,7 @@ def test_channel_stats_are_exact():
   np.testing.assert_allclose(std, scaled.std(0), rtol=1e-9)
 
 
-# --- TFDS: missing data and mock data --------------------------------------------
+# --- TFDS: missing data and mock data -------------------------------------
 
 
 @pytest.mark.parametrize('name, fix', [

@@ -1,4 +1,4 @@
-"""Per-data-set metadata: TFDS names, splits, class counts, normalisation, fixes.
+"""Per-data-set metadata: TFDS names, splits, classes, normalisation, fixes.
 
 Every data set the input pipeline serves is described here once, so that the
 loader (`input_pipeline.py`), the offline importer (`idx_import.py`) and the
@@ -27,7 +27,7 @@ from typing import Optional
 
 
 class DatasetNotFoundError(FileNotFoundError):
-  """A data set is not prepared in `data_dir`; the message says how to fix it."""
+  """A data set is not prepared in `data_dir`; the message gives the fix."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -100,7 +100,7 @@ def read_idx(path: str) -> np.ndarray:
 
 
 def _file_stems(dataset: str) -> dict[str, str]:
-  """Returns split -> file stem ('train', 't10k', 'emnist-digits-train', ...)."""
+  """Returns split -> file name stem, e.g. 't10k' or 'emnist-digits-test'."""
   if dataset in ('mnist', 'fashion_mnist'):
     return {'train': 'train', 'test': 't10k'}
   if dataset.startswith('emnist/'):
@@ -156,7 +156,8 @@ def load_idx_split(
     images uint8 (N, 28, 28, 1) and labels int64 (N,).
 
   Raises:
-    IdxFormatError: wrong ranks or sizes, mismatched counts, labels out of range.
+    IdxFormatError: wrong ranks or sizes, mismatched counts, or labels out
+      of range.
   """
   images = read_idx(images_path)
   labels = read_idx(labels_path)
@@ -298,7 +299,8 @@ def import_idx(
 
 
 _DATASET = flags.DEFINE_string(
-    'dataset', None, 'mnist | fashion_mnist | emnist/<config>, e.g. emnist/digits.'
+    'dataset', None,
+    'mnist | fashion_mnist | emnist/<config>, e.g. emnist/digits.',
 )
 _SRC = flags.DEFINE_string('src', None, 'Directory holding the IDX files.')
 _DATA_DIR = flags.DEFINE_string(

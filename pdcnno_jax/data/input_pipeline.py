@@ -470,7 +470,9 @@ def normalize(images: jax.Array, dataset: Dataset) -> jax.Array:
   return (images.astype(jnp.float32) / 255.0 - mean) / std
 
 
-def steps_per_epoch(dataset: Dataset, split: str, global_batch_size: int) -> int:
+def steps_per_epoch(
+    dataset: Dataset, split: str, global_batch_size: int
+) -> int:
   """Number of global batches per pass over `split`.
 
   Args:
@@ -895,7 +897,8 @@ def _any_process(flag: bool) -> bool:
   """True if `flag` is set on any process (a tiny collective if > 1 process)."""
   if jax.process_count() == 1:
     return flag
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from jax.experimental import multihost_utils
 
   return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
