@@ -541,6 +541,9 @@ class SSPWorker:
     t0 = time.perf_counter()
     required = None if self.staleness is None else clock - self.staleness - 1
     updates, waited = self._gather(clock, required, wait_for_dead=False)
+    if waited > 0:  # Take what was published while we waited, too.
+      newer, _ = self._gather(clock, None, wait_for_dead=False)
+      updates = sorted(updates + newer, key=lambda u: (u.worker, u.clock))
     self._stats.pulls += 1
     self._stats.wait_s += waited
     self._stats.blocked_pulls += waited > 0
