@@ -281,6 +281,7 @@ def import_idx(
   if not os.path.isdir(src):
     raise IdxFormatError(f'--src={src} is not a directory.')
   cls = _builder_cls(dataset)
+  find_idx_files(dataset, src)  # Fail fast, before TFDS creates anything.
   kwargs = {'src': src, 'dataset': dataset, 'data_dir': data_dir}
   if '/' in dataset:
     kwargs['config'] = dataset.split('/', 1)[1]
