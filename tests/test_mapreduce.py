@@ -194,10 +194,11 @@ def _config(**parallel):
   return config
 
 
-def _experiment(config, workdir):
-  dataset = _dataset()
+def _experiment(config, workdir, num_devices=None, num_train=256):
+  dataset = _dataset(num_train)
   exp = trainer.Experiment(
-      config=config, workdir=str(workdir), dataset=dataset, mesh=sharding_lib.make_mesh(),
+      config=config, workdir=str(workdir), dataset=dataset,
+      mesh=sharding_lib.make_mesh(jax.devices()[:num_devices]),
       preprocess=functools.partial(input_pipeline.normalize, dataset=dataset))
   tx = exp.build_optimizer()
   exp.graphdef, state = state_lib.create_train_state(exp.build_model(), tx)
@@ -212,6 +213,7 @@ def _assert_states_close(a, b, rtol=1e-5, atol=1e-6):
 
 def test_one_worker_one_step_per_round_equals_plain_training(tmp_path):
   # 256 examples, batch 32: 8 blocks of 32 and 8 rounds per epoch = 1 local step per round.
+  # The worker's local mesh is the 8 fake devices (data parallel inside the process).
   config = _config(num_blocks=8, rounds_per_epoch=8, balancer='dlbpce')
   exp, tx, host_state = _experiment(config, tmp_path)
   plain = trainer.train_epochs(exp, sharding_lib.replicate(host_state, exp.mesh), tx=tx,
@@ -230,10 +232,10 @@ def test_one_worker_one_step_per_round_equals_plain_training(tmp_path):
 
 def test_killed_run_resumes_at_its_last_round(tmp_path, monkeypatch):
   config = _config(num_blocks=8, rounds_per_epoch=2, balancer='lbrla')
-  exp, tx, host_state = _experiment(config, tmp_path / 'straight')
+  exp, tx, host_state = _experiment(config, tmp_path / 'straight', num_devices=1)
   straight, _ = mapreduce.train(exp, sharding_lib.replicate(host_state, exp.mesh), tx=tx)
 
-  exp, tx, host_state = _experiment(config, tmp_path / 'killed')
+  exp, tx, host_state = _experiment(config, tmp_path / 'killed', num_devices=1)
   checkpointer = checkpointing.Checkpointer(str(tmp_path / 'killed' / 'ckpt'))
   real_map_phase, calls = mapreduce._map_phase, []
 
@@ -251,7 +253,7 @@ def test_killed_run_resumes_at_its_last_round(tmp_path, monkeypatch):
   monkeypatch.setattr(mapreduce, '_map_phase', real_map_phase)
 
   # What trainer.train_and_evaluate does on a workdir holding a checkpoint.
-  exp, tx, host_state = _experiment(config, tmp_path / 'killed')
+  exp, tx, host_state = _experiment(config, tmp_path / 'killed', num_devices=1)
   restored, meta = checkpointer.restore(sharding_lib.replicate(host_state, exp.mesh))
   exp.stage_reports = meta['stage_reports']
   assert exp.stage_reports[mapreduce.RESUME_KEY]['next_round'] == 2

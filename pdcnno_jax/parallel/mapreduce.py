@@ -365,6 +365,19 @@ def _map_phase(worker: _Worker, state: state_lib.TrainState,
                  'steps': steps}
 
 
+def _warm_up(worker: _Worker, state: state_lib.TrainState, batch: dict[str, jax.Array]) -> None:
+  """Compiles and runs once every jitted piece (on a copy), so no round times a compile.
+
+  Every process calls it at the same point: it runs one Reduce and one all-gather.
+  """
+  worker.compiled = worker.step_fn.lower(state, batch).compile()
+  scratch = jax.tree.map(jnp.copy, state)
+  scratch, _ = jax.block_until_ready(worker.compiled(scratch, batch))
+  jax.block_until_ready(worker.averager(scratch, 1.0 / jax.process_count()))
+  collectives.allgather_rows(np.zeros(len(balancers.VECTOR_FIELDS) + len(_EXTRA_FIELDS)),
+                             worker.process_mesh)
+
+
 def _resume_point(exp, num_workers: int, blocks_per_round: int,
                   total_rounds: int) -> tuple[int, np.ndarray | None, list[dict[str, Any]]]:
   """(next round, its assignment or None for an equal split, rounds reported so far)."""
@@ -456,8 +469,7 @@ def train(exp, state: state_lib.TrainState, *, tx,
     indices = worker_share(plan.round_blocks(config.seed, epoch, round_in_epoch), blocks, me)
     if worker.compiled is None:
       with exp.timer.phase('compile'):
-        first = next(worker.batches(indices))
-        worker.compiled = worker.step_fn.lower(local_state, first).compile()
+        _warm_up(worker, local_state, next(worker.batches(indices)))
     with exp.timer.phase('train'):
       local_state, figures = _map_phase(worker, local_state, indices)
     trained = local_steps(blocks, plan.block_size, batch) * batch
