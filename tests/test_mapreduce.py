@@ -89,7 +89,7 @@ def test_local_batch_size():
 def _gathered(busy, samples, reduce_s=0.0):
   busy = np.asarray(busy, np.float64)
   samples = np.asarray(samples, np.float64)
-  rows = np.full((len(busy), 13), np.nan)
+  rows = np.full((len(busy), 14), np.nan)
   rows[:, 0] = samples / busy  # speed
   rows[:, 6] = busy  # busy_s
   rows[:, 7] = busy  # wall_s
@@ -98,18 +98,20 @@ def _gathered(busy, samples, reduce_s=0.0):
   rows[:, 10] = samples
   rows[:, 11] = samples / 10  # steps
   rows[:, 12] = reduce_s
+  rows[:, 13] = busy.max() + np.max(reduce_s)  # round_s
   return rows
 
 
 def test_round_report_figures():
   report = mapreduce.round_report(7, 1, np.array([3, 1]), _gathered([3.0, 2.0], [300, 100],
-                                                                      reduce_s=0.1))
+                                                                      reduce_s=[0.1, 1.1]))
   assert report['makespan_s'] == 3.0
   assert report['idle_s'] == [0.0, 1.0]
   assert report['speed'] == [100.0, 50.0]
   assert report['loss'] == pytest.approx(0.5)
   assert report['accuracy'] == pytest.approx(0.25)
-  assert report['reduce_s'] == pytest.approx(0.1)
+  assert report['reduce_s'] == pytest.approx(0.1)  # Without the wait of the early worker.
+  assert report['round_s'] == pytest.approx(4.1)
   assert 0 < report['entropy'] < 1
   balanced = mapreduce.round_report(0, 0, np.array([2, 2]), _gathered([2.0, 2.0], [200, 200]))
   assert balanced['entropy'] == pytest.approx(1.0)

@@ -1,0 +1,187 @@
+"""MapReduce training on LeNet-5 / Fashion-MNIST: balancers side by side, and speed-up.
+
+  python benchmarks/bench_mapreduce.py [--epochs=2] [--rounds_per_epoch=4] \
+      [--data_dir=data/tfds]
+
+Two measurements, each in one run:
+
+1. Balancers. One job of 4 local worker processes with slowdowns [1, 1, 2, 4]
+   (configs/mapreduce_lenet.py) trains the same initial LeNet-5 with each balancer in turn
+   (equal, proportional, lbrla, dlbpce) for the same number of epochs. Per balancer it prints
+   the measured makespan of every round (the longest Map, i.e. busy time of the slowest worker),
+   the mean makespan over rounds 1.. (round 0 is always the equal split), its ratio to the
+   proportional rule's and the equal split's, the mean parallel computing entropy and the final
+   test accuracy. Bars (issue #6): lbrla and dlbpce within 10% of proportional and >= 1.8x
+   better than equal; accuracy within 0.5 pp of equal.
+2. Speed-up. The same job without slowdown (equal split) with 1 process and with 2 processes
+   on this machine: T_1 / T_2 from the measured training wall time (sum of round times), next
+   to the in-run estimate of `mapreduce.speedup_report`.
+
+The machine is shared, so the load average is printed before and after every job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_REPO = os.path.dirname(_HERE)
+_BALANCERS = ('equal', 'proportional', 'lbrla', 'dlbpce')
+
+
+def _config(args):
+  path = os.path.join(_REPO, 'configs', 'mapreduce_lenet.py')
+  spec = importlib.util.spec_from_file_location('mapreduce_lenet_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.num_epochs = args.epochs
+  config.data.data_dir = args.data_dir
+  config.parallel.rounds_per_epoch = args.rounds_per_epoch
+  config.eval_every_epochs = 10**6  # Evaluate once, after the last round.
+  config.log_every_steps = 10**6
+  return config
+
+
+# --- Worker (one per process) -------------------------------------------------------------------
+
+
+def _train_once(exp, config):
+  """Fresh model, MapReduce training, test accuracy; returns the figures of the run."""
+  from pdcnno_jax.parallel import mapreduce  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  exp.config = config
+  exp.stage_reports = {}
+  tx = exp.build_optimizer()
+  exp.graphdef, state = state_lib.create_train_state(exp.build_model(), tx)
+  state = sharding_lib.replicate(state, exp.mesh)
+  start = time.perf_counter()
+  _, report = mapreduce.train(exp, state, tx=tx)
+  report['train_wall_s'] = time.perf_counter() - start
+  report['test'] = report['rounds'][-1]['test']
+  return report
+
+
+def _worker(argv):
+  parser = argparse.ArgumentParser()
+  for name in ('mode', 'out', 'data_dir', 'coordinator_address'):
+    parser.add_argument(f'--{name}', required=True)
+  for name in ('epochs', 'rounds_per_epoch', 'num_processes', 'process_id'):
+    parser.add_argument(f'--{name}', type=int, required=True)
+  args = parser.parse_args(argv)
+  from pdcnno_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+  import jax  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.train import trainer  # pylint: disable=g-import-not-at-top
+
+  config = _config(args)
+  results = {}
+  with tempfile.TemporaryDirectory() as workdir:
+    if args.mode == 'balancers':
+      exp = trainer.setup(config, workdir)
+      for balancer in _BALANCERS:
+        run = config.copy_and_resolve_references()
+        run.parallel.balancer = balancer
+        results[balancer] = _train_once(exp, run)
+    else:
+      config.parallel.slowdown = ''
+      config.parallel.balancer = 'equal'
+      exp = trainer.setup(config, workdir)
+      results['equal'] = _train_once(exp, config)
+    if exp.writer:
+      exp.writer.close()
+  if jax.process_index() == 0:
+    with open(args.out, 'w') as f:
+      json.dump(results, f)
+
+
+# --- Driver ------------------------------------------------------------------------------------
+
+
+def _launch(num_processes, mode, args, out_dir):
+  from pdcnno_jax import launch_local  # pylint: disable=g-import-not-at-top
+  out = os.path.join(out_dir, f'{mode}_{num_processes}.json')
+  log = io.StringIO()
+  load_before = os.getloadavg()
+  start = time.perf_counter()
+  code = launch_local.launch(
+      num_processes,
+      [f'--mode={mode}', f'--out={out}', f'--data_dir={args.data_dir}',
+       f'--epochs={args.epochs}', f'--rounds_per_epoch={args.rounds_per_epoch}'],
+      module='bench_mapreduce', devices_per_process=1, timeout_s=1800, stdout=log)
+  wall = time.perf_counter() - start
+  if code:
+    sys.stdout.write(log.getvalue()[-8000:])
+    raise SystemExit(f'{mode} job with {num_processes} processes failed (exit {code}).')
+  print(f'  {mode} x{num_processes}: {wall:.0f} s end to end; load average '
+        f'{_load(load_before)} -> {_load(os.getloadavg())}', flush=True)
+  with open(out) as f:
+    return json.load(f)
+
+
+def _load(values):
+  return '/'.join(f'{v:.1f}' for v in values)
+
+
+def _balancer_table(results):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  mean_makespan = {b: float(np.mean([r['makespan_s'] for r in results[b]['rounds'][1:]]))
+                   for b in _BALANCERS}
+  print('\nBalancers, 4 workers with slowdowns [1, 1, 2, 4] (makespan = busy time of the '
+        'slowest worker in a round; rounds 1.. averaged, round 0 is always equal):')
+  print(f'{"balancer":>13} {"makespan_s":>10} {"vs prop":>8} {"equal/x":>8} {"entropy":>8} '
+        f'{"test_acc":>8} {"d_acc_pp":>8} {"train_s":>8}  final blocks; makespan per round')
+  for b in _BALANCERS:
+    rounds = results[b]['rounds']
+    acc = results[b]['test']['accuracy']
+    print(f'{b:>13} {mean_makespan[b]:10.2f} '
+          f'{mean_makespan[b] / mean_makespan["proportional"]:8.3f} '
+          f'{mean_makespan["equal"] / mean_makespan[b]:8.2f} '
+          f'{np.mean([r["entropy"] for r in rounds[1:]]):8.4f} {acc:8.4f} '
+          f'{100 * (acc - results["equal"]["test"]["accuracy"]):+8.2f} '
+          f'{results[b]["train_wall_s"]:8.1f}  {rounds[-1]["blocks"]}; '
+          f'{[round(r["makespan_s"], 2) for r in rounds]}')
+  return mean_makespan
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--epochs', type=int, default=2)
+  parser.add_argument('--rounds_per_epoch', type=int, default=4)
+  parser.add_argument('--data_dir', default=os.path.join(_REPO, 'data', 'tfds'))
+  args = parser.parse_args()
+  os.environ['PYTHONPATH'] = os.pathsep.join(
+      p for p in (_HERE, _REPO, os.environ.get('PYTHONPATH')) if p)
+  print(f'bench_mapreduce: LeNet-5 / Fashion-MNIST, {args.epochs} epochs x '
+        f'{args.rounds_per_epoch} rounds, {os.cpu_count()} CPU cores, load average '
+        f'{_load(os.getloadavg())}', flush=True)
+  with tempfile.TemporaryDirectory() as out_dir:
+    balancers = _launch(4, 'balancers', args, out_dir)
+    single = _launch(1, 'speedup', args, out_dir)['equal']
+    double = _launch(2, 'speedup', args, out_dir)['equal']
+  _balancer_table(balancers)
+  t1 = sum(r['round_s'] for r in single['rounds'])
+  t2 = sum(r['round_s'] for r in double['rounds'])
+  print('\nSpeed-up, no slowdown, equal split, same epochs (T = sum of round wall times):')
+  print(f'  T_1 = {t1:.1f} s (1 process), T_2 = {t2:.1f} s (2 processes): '
+        f'T_1 / T_2 = {t1 / t2:.2f}')
+  print(f'  in-run estimate (2 processes): {double["speedup"]["speedup"]:.2f} '
+        f'(T_1 estimated from the fastest worker\'s throughput); test accuracy '
+        f'{single["test"]["accuracy"]:.4f} (1 process) vs {double["test"]["accuracy"]:.4f} '
+        '(2 processes)')
+  print(f'load average at the end: {_load(os.getloadavg())}')
+
+
+if __name__ == '__main__':
+  if '--mode' in ' '.join(sys.argv):
+    _worker(sys.argv[1:])
+  else:
+    main()
