@@ -56,8 +56,10 @@ def count_layers(model: nnx.Module,
   """Per-layer parameter and MAC counts respecting the masks.
 
   Args:
-    model: a model of this package (has ``layer_specs()``).
-    kept: kept output channels per masked layer; defaults to the model's masks.
+    model: a model of this package (has ``layer_specs()``); may be abstract
+      (``nnx.eval_shape``) when ``kept`` is given.
+    kept: kept output channels per masked layer; defaults to the model's masks. Layers
+      missing from it count at full width.
 
   Returns:
     One LayerCount per conv/dense layer, in forward order.
@@ -67,7 +69,7 @@ def count_layers(model: nnx.Module,
   for spec in model.layer_specs():
     module = _get(model, spec.param_path)
     out_ch = kept.get(spec.name, spec.out_channels) if spec.out_mask_path else spec.out_channels
-    if spec.in_mask is None:
+    if spec.in_mask is None or spec.in_mask not in kept:
       in_ch = spec.in_channels
     elif spec.flatten_hw is not None:
       in_ch = spec.flatten_hw[0] * spec.flatten_hw[1] * kept[spec.in_mask]
