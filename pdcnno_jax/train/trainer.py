@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import signal
 import time
 from typing import Any, Callable, Iterable
 
@@ -207,7 +208,23 @@ def _save(exp: Experiment, checkpointer: checkpointing.Checkpointer,
   meta = {'phase': phase, 'model_overrides': _jsonable(exp.model_overrides),
           'stage_reports': _jsonable(exp.stage_reports)}
   with exp.timer.phase('checkpoint'):
-    checkpointer.save(step, state, meta)
+    try:
+      checkpointer.save(step, state, meta)
+    except checkpointing.NonFiniteStateError as e:
+      raise NonFiniteLossError(f'{e} Lower config.optimizer.learning_rate or set '
+                               'config.optimizer.grad_clip_norm.') from None
+  _maybe_inject_kill(step)
+
+
+def _maybe_inject_kill(step: int) -> None:
+  """Fault injection for the resume tests: SIGKILL this process after saving ``step``.
+
+  Set ``PDCNNO_FAULT_KILL_AT_STEP=<step>``; the kill lands while the asynchronous save may
+  still be writing, which is exactly the case resuming must survive.
+  """
+  target = os.environ.get('PDCNNO_FAULT_KILL_AT_STEP')
+  if target and int(target) == step:
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _jsonable(tree: Any) -> Any:
