@@ -190,6 +190,11 @@ def _from_json(value: Any) -> Any:
   return value
 
 
+def architecture_kwargs(model: nnx.Module) -> dict[str, Any]:
+  """``model.constructor_kwargs()`` in JSON form (tuples as lists)."""
+  return _to_json(dict(model.constructor_kwargs()))
+
+
 def _saved_state(model: nnx.Module) -> nnx.State:
   """Every variable except RNG streams (re-seeded on load)."""
   return nnx.state(model, nnx.Not(nnx.RngState))
@@ -224,7 +229,7 @@ def save_compacted(path: str | os.PathLike, model: nnx.Module,
       'model_name': str(metadata['model_name']),
       'num_classes': int(metadata['num_classes']),
       'input_shape': [int(d) for d in metadata['input_shape']],
-      'constructor_kwargs': _to_json(model.constructor_kwargs()),
+      'constructor_kwargs': architecture_kwargs(model),
       'metadata': _to_json(extra),
   }
   checkpointer = ocp.StandardCheckpointer()
