@@ -7,11 +7,10 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from pdcnno_jax import config_lib, testing
-from pdcnno_jax.train import trainer
+from pdcnno_jax.train import checkpointing, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,7 +68,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(data_dir
   steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(
       ckpt_dir) else []
   for step in steps:  # Whatever was saved is finite.
-    restored = ocp.StandardCheckpointer().restore(os.path.join(ckpt_dir, str(step), 'state'))
+    restored = checkpointing.load_arrays(os.path.join(ckpt_dir, str(step), 'state'))
     leaves = jax.tree.leaves(restored['params'])
     assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
 
@@ -88,7 +87,7 @@ def _run_main(workdir, data_dir, env_extra=None):
 def _final_params(workdir):
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   last = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
-  restored = ocp.StandardCheckpointer().restore(os.path.join(ckpt_dir, str(last), 'state'))
+  restored = checkpointing.load_arrays(os.path.join(ckpt_dir, str(last), 'state'))
   return last, restored['params']
 
 

@@ -28,6 +28,20 @@ def is_finite(tree: Any) -> bool:
   return bool(np.all(jax.device_get(flags))) if flags else True
 
 
+def load_arrays(state_dir: str) -> Any:
+  """Reads a saved state directory (``<ckpt>/<step>/state``) as host arrays on one device.
+
+  Works whatever topology (processes, devices) wrote it: the tree of shapes and dtypes is
+  read from the checkpoint's metadata. For tests, tools and notebooks.
+  """
+  checkpointer = ocp.StandardCheckpointer()
+  tree = checkpointer.metadata(state_dir).item_metadata
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        tree)
+  return jax.device_get(checkpointer.restore(state_dir, target))
+
+
 class Checkpointer:
   """Thin wrapper over ``ocp.CheckpointManager`` for one workdir.
 
