@@ -93,7 +93,7 @@ def test_secant_curvature_equals_hessian_curvature_on_a_cubic(x64):
   for _ in range(10):
     x_prev, x = (jnp.asarray(rng.normal(size=dim)) for _ in range(2))
     out = direction(x_prev, x)
-    if out.theta <= 0:  # z = y + max(theta, 0) s / |s|^2 only corrects theta > 0.
+    if out.theta <= 0:  # max(theta, 0) in z: only theta > 0 corrects y.
       x_prev, x = x, x_prev
       out = direction(x_prev, x)
     assert out.theta > 0
@@ -329,7 +329,7 @@ def test_fixed_learning_rate_skips_the_linesearch(x64):
   assert float(fn(params)) < 1e-10
 
 
-# --- Modes and counters --------------------------------------------------------
+# --- Modes and counters ------------------------------------------------------
 
 
 def _batched_quartic(params, batch):
@@ -447,3 +447,25 @@ def test_bad_arguments_raise_clear_errors():
   with pytest.raises(TypeError, match='batch'):
     opt.update(params, state, params, value=jnp.asarray(1.0), grad=params,
                value_fn=lambda p: jnp.sum(p), batch=params)
+
+
+def test_start_new_objective_restarts_and_reevaluates(x64):
+  rng = np.random.default_rng(7)
+  batches = [jnp.asarray(rng.normal(size=(8, 3))) for _ in range(2)]
+  opt = cgmse_lib.cgmse()
+  value_and_grad = optax.value_and_grad_from_state(_batched_quartic)
+  update = jax.jit(functools.partial(opt.update, value_fn=_batched_quartic))
+  params = jnp.array([0.3, -0.2, 0.1])
+  state = opt.init(params)
+  for batch in (batches[0], batches[0], batches[1]):
+    if batch is batches[1]:
+      state = cgmse_lib.start_new_objective(state, params)
+      assert not jnp.isfinite(state.value)
+    value, grad = value_and_grad(params, batch, state=state)
+    updates, state = update(grad, state, params, value=value, grad=grad,
+                            batch=batch)
+    params = optax.apply_updates(params, updates)
+  assert state.info.restarted
+  np.testing.assert_allclose(state.prev_value,
+                             _batched_quartic(state.prev_params, batches[1]))
+  assert int(state.num_restarts) == 2

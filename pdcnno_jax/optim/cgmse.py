@@ -1,4 +1,4 @@
-"""CGMSE: conjugate gradients on a modified secant equation, as an optax transform.
+"""CGMSE: conjugate gradients on a modified secant equation (optax transform).
 
 PDCNNO trains each Map-phase model with CGMSE, a nonlinear conjugate-gradient
 method whose conjugacy parameter comes from a modified secant equation. With
@@ -277,6 +277,7 @@ def scale_by_cgmse(
     increase_factor: float = 2.0,
     stepsize_precision: float = 1e-5,
     initial_guess: str = 'scaled',
+    max_guess_growth: float = 4.0,
     curvature_rtol: float = 1e-12,
     descent_rtol: float = 1e-4,
     verbose: bool = False,
@@ -316,6 +317,11 @@ def scale_by_cgmse(
       form of (3.60)); ``'keep'``: ``alpha_{k-1}``; ``'one'``: 1. The very
       first step tries ``min(1, 1 / ||g_0||)``; a non-finite or non-positive
       guess falls back to 1.
+    max_guess_growth: the 'scaled' and 'interpolate' guesses are capped at
+      this multiple of the last step size: an overshoot costs one halving per
+      trial, an undershoot one doubling (Hager and Zhang's CG_DESCENT starts
+      from 2 alpha_{k-1}). The default 4 was picked on
+      ``benchmarks/bench_cgmse_problems.py`` (10 and 100 also tried).
     curvature_rtol: restart when ``s^T z <= curvature_rtol ||s|| ||z||``.
     descent_rtol: restart when ``g^T d > -descent_rtol ||g||^2``.
     verbose: let the zoom line search print diagnostics when it fails.
@@ -325,8 +331,9 @@ def scale_by_cgmse(
     :class:`ScaleByCgmseState`.
 
   Raises:
-    ValueError: on an unknown ``mode`` or ``initial_guess``, or a negative
-      ``t``, ``secant_weight`` or non-positive ``max_linesearch_steps``.
+    ValueError: on an unknown ``mode`` or ``initial_guess``, a negative ``t``
+      or ``secant_weight``, or a non-positive ``max_guess_growth`` or
+      ``max_linesearch_steps``.
 
   References:
     DESIGN.md "CGMSE"; PDCNNO paper Sec. 4.2; Yabe and Takano (2004).
@@ -341,6 +348,9 @@ def scale_by_cgmse(
     raise ValueError(f't must be >= 0 (Dai-Liao parameter), got {t}.')
   if secant_weight < 0:
     raise ValueError(f'secant_weight must be >= 0, got {secant_weight}.')
+  if not max_guess_growth > 0:
+    raise ValueError(
+        f'max_guess_growth must be > 0, got {max_guess_growth}.')
   if learning_rate is None and max_linesearch_steps < 1:
     raise ValueError('max_linesearch_steps must be >= 1 when the line search '
                      f'is used, got {max_linesearch_steps}.')
@@ -513,6 +523,10 @@ def scale_by_cgmse(
       guess = 2.02 * (value - prev_value) / safe_slope
     else:  # 'scaled', eq. (3.60): alpha_{k-1} g_{k-1}^T d_{k-1} / g_k^T d_k.
       guess = prev_step * state.info.slope / safe_slope
+    if initial_guess in ('scaled', 'interpolate'):
+      # An overshoot costs a halving per line-search trial, an undershoot a
+      # doubling: bound the growth over the last accepted step.
+      guess = jnp.minimum(guess, max_guess_growth * prev_step)
     # First step, or after a refused step: a step of length at most 1.
     valid = (state.count > 0) & jnp.isfinite(guess) & (guess > 0)
     guess = jnp.where(valid, guess, fallback)
@@ -521,6 +535,33 @@ def scale_by_cgmse(
     return jnp.asarray(guess, dtype)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def start_new_objective(
+    state: ScaleByCgmseState, params: optax.Params
+) -> ScaleByCgmseState:
+  """Prepares a full-batch CGMSE state for a new objective (e.g. a new shard).
+
+  In full-batch mode the state carries ``f_{k-1}``, ``g_{k-1}`` and the value
+  and gradient at the last accepted step, all of the old objective. Call this
+  when the data changes: the stored value is invalidated (so
+  :func:`optax.value_and_grad_from_state` re-evaluates) and the previous point
+  is moved to ``params`` (a zero step, so the next direction restarts at
+  ``-g``). Counters and the last step size (the next initial guess) are kept.
+
+  Args:
+    state: a :class:`ScaleByCgmseState`.
+    params: the parameters the next update will be called with.
+
+  Returns:
+    The updated state.
+
+  References:
+    DESIGN.md "CGMSE" (restart on a zero step; full batch per data shard).
+  """
+  return state._replace(
+      prev_params=jax.tree.map(jnp.asarray, params),
+      value=jnp.full_like(state.value, jnp.inf))
 
 
 def cgmse(
