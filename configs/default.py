@@ -102,4 +102,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.parallel.staleness = 2  # -1: infinite (ASP); 0: BSP.
   config.parallel.ssp_timeout_s = 120.0
   config.parallel.heartbeat_timeout_s = 10.0
+  config.parallel.ssp_batch_balancer = 'equal'  # equal | proportional (batch ~ speed after warm-up).
+  config.parallel.ssp_warmup_steps = 20  # Clocks over which each worker's speed is measured.
+  config.parallel.ssp_eval_every_steps = 0  # Worker 0 snapshot for accuracy vs time; 0: per eval epoch.
   return config

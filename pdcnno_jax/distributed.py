@@ -28,7 +28,8 @@ def cluster_detected() -> bool:
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, *, mode: str = 'auto',
-               initialization_timeout: int = 300) -> bool:
+               initialization_timeout: int = 300, recoverable: bool = False,
+               heartbeat_timeout_s: float | None = None) -> bool:
   """Joins the multi-process job if one is configured; returns whether it did.
 
   Args:
@@ -38,6 +39,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     mode: ``'auto'`` (initialise if an address is given or a cluster is detected),
       ``'on'`` (always; rely on auto-detection for missing values) or ``'off'``.
     initialization_timeout: seconds to wait for every process to connect.
+    recoverable: SSP training: start the runtime through
+      ``parallel.ssp.coordination.initialize`` with recoverability on, so that a dead worker
+      does not abort the others and may rejoin (end such a job with ``coordination.shutdown``).
+    heartbeat_timeout_s: with ``recoverable``, seconds without heartbeats after which the
+      coordination service counts a process as dead (None: 10).
 
   Raises:
     ValueError: for an inconsistent combination of arguments.
@@ -54,9 +60,16 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     raise ValueError(f'--process_id={process_id} must be in [0, {num_processes}).')
   # CPU devices of different processes talk over gloo (harmless on GPU/TPU hosts).
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id,
-                             initialization_timeout=initialization_timeout)
+  if recoverable:
+    from pdcnno_jax.parallel.ssp import coordination  # pylint: disable=g-import-not-at-top
+    coordination.initialize(coordinator_address, num_processes, process_id,
+                            heartbeat_timeout_s=10 if heartbeat_timeout_s is None
+                            else heartbeat_timeout_s,
+                            recoverable=True, initialization_timeout_s=initialization_timeout)
+  else:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id,
+                               initialization_timeout=initialization_timeout)
   logging.info('Joined job as process %d of %d (%d devices in all).', jax.process_index(),
                jax.process_count(), jax.device_count())
   return True

@@ -44,14 +44,19 @@ def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(_DropLibraryChatter())
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                         mode=_DISTRIBUTED.value)
   config = _CONFIG.value
+  ssp = config.parallel.mode == 'ssp'  # Workers that may die and rejoin: recoverable runtime.
+  joined = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                  mode=_DISTRIBUTED.value, recoverable=ssp,
+                                  heartbeat_timeout_s=config.parallel.heartbeat_timeout_s)
   config_validation.validate(config)
   # Imported after distributed initialisation: importing TF/tfds first is harmless, but
   # keeping JAX device use after initialize() is the documented order.
   from pdcnno_jax.train import trainer  # pylint: disable=g-import-not-at-top
   report = trainer.train_and_evaluate(config, _WORKDIR.value)
+  if joined and ssp:  # With recoverability, process 0 must leave last.
+    from pdcnno_jax.parallel.ssp import coordination  # pylint: disable=g-import-not-at-top
+    coordination.shutdown(coordination.CoordinationStore())
   logging.info('Report written to %s', os.path.join(_WORKDIR.value, 'report.json'))
   print(f'test_accuracy={report["test"]["accuracy"]:.4f} '
         f'test_loss={report["test"]["loss"]:.4f} workdir={_WORKDIR.value}', flush=True)

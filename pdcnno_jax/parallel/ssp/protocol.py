@@ -340,6 +340,16 @@ class SSPWorker:
       self.commit()
     return JoinResult(next_clock=self._next_clock, updates=updates)
 
+  def published_clock(self, worker: int | None = None) -> int:
+    """The last clock `worker` (default: this one) published in this run, or -1.
+
+    Callable before `join`, e.g. to tell a rejoin into a running job from a
+    new job.
+    """
+    worker = self.worker_id if worker is None else worker
+    raw = self.store.try_get(self._key('clock', worker))
+    return -1 if raw is None else int(json.loads(raw))
+
   def state(self) -> dict[str, np.ndarray]:
     """The protocol state to save with the params in a checkpoint."""
     self._check_joined()
