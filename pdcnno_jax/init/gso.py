@@ -171,12 +171,16 @@ def iss_probabilities(fitness: jax.Array) -> jax.Array:
   return jnp.where(total > 0, gaps / jnp.where(total > 0, total, 1.0), 0.0)
 
 
-def _gso_move(key: jax.Array, x_i: jax.Array, l_i: jax.Array, neighbours_i: jax.Array,
+def _gso_move(gumbel_i: jax.Array, x_i: jax.Array, l_i: jax.Array, neighbours_i: jax.Array,
               units: jax.Array, luciferin: jax.Array, step_size: float) -> jax.Array:
-  """Displacement of one glowworm toward a neighbour drawn with prob. ~ (l_j - l_i)."""
-  gain = jnp.where(neighbours_i, luciferin - l_i, 0.0)
-  logits = jnp.where(neighbours_i, jnp.log(jnp.where(neighbours_i, gain, 1.0)), -jnp.inf)
-  j = jax.random.categorical(key, logits)
+  """Displacement of one glowworm toward a neighbour drawn with prob. ~ (l_j - l_i).
+
+  The draw is the Gumbel-max trick (what ``jax.random.categorical`` does), with the
+  ``(n,)`` Gumbel noise passed in so that the swarm's noise comes from one RNG call.
+  """
+  gain = jnp.where(neighbours_i, luciferin - l_i, 1.0)
+  scores = jnp.where(neighbours_i, jnp.log(gain) + gumbel_i, -jnp.inf)
+  j = jnp.argmax(scores)
   direction = units[j] - x_i
   norm = jnp.linalg.norm(direction)
   unit = direction / jnp.where(norm > 0, norm, 1.0)
@@ -315,17 +319,20 @@ class GlowwormSwarm:
 
     move = functools.partial(_gso_move, units=units, luciferin=luciferin,
                              step_size=params.step_size)
-    keys = jax.random.split(move_key, self.swarm_size)
-    displacement = jax.vmap(move)(keys, units, luciferin, neighbours)
+    gumbel = jax.random.gumbel(move_key, (self.swarm_size, self.swarm_size))
+    displacement = jax.vmap(move)(gumbel, units, luciferin, neighbours)
     if params.information_sharing:
       displacement = displacement + iss_displacement(iss_key, units, clean)
-    new_units = jnp.clip(units + displacement, 0.0, 1.0)
+    # Moving in problem coordinates keeps a glowworm that does not move bit-identical.
+    width = params.upper_bound - params.lower_bound
+    positions = jnp.clip(state.positions + displacement * width, params.lower_bound,
+                         params.upper_bound)
 
     count = neighbours.sum(axis=1)
     radii = jnp.clip(state.radii + params.radius_gain * (params.desired_neighbours - count),
                      0.0, params.sensing_radius)
     return GSOState(
-        positions=from_box_units(new_units, params), luciferin=luciferin, radii=radii,
+        positions=positions, luciferin=luciferin, radii=radii,
         fitness=fitness, num_neighbours=count.astype(jnp.int32),
         best_position=best_position, best_fitness=best_fitness, key=key,
         generation=state.generation + 1)
