@@ -110,8 +110,8 @@ def _unpack(totals: dict[str, jax.Array], like: Any, num_processes: int) -> Any:
     else:
       size = leaf.size
       piece = totals[kind][offsets[kind]:offsets[kind] + size].reshape(leaf.shape)
-      if kind == _INT:
-        piece = jnp.round(piece.astype(jnp.float32) / num_processes)
+      if kind == _INT:  # Mean over processes, rounded half up, in exact integer arithmetic.
+        piece = (piece + num_processes // 2) // num_processes
       value = piece.astype(leaf.dtype)
     offsets[kind] += size
     out.append(value)

@@ -57,7 +57,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +73,9 @@ from pdcnno_jax.train import metrics as metrics_lib
 from pdcnno_jax.train import sharding as sharding_lib
 from pdcnno_jax.train import state as state_lib
 from pdcnno_jax.train import steps as steps_lib
+
+if TYPE_CHECKING:
+  from pdcnno_jax.train import trainer  # pylint: disable=g-bad-import-order
 
 RESUME_KEY = 'mapreduce_resume'
 REPORT_KEY = 'mapreduce'
@@ -380,7 +383,7 @@ def _warm_up(worker: _Worker, state: state_lib.TrainState, batch: dict[str, jax.
                              worker.process_mesh)
 
 
-def _resume_point(exp, num_workers: int, blocks_per_round: int,
+def _resume_point(exp: 'trainer.Experiment', num_workers: int, blocks_per_round: int,
                   total_rounds: int) -> tuple[int, np.ndarray | None, list[dict[str, Any]]]:
   """(next round, its assignment or None for an equal split, rounds reported so far)."""
   resume = exp.stage_reports.get(RESUME_KEY)
@@ -400,7 +403,7 @@ def _resume_point(exp, num_workers: int, blocks_per_round: int,
   return next_round, blocks, rounds
 
 
-def train(exp, state: state_lib.TrainState, *, tx,
+def train(exp: 'trainer.Experiment', state: state_lib.TrainState, *, tx,
           checkpointer=None) -> tuple[state_lib.TrainState, dict[str, Any]]:
   """MapReduce training for ``config.num_epochs`` epochs (see the module docstring).
 
@@ -534,7 +537,7 @@ def train(exp, state: state_lib.TrainState, *, tx,
   return to_global(local_state, exp.mesh), report
 
 
-def _log_round(exp, step: int, figures: dict[str, Any]) -> None:
+def _log_round(exp: 'trainer.Experiment', step: int, figures: dict[str, Any]) -> None:
   metrics_lib.log_line(
       f'[mapreduce] round {figures["round"]} (epoch {figures["epoch"]}) step {step} '
       f'blocks={figures["blocks"]} busy_s=[{", ".join(f"{b:.2f}" for b in figures["busy_s"])}] '
