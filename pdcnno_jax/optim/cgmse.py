@@ -428,6 +428,7 @@ def scale_by_cgmse(
     if minibatch:
       # Curvature on the current batch: evaluate at x_{k-1} on this batch.
       value_and_grad_fn = jax.value_and_grad(value_fn)
+
       def _at_prev_params():
         prev_v, prev_g = value_and_grad_fn(state.prev_params, **fn_kwargs)
         return (jnp.asarray(prev_v, dtype),
@@ -451,7 +452,7 @@ def scale_by_cgmse(
       guess = _initial_stepsize(state, out.slope, grad, value, prev_value,
                                 dtype)
       ls_state = linesearch.init(params)._replace(learning_rate=guess)
-      new_updates, ls_state = linesearch.update(
+      _, ls_state = linesearch.update(
           direction, ls_state, params, value=value, grad=grad,
           value_fn=value_fn, **fn_kwargs)
       stepsize = jnp.asarray(ls_state.learning_rate, dtype)
