@@ -69,8 +69,9 @@ update applied before step c: c - 1 - its clock; BSP gives only 0, negative mean
 newer than the step before) and of view staleness (per pull, the largest lag of a live worker;
 the SSP bound keeps it <= s); the per-step coordination overhead (publish + pull outside
 blocking waits) as a fraction of the step time; and worker 0's test accuracy against wall time,
-from snapshots of its replica taken every ``parallel.ssp_eval_every_steps`` clocks and evaluated
-after training on its local devices (so evaluation does not perturb the timing).
+from snapshots of its replica taken every ``parallel.ssp_eval_every_steps`` clocks, plus the
+final (drained) state, evaluated after training on its local devices (so evaluation does not
+perturb the timing).
 
 References:
   Ho et al., "More effective distributed ML via a stale synchronous parallel parameter server",
@@ -397,8 +398,8 @@ def time_to_accuracy(curve: list[dict[str, float]], threshold: float) -> float |
 # ---------------------------------------------------------------------------------------
 
 
-def _key(*parts: Any) -> str:
-  return '/'.join([_TRAIN_ROOT, RUN_ID, *map(str, parts)])
+def _key(run_id: str, *parts: Any) -> str:
+  return '/'.join([_TRAIN_ROOT, run_id, *map(str, parts)])
 
 
 def _default_store(num_workers: int) -> store_lib.Store:
@@ -517,33 +518,35 @@ class _Worker:
     return self.compiled[size]
 
 
-def _rendezvous(store: store_lib.Store, me: int, num_workers: int, timeout_s: float) -> None:
+def _rendezvous(store: store_lib.Store, run_id: str, me: int, num_workers: int,
+                timeout_s: float) -> None:
   """Every worker waits until all have compiled, so the clocks start together.
 
   A worker that restarts into a running job finds the start key and goes straight on.
   """
-  store.set(_key('ready', me), b'1', overwrite=True)
+  store.set(_key(run_id, 'ready', me), b'1', overwrite=True)
   if me == 0:
     deadline = time.monotonic() + timeout_s
-    while len(store.dir_get(_key('ready'))) < num_workers:
+    while len(store.dir_get(_key(run_id, 'ready'))) < num_workers:
       if time.monotonic() > deadline:
         raise protocol.SSPTimeoutError(
-            f'SSP start: only {len(store.dir_get(_key("ready")))} of {num_workers} workers '
-            f'were ready after {timeout_s:.3g} s (config.parallel.ssp_timeout_s).')
+            f'SSP start: only {len(store.dir_get(_key(run_id, "ready")))} of {num_workers} '
+            f'workers were ready after {timeout_s:.3g} s (config.parallel.ssp_timeout_s).')
       time.sleep(0.02)
-    store.set(_key('start'), b'1', overwrite=True)
+    store.set(_key(run_id, 'start'), b'1', overwrite=True)
   else:
-    store.get(_key('start'), timeout_s)
+    store.get(_key(run_id, 'start'), timeout_s)
 
 
-def _balance_batches(worker: _Worker, store: store_lib.Store, timeout_s: float) -> np.ndarray:
+def _balance_batches(worker: _Worker, store: store_lib.Store, run_id: str,
+                     timeout_s: float) -> np.ndarray:
   """Publishes this worker's warm-up speed; returns the proportional sizes from all speeds."""
-  key = _key('speed', worker.me)
+  key = _key(run_id, 'speed', worker.me)
   if store.try_get(key) is None:  # A restarted worker keeps the speed it published.
     c = worker.counters
     speed = c.warmup_examples / max(c.warmup_busy_s, 1e-9)
     store.set(key, json.dumps(speed).encode())
-  speeds = [float(json.loads(store.get(_key('speed', k), timeout_s)))
+  speeds = [float(json.loads(store.get(_key(run_id, 'speed', k), timeout_s)))
             for k in range(worker.num_workers)]
   return proportional_batch_sizes(worker.global_batch, np.asarray(speeds), worker.granularity)
 
@@ -572,7 +575,8 @@ def _validate(config, dataset) -> tuple[str, int, int]:
 def train(exp, state: state_lib.TrainState, *, tx,
           checkpointer=None,
           worker_checkpoints: bool | None = None,
-          store: store_lib.Store | None = None) -> tuple[state_lib.TrainState, dict[str, Any]]:
+          store: store_lib.Store | None = None,
+          run_id: str = RUN_ID) -> tuple[state_lib.TrainState, dict[str, Any]]:
   """SSP training for ``config.num_epochs`` epochs (see the module docstring).
 
   Every process of the job calls this; the processes never meet in a collective, only
@@ -591,6 +595,8 @@ def train(exp, state: state_lib.TrainState, *, tx,
       there after a restart (default: whether a checkpointer is given).
     store: the key-value store; default: JAX's coordination service (multi-process job,
       initialised with `coordination.initialize`) or an in-memory store (one process).
+    run_id: namespace of this run's keys in the store; consecutive runs in one job (e.g. a
+      benchmark) need distinct ids.
 
   Returns:
     ``(state, report)``: worker 0's final state (every worker holds the same), replicated on
@@ -620,7 +626,7 @@ def train(exp, state: state_lib.TrainState, *, tx,
     worker_checkpoints = checkpointer is not None
   local = _to_local(state, worker.replicated)
   like = jax.device_get(local.params)
-  ssp = protocol.SSPWorker(store, me, num_workers, parallel.staleness, timeout_s, run_id=RUN_ID,
+  ssp = protocol.SSPWorker(store, me, num_workers, parallel.staleness, timeout_s, run_id=run_id,
                            like=like, heartbeat_timeout_s=float(parallel.heartbeat_timeout_s),
                            commit_on_pull=not worker_checkpoints)
   staleness = ssp.staleness
@@ -647,14 +653,14 @@ def train(exp, state: state_lib.TrainState, *, tx,
     local = _add_to_params(local, own)
     local = local.replace(step=local.step + len(joined.updates))
   if first_clock > warmup_steps and balancer == 'proportional':
-    worker.balanced_sizes = _balance_batches(worker, store, timeout_s)
+    worker.balanced_sizes = _balance_batches(worker, store, run_id, timeout_s)
 
   sizes = worker.sizes(first_clock, warmup_steps)
   weight = jnp.asarray(sizes[me] / worker.global_batch, jnp.float32)
   scratch = jax.tree.map(jnp.copy, local)
   worker.compile_for(scratch, worker.batch(min(first_clock, total_steps - 1), sizes), weight)
   del scratch
-  _rendezvous(store, me, num_workers, timeout_s)
+  _rendezvous(store, run_id, me, num_workers, timeout_s)
   metrics_lib.log_line(
       f'[ssp] {num_workers} workers, staleness {"inf" if staleness is None else staleness}, '
       f'global batch {worker.global_batch} ({balancer} per-worker batches, {sizes.tolist()} '
@@ -679,7 +685,7 @@ def train(exp, state: state_lib.TrainState, *, tx,
         worker.counters.applied_staleness[clock - 1 - u.clock] += 1
 
     if clock == warmup_steps and balancer == 'proportional':
-      worker.balanced_sizes = _balance_batches(worker, store, timeout_s)
+      worker.balanced_sizes = _balance_batches(worker, store, run_id, timeout_s)
     sizes = worker.sizes(clock, warmup_steps)
     weight = jnp.asarray(sizes[me] / worker.global_batch, jnp.float32)
     batch = worker.batch(clock, sizes)
@@ -698,7 +704,7 @@ def train(exp, state: state_lib.TrainState, *, tx,
     metrics_pending.append(step_metrics)
 
     done = clock + 1
-    if me == 0 and (done % eval_every == 0 or done == total_steps):
+    if me == 0 and done % eval_every == 0 and done < total_steps:
       snapshots.append((time.perf_counter() - loop_start, done,
                         jax.device_get((local.params, local.model_state))))
     if done % config.log_every_steps == 0 or done == total_steps:
@@ -730,20 +736,22 @@ def train(exp, state: state_lib.TrainState, *, tx,
       local = _add_to_params(local, protocol.sum_updates(rest))
     drained = _to_host(local)
     report_row = _worker_report(worker, ssp, loop_s, first_clock)
-    store.set(_key('report', me), json.dumps(report_row).encode(), overwrite=True)
+    store.set(_key(run_id, 'report', me), json.dumps(report_row).encode(), overwrite=True)
     if me == 0:
-      store.set(_key('final'), serialization.encode(drained), overwrite=True)
+      store.set(_key(run_id, 'final'), serialization.encode(drained), overwrite=True)
       final = drained
     else:
-      final = serialization.decode(store.get(_key('final'), timeout_s), like=drained)
+      final = serialization.decode(store.get(_key(run_id, 'final'), timeout_s), like=drained)
     diff = _max_abs_diff(drained.params, final.params)
-    store.set(_key('diff', me), json.dumps(diff).encode(), overwrite=True)
-    rows = [json.loads(store.get(_key('report', k), timeout_s)) for k in range(num_workers)]
-    diffs = [float(json.loads(store.get(_key('diff', k), timeout_s)))
+    store.set(_key(run_id, 'diff', me), json.dumps(diff).encode(), overwrite=True)
+    rows = [json.loads(store.get(_key(run_id, 'report', k), timeout_s))
+            for k in range(num_workers)]
+    diffs = [float(json.loads(store.get(_key(run_id, 'diff', k), timeout_s)))
              for k in range(num_workers)]
     ssp.close()
+    drain_end = time.perf_counter()
     if me == 0:
-      store.delete(f'{_TRAIN_ROOT}/{RUN_ID}')
+      store.delete(f'{_TRAIN_ROOT}/{run_id}')
 
   report = job_report(rows, staleness=staleness, global_batch_size=worker.global_batch)
   report.update({
@@ -760,7 +768,9 @@ def train(exp, state: state_lib.TrainState, *, tx,
                           'equal)',
   })
   final_local = _to_local(_from_host(final, local), worker.replicated)
-  if me == 0 and snapshots:
+  if me == 0:  # The last point is the final state, after the drain.
+    snapshots.append((drain_end - loop_start, total_steps,
+                      (final_local.params, final_local.model_state)))
     report['accuracy_vs_time'] = _evaluate_snapshots(exp, local_mesh, final_local, snapshots)
   metrics_lib.log_line(
       f'[ssp] done: wall {report["wall_s"]:.1f}s, {report["throughput_examples_per_s"]:.0f} '
