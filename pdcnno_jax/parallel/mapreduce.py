@@ -466,7 +466,8 @@ def train(exp: 'trainer.Experiment', state: state_lib.TrainState, *, tx,
   metrics_lib.log_line(
       f'[mapreduce] {num_workers} workers, {plan.num_blocks} blocks of {plan.block_size} '
       f'examples, {plan.rounds_per_epoch} rounds/epoch, local batch {batch}, balancer '
-      f'{parallel.balancer}, slowdown {worker.slow.factor:g} on this worker; starting at '
+      f'{parallel.balancer}, slowdowns '
+      f'{list(slowdown_lib.parse_slowdown(parallel.slowdown, num_workers))}; starting at '
       f'round {next_round}/{total_rounds}.')
 
   for round_index in range(next_round, total_rounds):
