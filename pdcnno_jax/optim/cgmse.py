@@ -28,7 +28,14 @@ Two modes:
   batches, so the transform evaluates ``value_and_grad(value_fn)`` at the
   previous parameters on the *current* batch to get ``f_{k-1}`` and
   ``g_{k-1}``: one extra value-and-gradient evaluation per step (none at the
-  first step), on top of the line search's.
+  first step), on top of the line search's. The line search also runs on the
+  current batch, with a looser curvature constant (see ``curv_rtol``).
+
+``value_fn`` must return a scalar only (no aux) and be deterministic for a
+given set of keyword arguments (pass a dropout key as one of them). When the
+data of a full-batch run changes, call :func:`start_new_objective`. The state
+holds four parameter-sized pytrees (``x_{k-1}``, ``g_{k-1}``, ``d_{k-1}`` and
+the gradient at the accepted step).
 
 Usage (full batch)::
 
