@@ -234,7 +234,8 @@ def main() -> None:
     raise SystemExit(f'worker exit codes {codes}; see {args.out_dir}/log*.txt')
   with open(os.path.join(args.out_dir, 'results.json')) as f:
     results = json.load(f)
-  print(f'bench_ssp_training: {_NUM_WORKERS} worker processes, total {time.monotonic() - start:.0f}s')
+  print(f'bench_ssp_training: {_NUM_WORKERS} worker processes, '
+        f'{time.monotonic() - start:.0f}s in all')
   _print_results(results, load_before, tuple(round(x, 2) for x in os.getloadavg()))
 
 

@@ -44,6 +44,18 @@ def _config(**parallel):
   return config
 
 
+def _experiment(config, workdir, num_devices=None):
+  """(exp, tx, host state) on the generated 4-class data set of test_mapreduce."""
+  import test_mapreduce  # pylint: disable=g-import-not-at-top
+  make = test_mapreduce._experiment  # pylint: disable=protected-access
+  return make(config, workdir, num_devices=num_devices)
+
+
+def _assert_states_close(a, b):
+  import test_mapreduce  # pylint: disable=g-import-not-at-top
+  test_mapreduce._assert_states_close(a, b)  # pylint: disable=protected-access
+
+
 # --- Helpers (in-process) ------------------------------------------------------------------------
 
 
@@ -73,8 +85,7 @@ def test_worker_checkpoint_round_trip_and_mismatch(tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.parallel.ssp import serialization  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.parallel.ssp import training  # pylint: disable=g-import-not-at-top
-  import test_mapreduce  # pylint: disable=g-import-not-at-top
-  _, _, state = test_mapreduce._experiment(_config(), tmp_path)  # pylint: disable=protected-access
+  _, _, state = _experiment(_config(), tmp_path)
   directory = str(tmp_path / 'w0')
   assert training.load_worker_checkpoint(directory, state) is None
   ssp_state = {'next_clock': np.asarray(7, np.int64), 'applied': np.asarray([6, 4], np.int64)}
@@ -113,13 +124,12 @@ def test_one_process_equals_synchronous_training(tmp_path):
   from pdcnno_jax.parallel.ssp import training  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.train import trainer  # pylint: disable=g-import-not-at-top
-  import test_mapreduce  # pylint: disable=g-import-not-at-top
   config = _config(staleness=0, ssp_eval_every_steps=8)
-  exp, tx, host_state = test_mapreduce._experiment(config, tmp_path, num_devices=2)  # pylint: disable=protected-access
+  exp, tx, host_state = _experiment(config, tmp_path, num_devices=2)
   plain = trainer.train_epochs(exp, sharding_lib.replicate(host_state, exp.mesh), tx=tx,
                                num_epochs=config.num_epochs)
   state, report = training.train(exp, sharding_lib.replicate(host_state, exp.mesh), tx=tx)
-  test_mapreduce._assert_states_close(state.params, plain.params)  # pylint: disable=protected-access
+  _assert_states_close(state.params, plain.params)
   assert int(state.step) == 16 and report['clocks'] == 16
   assert [p['clock'] for p in report['accuracy_vs_time']] == [8, 16]
   assert report['accuracy_vs_time'][-1]['accuracy'] > 0.5  # It learned.
@@ -130,11 +140,10 @@ def test_one_process_equals_synchronous_training(tmp_path):
 def test_bad_settings_are_clear_errors(tmp_path):
   from pdcnno_jax.parallel.ssp import training  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  import test_mapreduce  # pylint: disable=g-import-not-at-top
   for parallel, match in ((dict(ssp_batch_balancer='dlbpce'), 'ssp_batch_balancer'),
                           (dict(staleness=-3), 'staleness must be'),
                           (dict(ssp_warmup_steps=0), 'ssp_warmup_steps')):
-    exp, tx, state = test_mapreduce._experiment(_config(**parallel), tmp_path, num_devices=1)  # pylint: disable=protected-access
+    exp, tx, state = _experiment(_config(**parallel), tmp_path, num_devices=1)
     with pytest.raises(ValueError, match=match):
       training.train(exp, sharding_lib.replicate(state, exp.mesh), tx=tx)
 
@@ -161,7 +170,6 @@ def _worker(argv):
   from pdcnno_jax.parallel.ssp import coordination  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.parallel.ssp import training  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  import test_mapreduce  # pylint: disable=g-import-not-at-top
 
   if args.scenario == 'bsp':
     config = _config(staleness=0, slowdown='1,3')
@@ -172,7 +180,7 @@ def _worker(argv):
     if pid == 1 and not args.restart:
       os.environ['PDCNNO_SSP_FAULT_KILL_AT_CLOCK'] = str(_KILL_CLOCK)
   workdir = os.path.join(args.out_dir, 'workdir')
-  exp, tx, host_state = test_mapreduce._experiment(config, workdir)  # pylint: disable=protected-access
+  exp, tx, host_state = _experiment(config, workdir)
   # No orbax checkpointer: creating one runs a collective, which a restarted process cannot
   # join (its gloo context keys already exist); the per-worker checkpoints need none.
   state, report = training.train(exp, sharding_lib.replicate(host_state, exp.mesh), tx=tx,
@@ -235,12 +243,11 @@ def test_bsp_processes_match_synchronous_training(tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.train import trainer  # pylint: disable=g-import-not-at-top
-  import test_mapreduce  # pylint: disable=g-import-not-at-top
   port, out_dir = _free_port(), str(tmp_path)
   procs = [_spawn(pid, port, out_dir, 'bsp') for pid in range(_NUM)]
   # Meanwhile: the synchronous reference on one device, global batch 32 per step.
   config = _config(staleness=0)
-  exp, tx, host_state = test_mapreduce._experiment(config, tmp_path / 'sync', num_devices=1)  # pylint: disable=protected-access
+  exp, tx, host_state = _experiment(config, tmp_path / 'sync', num_devices=1)
   plain = trainer.train_epochs(exp, sharding_lib.replicate(host_state, exp.mesh), tx=tx,
                                num_epochs=config.num_epochs)
   reference = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(plain.params))]

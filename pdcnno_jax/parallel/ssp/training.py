@@ -53,8 +53,8 @@ process-coordinated with barriers, which a lone restarting worker cannot pass), 
 acknowledges (`SSPWorker.commit`) what the checkpoint holds. A killed worker that is started
 again with the same process id loads its newest checkpoint, rejoins the running job at its last
 published clock (re-applying its own updates published after the checkpoint, which the store
-keeps for it) and continues; a worker killed before its first checkpoint rejoins from the
-initial state. Meanwhile the survivors drop it from the staleness bound after
+keeps for it; its optimizer state resumes as checkpointed) and continues; a worker killed before
+its first checkpoint rejoins from the initial state. Meanwhile the survivors drop it from the staleness bound after
 ``parallel.heartbeat_timeout_s`` and keep going. The store holds the updates not yet
 acknowledged by every worker, up to about K * checkpoint_every_steps payloads: keep the interval
 modest. When the whole job starts again (e.g. after process 0, which hosts the store, died), the
