@@ -148,21 +148,31 @@ def main():
     runners['pytorch'] = torch_run
   for run in runners.values():  # Compile / warm up.
     run(10)
+  # Wall-clock images/s, and images per CPU-second of this process (all threads), which a
+  # busy machine disturbs much less than wall time.
   rates = {name: [] for name in runners}
-  for _ in range(args.rounds):
-    for name, run in runners.items():
-      start = time.perf_counter()
+  cpu_rates = {name: [] for name in runners}
+  for round_index in range(args.rounds):
+    order = list(runners.items())
+    order = order if round_index % 2 == 0 else order[::-1]
+    for name, run in order:
+      start, cpu_start = time.perf_counter(), time.process_time()
       run(args.steps)
-      rates[name].append(args.steps * args.batch_size / (time.perf_counter() - start))
+      images = args.steps * args.batch_size
+      rates[name].append(images / (time.perf_counter() - start))
+      cpu_rates[name].append(images / (time.process_time() - cpu_start))
   median = {name: statistics.median(r) for name, r in rates.items()}
-  print(f'load average {os.getloadavg()}, devices {jax.devices()}, jax {jax.__version__}')
+  cpu_median = {name: statistics.median(r) for name, r in cpu_rates.items()}
+  print(f'load average {os.getloadavg()}, devices {jax.devices()}, jax {jax.__version__}, '
+        f'batch {args.batch_size}, {args.rounds} rounds x {args.steps} steps')
   for name, value in median.items():
     spread = (min(rates[name]), max(rates[name]))
-    print(f'{name:12s} {value:10.0f} images/s (min {spread[0]:.0f}, max {spread[1]:.0f})')
-  print(f'ratio pdcnno_jax / nnx_minimal = {median["pdcnno_jax"] / median["nnx_minimal"]:.3f}'
-        ' (bar >= 0.95)')
-  if 'pytorch' in median:
-    print(f'ratio pdcnno_jax / pytorch = {median["pdcnno_jax"] / median["pytorch"]:.3f}')
+    print(f'{name:12s} {value:10.0f} images/s (min {spread[0]:.0f}, max {spread[1]:.0f}); '
+          f'{cpu_median[name]:.0f} images per CPU-second')
+  for other, bar in (('nnx_minimal', ' (bar >= 0.95)'), ('pytorch', '')):
+    if other in median:
+      print(f'ratio pdcnno_jax / {other}: wall {median["pdcnno_jax"] / median[other]:.3f}, '
+            f'CPU {cpu_median["pdcnno_jax"] / cpu_median[other]:.3f}{bar}')
   pipeline = pipeline_images_per_s(args.batch_size, args.steps)
   if pipeline is not None:
     print(f'input pipeline {pipeline:.0f} images/s; ratio pipeline / pdcnno_jax step = '

@@ -54,8 +54,10 @@ def build_optimizer(opt_config: ml_collections.ConfigDict, *, total_steps: int,
   """
   name = opt_config.name
   if name == 'cgmse':
+    # The line search must see the true objective: no schedule, clipping or decay around it.
     from pdcnno_jax.optim import cgmse  # pylint: disable=g-import-not-at-top
-    return cgmse.from_config(opt_config)
+    return cgmse.cgmse(learning_rate=None, mode=opt_config.mode, t=opt_config.cg_t,
+                       max_linesearch_steps=opt_config.max_linesearch_steps)
   if name == 'lbfgs':
     return optax.lbfgs()
   schedule = learning_rate_schedule(opt_config, total_steps=total_steps,

@@ -199,6 +199,63 @@ def train_epochs(exp: Experiment, state: state_lib.TrainState, *,
   return state
 
 
+def _full_batch(config: ml_collections.ConfigDict) -> bool:
+  return config.optimizer.name == 'cgmse' and config.optimizer.mode == 'full_batch'
+
+
+def train_full_batch(exp: Experiment, state: state_lib.TrainState, *, tx, num_epochs: int,
+                     checkpointer: checkpointing.Checkpointer | None = None,
+                     eval_split: str | None = None) -> state_lib.TrainState:
+  """CGMSE in full-batch mode: ``optimizer.full_batch_iterations`` CG steps per epoch.
+
+  Every loss and gradient is over the whole training split (one global array sharded over
+  the mesh), so the curvature pairs of the modified secant equation come from consistent
+  gradients (PDCNNO's Map phase on one data shard). An "epoch" here is one block of CG
+  iterations; checkpoints and evaluation follow each block.
+
+  References:
+    PDCNNO paper (papers/pdcnno_mapreduce_cgmse.txt), CGMSE; DESIGN.md, "CGMSE".
+  """
+  config = exp.config
+  iterations = config.optimizer.full_batch_iterations
+  total = num_epochs * iterations
+  step = int(jax.device_get(state.step))
+  if step >= total:
+    return state
+  num_train = exp.dataset.num_examples['train']
+  num_train -= num_train % exp.mesh.devices.size
+  full = next(iter(input_pipeline.train_batches(
+      exp.dataset, global_batch_size=num_train, epoch=0, seed=config.seed,
+      sharding=sharding_lib.batch_sharded(exp.mesh))))
+  jitted = steps_lib.make_train_step(exp.graphdef, tx, exp.preprocess, exp.mesh)
+  with exp.timer.phase('compile'):
+    compiled = jitted.lower(state, full).compile()
+  eval_step = steps_lib.make_eval_step(exp.graphdef, exp.preprocess, exp.mesh)
+  progress = metrics_lib.Progress(total, num_train, first_step=step)
+  while step < total:
+    with exp.timer.phase('train'):
+      state, step_metrics = compiled(state, full)
+      values = jax.device_get(step_metrics)
+    step += 1
+    if not np.isfinite(values['loss']):
+      raise NonFiniteLossError(f'Full-batch loss is {values["loss"]} at CG iteration {step}.')
+    text, rates = progress.line(step, values)
+    metrics_lib.log_line(f'[cgmse full batch] {text}')
+    if exp.writer:
+      exp.writer.write(step, {**values, **rates}, prefix='train')
+    if step % iterations == 0 or step == total:
+      if eval_split:
+        with exp.timer.phase('eval'):
+          result = evaluate(exp, state, eval_split, eval_step)
+        metrics_lib.log_line(f'[cgmse full batch] iteration {step} {eval_split}: '
+                             f'accuracy={result["accuracy"]:.4f}')
+        if exp.writer:
+          exp.writer.write(step, result, prefix=eval_split)
+      if checkpointer:
+        _save(exp, checkpointer, state, phase='train')
+  return state
+
+
 def _save(exp: Experiment, checkpointer: checkpointing.Checkpointer,
           state: state_lib.TrainState, *, phase: str) -> None:
   """Saves ``state`` with what resuming needs to rebuild the experiment."""
@@ -298,7 +355,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, tx = _run_stages(exp, state, tx, checkpointer)
 
   mode = config.parallel.mode
-  if mode == 'sync':
+  if mode == 'sync' and _full_batch(config):
+    state = train_full_batch(exp, state, tx=tx, num_epochs=config.num_epochs,
+                             checkpointer=checkpointer, eval_split=_eval_split(exp))
+  elif mode == 'sync':
     state = train_epochs(exp, state, tx=tx, num_epochs=config.num_epochs,
                          checkpointer=checkpointer, eval_split=_eval_split(exp))
   else:
