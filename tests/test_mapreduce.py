@@ -234,11 +234,10 @@ def test_one_worker_one_step_per_round_equals_plain_training(tmp_path):
 
 def test_killed_run_resumes_at_its_last_round(tmp_path, monkeypatch):
   config = _config(num_blocks=8, rounds_per_epoch=2, balancer='lbrla')
-  exp, tx, host_state = _experiment(config, tmp_path / 'straight', num_devices=1)
+  exp, tx, host_state = _experiment(config, tmp_path, num_devices=1)
   straight, _ = mapreduce.train(exp, sharding_lib.replicate(host_state, exp.mesh), tx=tx)
 
-  exp, tx, host_state = _experiment(config, tmp_path / 'killed', num_devices=1)
-  checkpointer = checkpointing.Checkpointer(str(tmp_path / 'killed' / 'ckpt'))
+  checkpointer = checkpointing.Checkpointer(str(tmp_path / 'ckpt'))
   real_map_phase, calls = mapreduce._map_phase, []
 
   def dies_in_round_3(*args):
@@ -255,7 +254,6 @@ def test_killed_run_resumes_at_its_last_round(tmp_path, monkeypatch):
   monkeypatch.setattr(mapreduce, '_map_phase', real_map_phase)
 
   # What trainer.train_and_evaluate does on a workdir holding a checkpoint.
-  exp, tx, host_state = _experiment(config, tmp_path / 'killed', num_devices=1)
   restored, meta = checkpointer.restore(sharding_lib.replicate(host_state, exp.mesh))
   exp.stage_reports = meta['stage_reports']
   assert exp.stage_reports[mapreduce.RESUME_KEY]['next_round'] == 2

@@ -55,6 +55,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import TYPE_CHECKING, Any, Callable
@@ -343,7 +344,7 @@ class _Worker:
   images: np.ndarray
   labels: np.ndarray
   batch: int
-  compiled: Any = None
+  warm: bool = False
 
   def batches(self, indices: np.ndarray):
     for step in range(len(indices) // self.batch):
@@ -358,7 +359,7 @@ def _map_phase(worker: _Worker, state: state_lib.TrainState,
   loss_sum, correct_sum, steps = jnp.zeros(()), jnp.zeros(()), 0
   worker.monitor.start()
   for batch in worker.batches(indices):
-    (state, metrics), seconds = worker.slow.run(worker.compiled, state, batch)
+    (state, metrics), seconds = worker.slow.run(worker.step_fn, state, batch)
     worker.monitor.record(worker.batch, seconds)
     loss_sum = loss_sum + metrics['loss']
     correct_sum = correct_sum + metrics['accuracy'] * worker.batch
@@ -375,12 +376,23 @@ def _warm_up(worker: _Worker, state: state_lib.TrainState, batch: dict[str, jax.
 
   Every process calls it at the same point: it runs one Reduce and one all-gather.
   """
-  worker.compiled = worker.step_fn.lower(state, batch).compile()
   scratch = jax.tree.map(jnp.copy, state)
-  scratch, _ = jax.block_until_ready(worker.compiled(scratch, batch))
+  scratch, _ = jax.block_until_ready(worker.step_fn(scratch, batch))
   jax.block_until_ready(worker.averager(scratch, 1.0 / jax.process_count()))
   collectives.allgather_rows(np.zeros(len(balancers.VECTOR_FIELDS) + len(_EXTRA_FIELDS)),
                              worker.process_mesh)
+  worker.warm = True
+
+
+@functools.lru_cache(maxsize=8)
+def _local_train_step(graphdef, tx, preprocess, mesh):
+  """The jitted local step, shared by repeated `train` calls on the same model and mesh."""
+  return steps_lib.make_train_step(graphdef, tx, preprocess, mesh)
+
+
+@functools.lru_cache(maxsize=8)
+def _averager(out_sharding, process_mesh) -> collectives.TreeAverager:
+  return collectives.TreeAverager(out_sharding, process_mesh)
 
 
 def _resume_point(exp: 'trainer.Experiment', num_workers: int, blocks_per_round: int,
@@ -448,10 +460,10 @@ def train(exp: 'trainer.Experiment', state: state_lib.TrainState, *, tx,
   proc_mesh = collectives.process_mesh(list(exp.mesh.devices.flat))
   worker = _Worker(
       data_sharding=sharding_lib.batch_sharded(local_mesh),
-      step_fn=steps_lib.make_train_step(exp.graphdef, tx, exp.preprocess, local_mesh),
+      step_fn=_local_train_step(exp.graphdef, tx, exp.preprocess, local_mesh),
       slow=slowdown_lib.Slowdown.from_config(parallel, me, num_workers, seed=config.seed),
       monitor=monitor_lib.WorkerMonitor(devices=devices),
-      averager=collectives.TreeAverager(replicated, proc_mesh),
+      averager=_averager(replicated, proc_mesh),
       process_mesh=proc_mesh, images=split.images, labels=split.labels, batch=batch)
 
   next_round, blocks, rounds = _resume_point(exp, num_workers, plan.blocks_per_round,
@@ -473,7 +485,7 @@ def train(exp: 'trainer.Experiment', state: state_lib.TrainState, *, tx,
   for round_index in range(next_round, total_rounds):
     epoch, round_in_epoch = divmod(round_index, plan.rounds_per_epoch)
     indices = worker_share(plan.round_blocks(config.seed, epoch, round_in_epoch), blocks, me)
-    if worker.compiled is None:
+    if not worker.warm:
       with exp.timer.phase('compile'):
         _warm_up(worker, local_state, next(worker.batches(indices)))
     round_start = time.perf_counter()
