@@ -143,6 +143,12 @@ def compact_parts(graphdef: nnx.GraphDef, params: nnx.State, model_state: nnx.St
   return new_graphdef, new_params, new_model_state, plan
 
 
+def _unshared(tree: Any, original: Any) -> Any:
+  """``tree`` with copies of the arrays it shares with ``original`` (safe to donate either)."""
+  shared = {id(x) for x in jax.tree.leaves(original)}
+  return jax.tree.map(lambda x: jnp.array(x, copy=True) if id(x) in shared else x, tree)
+
+
 def compact(graphdef: nnx.GraphDef, state: state_lib.TrainState,
             model_config: ml_collections.ConfigDict | str, num_classes: int,
             input_shape: tuple[int, int, int]) -> tuple[nnx.GraphDef, state_lib.TrainState]:
@@ -150,7 +156,8 @@ def compact(graphdef: nnx.GraphDef, state: state_lib.TrainState,
 
   The step count is kept and every parameter-shaped tree of the optimizer state is sliced
   like the parameters, so the same optax transformation continues on the new state (compile
-  a new train step for the returned graphdef).
+  a new train step for the returned graphdef). The new state shares no buffer with
+  ``state``, so a train step may donate either.
 
   Returns:
     ``(new_graphdef, new_state)``.
@@ -159,8 +166,8 @@ def compact(graphdef: nnx.GraphDef, state: state_lib.TrainState,
       graphdef, state.params, state.model_state, model_config, num_classes, input_shape)
   opt_state = masking.map_param_trees(lambda tree: _take(tree, plan), state.opt_state,
                                       state.params)
-  return new_graphdef, state.replace(params=params, model_state=model_state,
-                                     opt_state=opt_state)
+  new_state = state.replace(params=params, model_state=model_state, opt_state=opt_state)
+  return new_graphdef, _unshared(new_state, state)
 
 
 def compact_model(model: nnx.Module, model_config: ml_collections.ConfigDict | str,
