@@ -206,10 +206,12 @@ def test_run_pruning_iterative_with_compaction(method):
       consumed.append(1)
       yield batch
 
+  timed = method == 'fmp'  # Latency of masked vs compacted: once is enough.
   new_graphdef, new_state, report = stage.run_pruning(
       _prune_config(method=method, iterations=3, finetune_epochs=2, target_mac_reduction=2.0),
       graphdef, state, batches, preprocess, sharding.make_mesh(), model_config, 10,
-      input_shape, finetune_fn=finetune_fn)
+      input_shape, finetune_fn=finetune_fn, tx=_tx() if timed else None,
+      latency_reps=2 if timed else 0)
 
   assert len(consumed) == 2  # 16 examples = two batches of 8, reused by every round.
   assert report['scored_examples'] == 16
@@ -228,6 +230,18 @@ def test_run_pruning_iterative_with_compaction(method):
                                         'macs': report['macs_after']}
   assert counting.kept_channels(compacted) == report['channels_after']
   assert all(v >= 1 for v in report['channels_after'].values())
+  rebuilt = compaction.build_architecture(**report['architecture'], num_classes=10,
+                                          input_shape=input_shape)
+  assert counting.totals(rebuilt) == counting.totals(compacted)
+  if timed:
+    latency = report['latency']
+    assert latency['batch_size'] == 8
+    for kind in ('inference_ms', 'train_step_ms'):
+      assert set(latency[kind]) == {'masked', 'compacted'}
+      assert all(ms > 0 for ms in latency[kind].values())
+    assert latency['inference_speedup'] > 0 and latency['train_step_speedup'] > 0
+  else:
+    assert 'latency' not in report
   json.dumps(report)  # The report is JSON-serialisable.
 
 
@@ -249,5 +263,6 @@ def test_run_pruning_none_and_bad_config():
   _, masked, report = stage.run_pruning(
       _prune_config(method='l1', selection='threshold', threshold=1.0, compact=False),
       graphdef, state, [], preprocess, None, model_config, 10, input_shape)
+  assert 'latency' not in report
   assert not report['compacted'] and report['macs_after'] < report['macs_before']
   assert masking.read_state_masks(graphdef, masked) != {}

@@ -262,6 +262,20 @@ def load_architecture(path: str | os.PathLike) -> dict[str, Any]:
   return architecture
 
 
+def build_architecture(model_name: str, constructor_kwargs: Mapping[str, Any],
+                       num_classes: int, input_shape: tuple[int, int, int], *,
+                       seed: int = 0) -> nnx.Module:
+  """Rebuilds an architecture from its name and (JSON) constructor arguments.
+
+  This is how to recreate a compacted model's graph when resuming from a checkpoint of its
+  TrainState: pass ``report['architecture']`` of :func:`stage.run_pruning`.
+  """
+  kwargs = _from_json(dict(constructor_kwargs))
+  return factory.build_model(
+      ml_collections.ConfigDict({'name': model_name}), num_classes=int(num_classes),
+      input_shape=tuple(input_shape), rngs=nnx.Rngs(seed), **kwargs)
+
+
 def load_compacted(path: str | os.PathLike, *, seed: int = 0) -> nnx.Module:
   """Rebuilds and restores a model saved by :func:`save_compacted`.
 
@@ -273,10 +287,9 @@ def load_compacted(path: str | os.PathLike, *, seed: int = 0) -> nnx.Module:
     The model, with parameters, BatchNorm statistics and masks restored.
   """
   architecture = load_architecture(path)
-  model = factory.build_model(
-      ml_collections.ConfigDict({'name': architecture['model_name']}),
-      num_classes=architecture['num_classes'], input_shape=architecture['input_shape'],
-      rngs=nnx.Rngs(seed), **architecture['constructor_kwargs'])
+  model = build_architecture(architecture['model_name'], architecture['constructor_kwargs'],
+                             architecture['num_classes'], architecture['input_shape'],
+                             seed=seed)
   abstract = _saved_state(model)
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
                         nnx.to_pure_dict(abstract))

@@ -16,18 +16,24 @@ References:
 
 from __future__ import annotations
 
+import functools
+import statistics
 import time
 from typing import Any, Callable, Iterable, Mapping
 
+import jax
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 
 from pdcnno_jax.models import counting
 from pdcnno_jax.pruning import compaction, masking, scorers, selection
+from pdcnno_jax.train import sharding as sharding_lib
 from pdcnno_jax.train import state as state_lib
+from pdcnno_jax.train import steps
 
 Batch = Mapping[str, Any]
 FinetuneFn = Callable[[nnx.GraphDef, state_lib.TrainState, int], state_lib.TrainState]
@@ -73,6 +79,55 @@ def _counts(model: nnx.Module) -> dict[str, Any]:
           'params': int(totals['params']), 'macs': int(totals['macs'])}
 
 
+def compare_latency(models: Mapping[str, tuple[nnx.GraphDef, state_lib.TrainState]],
+                    batch: Batch, preprocess: Callable[[Any], Any], mesh: Mesh | None, *,
+                    tx: optax.GradientTransformation | None = None,
+                    reps: int = 10) -> dict[str, Any]:
+  """Median latency of the jitted inference pass (and training step) of several models.
+
+  The models are timed in turn, ``reps`` times each after two warm-up calls, so that load
+  changes on a shared machine affect them alike.
+
+  Args:
+    models: name -> ``(graphdef, state)``, e.g. ``{'masked': ..., 'compacted': ...}``.
+    batch: one batch ``{'image', 'label'}`` with a size divisible by the mesh's devices.
+    preprocess: uint8 images -> model input.
+    mesh: device mesh (None: every device).
+    tx: when given, also time ``steps.make_train_step(graphdef, tx, ...)`` (not donating,
+      the states are left unchanged).
+    reps: timed calls per model.
+
+  Returns:
+    ``{'batch_size', 'inference_ms': {name: ms}, 'train_step_ms': {name: ms}}`` (the last only
+    with ``tx``).
+  """
+  mesh = sharding_lib.make_mesh() if mesh is None else mesh
+  data = sharding_lib.batch_sharded(mesh)
+  batch = {k: batch[k] for k in ('image', 'label')}
+  batch = {k: jax.make_array_from_callback(np.shape(v), data, lambda i, v=v: np.asarray(v)[i])
+           if not isinstance(v, jax.Array) else v for k, v in batch.items()}
+  calls = {'inference_ms': {}, 'train_step_ms': {}}
+  for name, (graphdef, state) in models.items():
+    eval_step = steps.make_eval_step(graphdef, preprocess, mesh)
+    calls['inference_ms'][name] = functools.partial(eval_step, state, batch)
+    if tx is not None:
+      train_step = steps.make_train_step(graphdef, tx, preprocess, mesh, donate=False)
+      calls['train_step_ms'][name] = functools.partial(train_step, state, batch)
+  result: dict[str, Any] = {'batch_size': int(np.shape(batch['label'])[0])}
+  for kind, fns in calls.items():
+    if not fns:
+      continue
+    times = {name: [] for name in fns}
+    for rep in range(reps + 2):
+      for name, fn in fns.items():
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        if rep >= 2:
+          times[name].append(time.perf_counter() - start)
+    result[kind] = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+  return result
+
+
 def _validate(prune_config: ml_collections.ConfigDict) -> None:
   if prune_config.method not in METHODS:
     raise ValueError(f'Unknown prune.method {prune_config.method!r}; choose from {METHODS}.')
@@ -91,7 +146,8 @@ def run_pruning(prune_config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                 preprocess: Callable[[Any], Any], mesh: Mesh | None,
                 model_config: ml_collections.ConfigDict, num_classes: int,
                 input_shape: tuple[int, int, int], finetune_fn: FinetuneFn | None = None, *,
-                seed: int = 0
+                seed: int = 0, tx: optax.GradientTransformation | None = None,
+                latency_reps: int = 10
                 ) -> tuple[nnx.GraphDef, state_lib.TrainState, dict[str, Any]]:
   """Prunes feature maps of a (pre-trained) model; optionally compacts it.
 
@@ -113,13 +169,19 @@ def run_pruning(prune_config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
       of an iterative schedule (not after the last round: the trainer then trains for
       ``config.num_epochs``).
     seed: seed of the ``random`` scorer (round i uses ``seed + i``).
+    tx: the training optimizer; with compaction, the masked and compacted training steps are
+      timed too.
+    latency_reps: with compaction, time the masked and compacted models this many times on
+      the first scoring batch (:func:`compare_latency`); 0 skips the measurement.
 
   Returns:
     ``(graphdef, state, report)``: the pruned (and, with ``prune.compact``, compacted) model
     and a JSON-serialisable report: method, selection, channels kept per layer before/after,
     params and MACs (multiply-accumulates per example) before/after and their ratios, the
-    per-round figures, the scored example count, and scoring / fine-tuning / compaction
-    seconds.
+    per-round figures, the scored example count, scoring / fine-tuning / compaction seconds,
+    the compacted ``architecture`` (model name and constructor arguments: see
+    ``compaction.build_architecture``) and, with compaction, ``latency`` (masked vs
+    compacted inference and training-step milliseconds, and their ratios).
 
   Raises:
     ValueError: for an invalid config, an empty scoring set, or an unreachable MAC target.
@@ -174,6 +236,7 @@ def run_pruning(prune_config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
 
   after = _counts(state_lib.merge_model(graphdef, state))
   if prune_config.compact:
+    masked = (graphdef, state)
     start = time.perf_counter()
     graphdef, state = compaction.compact(graphdef, state, model_config, num_classes,
                                          input_shape)
@@ -182,6 +245,16 @@ def run_pruning(prune_config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     compacted = _counts(state_lib.merge_model(graphdef, state))
     if (compacted['params'], compacted['macs']) != (after['params'], after['macs']):
       raise AssertionError(f'Compaction changed the counts: {after} -> {compacted}.')
+    batch = batches[0] if batches else next(
+        iter(scoring_batches() if callable(scoring_batches) else scoring_batches), None)
+    if latency_reps > 0 and batch is not None:
+      latency = compare_latency({'masked': masked, 'compacted': (graphdef, state)}, batch,
+                                preprocess, mesh, tx=tx, reps=latency_reps)
+      for kind in ('inference_ms', 'train_step_ms'):
+        if kind in latency:
+          times = latency[kind]
+          latency[kind.replace('_ms', '_speedup')] = times['masked'] / times['compacted']
+      report['latency'] = latency
   model = state_lib.merge_model(graphdef, state)
   report.update(
       channels_after=after['channels'], params_after=after['params'],
