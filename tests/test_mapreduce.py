@@ -262,3 +262,12 @@ def test_killed_run_resumes_at_its_last_round(tmp_path, monkeypatch):
   assert [r['round'] for r in report['rounds']] == [0, 1, 2, 3]
   assert int(resumed.step) == int(straight.step)
   _assert_states_close(resumed.params, straight.params, rtol=0, atol=0)
+
+
+def test_full_batch_cgmse_is_refused_with_a_fix(tmp_path):
+  config = _config(num_blocks=8, rounds_per_epoch=2)
+  config.optimizer.name = 'cgmse'
+  config.optimizer.mode = 'full_batch'
+  exp, tx, host_state = _experiment(config, tmp_path, num_devices=1)
+  with pytest.raises(ValueError, match="optimizer.mode='minibatch'"):
+    mapreduce.train(exp, host_state, tx=tx)

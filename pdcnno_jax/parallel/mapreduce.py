@@ -12,12 +12,13 @@ within it. An epoch has ``parallel.rounds_per_epoch`` rounds; round r trains the
 
 Map. The balancer's assignment gives worker k ``a_k`` of the round's blocks (worker 0 the first
 ``a_0``, worker 1 the next ``a_1``, ...). Each worker trains its own copy of the model on its
-blocks, in block order, with the configured optimizer (any optax transform or CGMSE through
-``steps.make_train_step``), in local batches of ``config.data.batch_size // process_count``
-examples, data parallel over the process's own devices. The last ``< local batch`` examples of a
-worker's share in a round are dropped (fixed shapes, one compiled step). Under an equal split
-every worker then makes about ``steps_per_epoch`` updates per epoch, as synchronous training
-does, so the learning-rate schedule built for ``num_epochs * steps_per_epoch`` steps fits.
+blocks, in block order, with the configured optimizer (any optax transform, or CGMSE in
+mini-batch mode, through ``steps.make_train_step``), in local batches of
+``config.data.batch_size // process_count`` examples, data parallel over the process's own
+devices. The last ``< local batch`` examples of a worker's share in a round are dropped
+(fixed shapes, one compiled step). Under an equal split every worker then makes about
+``steps_per_epoch`` updates per epoch, as synchronous training does, so the learning-rate
+schedule built for ``num_epochs * steps_per_epoch`` steps fits.
 
 Reduce. Parameters, the non-parameter model state (BatchNorm statistics, masks) and the
 floating optimizer state (momentum, Adam moments, CG directions) are averaged over the workers
@@ -255,11 +256,12 @@ def speedup_report(rounds: list[dict[str, Any]]) -> dict[str, Any]:
   """Speed-up ratio S = T_1 / T_p over the given rounds.
 
   T_p is the measured parallel time: the sum over rounds of the round's wall time (Map, with
-  the host-side batch preparation, and Reduce, on the slowest process). T_1, the time one node would need for the same work, is estimated from the
-  same run as the examples trained by all workers divided by the throughput of the fastest
-  worker (examples per busy second over all rounds), i.e. a single node as fast as the
-  fastest one trains everything alone, with no Reduce. Also reported: the ideal speed-up of
-  a perfectly balanced assignment, sum_k speed_k / max_k speed_k, and the efficiency S / K.
+  the host-side batch preparation, and Reduce, on the slowest process). T_1, the time one node
+  would need for the same work, is estimated from the same run as the examples trained by all
+  workers divided by the throughput of the fastest worker (examples per busy second over all
+  rounds), i.e. a single node as fast as the fastest one trains everything alone, with no
+  Reduce. Also reported: the ideal speed-up of a perfectly balanced assignment,
+  sum_k speed_k / max_k speed_k, and the efficiency S / K.
 
   Args:
     rounds: `round_report` dicts.
@@ -433,8 +435,8 @@ def train(exp: 'trainer.Experiment', state: state_lib.TrainState, *, tx,
     (per-round figures, speed-up).
 
   Raises:
-    ValueError: a streaming data set, or Split settings that do not fit (see
-      `make_block_plan`, `local_batch_size`).
+    ValueError: a streaming data set, full-batch CGMSE, or Split settings that do not fit
+      (see `make_block_plan`, `local_batch_size`).
     trainer.NonFiniteLossError: the averaged loss of a round is NaN/inf.
   """
   from pdcnno_jax.train import trainer  # pylint: disable=g-import-not-at-top  # Import cycle.
@@ -446,6 +448,11 @@ def train(exp: 'trainer.Experiment', state: state_lib.TrainState, *, tx,
         f'parallel.mode=mapreduce needs an in-memory data set to cut into blocks; '
         f'{exp.dataset.name} is streamed. Set config.data.in_memory=True (or use '
         "parallel.mode='sync' for streamed data sets).")
+  if config.optimizer.name == 'cgmse' and config.optimizer.mode == 'full_batch':
+    raise ValueError(
+        "parallel.mode=mapreduce trains in local mini-batches; CGMSE's full_batch mode is not "
+        "supported there. Set config.optimizer.mode='minibatch' (or parallel.mode='sync' "
+        'for full-batch CGMSE).')
   num_workers, me = jax.process_count(), jax.process_index()
   devices = _local_devices(exp.mesh)
   local_mesh = sharding_lib.make_mesh(devices)
@@ -534,7 +541,8 @@ def train(exp: 'trainer.Experiment', state: state_lib.TrainState, *, tx,
           'num_workers': num_workers, 'blocks_per_round': plan.blocks_per_round}
       exp.stage_reports[REPORT_KEY] = {'rounds': rounds}
       global_state = global_state or to_global(local_state, exp.mesh)
-      trainer._save(exp, checkpointer, global_state, phase='mapreduce')  # pylint: disable=protected-access
+      # pylint: disable-next=protected-access
+      trainer._save(exp, checkpointer, global_state, phase='mapreduce')
       last_saved_step = step
 
   report = {
