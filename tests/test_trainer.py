@@ -126,3 +126,30 @@ def test_missing_dataset_names_the_fix(tmp_path):
   assert result.returncode == 3
   assert 'pdcnno_jax.data.idx_import' in result.stderr
   assert 'Traceback' not in result.stderr
+
+
+def test_init_and_pruning_stages_then_resume_rebuilds_compacted_model(data_dir, tmp_path):
+  workdir = str(tmp_path / 'stages')
+  config = tiny_config(data_dir, num_epochs=1)
+  config.model.name = 'lenet5_caffe'
+  config.init.method = 'ifas'
+  config.init.swarm_size = 4
+  config.init.generations = 2
+  config.init.sgd_steps = 2
+  config.prune.method = 'fmp'
+  config.prune.pretrain_fraction = 0.5
+  config.prune.selection = 'global_macs'
+  config.prune.target_mac_reduction = 4.0
+  report = trainer.train_and_evaluate(config, workdir)
+  prune = report['prune']
+  assert prune['compacted'] and prune['mac_reduction'] >= 4.0
+  assert report['model']['macs'] == prune['macs_after'] < prune['macs_before']
+  assert min(prune['channels_after'].values()) >= config.prune.min_channels
+  assert report['init']['gradient_steps'] == 4 * 2 * 2
+  assert report['wall_time_s']['init'] > 0 and report['wall_time_s']['prune'] > 0
+  # A second run in the same workdir resumes: it must rebuild the narrower architecture
+  # from the checkpoint metadata (not re-run the stages) and evaluate to the same result.
+  again = trainer.train_and_evaluate(config, workdir)
+  assert again['resumed_from_step'] == report['steps']
+  assert again['test'] == report['test']
+  assert again['model']['macs'] == report['model']['macs']

@@ -395,8 +395,130 @@ def _eval_split(exp: Experiment) -> str:
 
 def _run_stages(exp: Experiment, state: state_lib.TrainState, tx,
                 checkpointer: checkpointing.Checkpointer):
-  """Init and pruning stages on a fresh run; returns the state and optimizer to train."""
+  """Init and pruning stages of a fresh run; returns the state and optimizer to train.
+
+  The stages never checkpoint mid-way (they are deterministic and re-run after a kill);
+  their result is saved at step 0 with the architecture and the stage reports, so a resume
+  after that point skips them.
+  """
+  config = exp.config
+  if config.init.method != 'he':
+    with exp.timer.phase('init'):
+      state = _initialise(exp, state, tx)
+  if config.prune.method != 'none':
+    with exp.timer.phase('prune'):
+      state = _prune(exp, state)
+    # The compacted model is a new parameter tree: fresh optimizer state, step 0.
+    state = state.replace(step=jnp.zeros((), jnp.int32), opt_state=tx.init(state.params))
+    state = sharding_lib.replicate(state, exp.mesh)
+  if config.init.method != 'he' or config.prune.method != 'none':
+    _save(exp, checkpointer, state, phase='stages')
   return state, tx
+
+
+def _first_batches(exp: Experiment, count: int, *, seed_offset: int) -> list[dict[str, Any]]:
+  """The first ``count`` training batches of a seeded order distinct from training's."""
+  batches = []
+  epoch = 0
+  while len(batches) < count:
+    for batch in input_pipeline.train_batches(
+        exp.dataset, global_batch_size=exp.global_batch_size, epoch=epoch,
+        seed=exp.config.seed + seed_offset, sharding=sharding_lib.batch_sharded(exp.mesh)):
+      batches.append(batch)
+      if len(batches) == count:
+        break
+    epoch += 1
+  return batches
+
+
+def _initialise(exp: Experiment, state: state_lib.TrainState, tx) -> state_lib.TrainState:
+  """IFAS / GSO / LSUV starting point (MR-FPDCNN's IFAS); its cost goes in the report."""
+  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.init import ifas, lsuv
+  method = exp.config.init.method
+  module = lsuv if method == 'lsuv' else ifas
+  batches = _first_batches(exp, max(1, module.num_batches_needed(exp.config.init)),
+                           seed_offset=1)
+  params, init_report = module.initialize(
+      exp.config.init, exp.graphdef, state, batches, exp.preprocess, exp.mesh,
+      jax.random.key(exp.config.seed))
+  exp.stage_reports['init'] = init_report
+  metrics_lib.log_line(f'[init] {method}: {init_report.get("gradient_steps", 0)} gradient '
+                       f'steps charged, {init_report.get("wall_time_s", 0):.1f} s.')
+  return state.replace(params=params, opt_state=tx.init(params))
+
+
+def _pretraining_subset(exp: Experiment) -> input_pipeline.Dataset:
+  """A random ``prune.pretrain_fraction`` of the training split (PDCNNO's pre-training)."""
+  dataset = exp.dataset
+  if not dataset.in_memory:
+    raise ValueError('Pruning pre-trains on a random subset of the training split, which '
+                     'needs an in-memory data set (config.data.in_memory=True).')
+  train = dataset.host_splits['train']
+  count = max(exp.global_batch_size,
+              int(round(exp.config.prune.pretrain_fraction * len(train.labels))))
+  rng = np.random.default_rng([exp.config.seed, 0x70726574])  # 'pret'
+  index = np.sort(rng.choice(len(train.labels), size=min(count, len(train.labels)),
+                             replace=False))
+  subset = input_pipeline.HostSplit(images=train.images[index], labels=train.labels[index])
+  return dataclasses.replace(
+      dataset, host_splits={**dataset.host_splits, 'train': subset},
+      num_examples={**dataset.num_examples, 'train': int(index.size)})
+
+
+def _prune(exp: Experiment, state: state_lib.TrainState) -> state_lib.TrainState:
+  """Pre-train on a random subset, score, mask, optionally compact (FMP / FMPTL)."""
+  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.pruning import compaction, stage
+  config = exp.config
+  eval_split = _eval_split(exp)
+  subset = _pretraining_subset(exp)
+  pretrain_steps = config.prune.pretrain_epochs * input_pipeline.steps_per_epoch(
+      subset, 'train', exp.global_batch_size)
+  pretrain_tx = optim_factory.build_optimizer(
+      config.optimizer, total_steps=max(1, pretrain_steps),
+      steps_per_epoch=max(1, pretrain_steps // max(1, config.prune.pretrain_epochs)))
+  state = state.replace(opt_state=pretrain_tx.init(state.params))
+  start = time.perf_counter()
+  state = train_epochs(exp, state, tx=pretrain_tx, num_epochs=config.prune.pretrain_epochs,
+                       dataset=subset, phase='prune_pretrain', log_prefix='pretrain')
+  pretrain_seconds = time.perf_counter() - start
+  dense_eval = evaluate(exp, state, eval_split)
+
+  def finetune(graphdef, pruned_state, epochs):
+    exp.graphdef = graphdef
+    finetune_tx = exp.build_optimizer(num_epochs=epochs)
+    pruned_state = pruned_state.replace(step=jnp.zeros((), jnp.int32),
+                                        opt_state=finetune_tx.init(pruned_state.params))
+    return train_epochs(exp, sharding_lib.replicate(pruned_state, exp.mesh),
+                        tx=finetune_tx, num_epochs=epochs, phase='prune_finetune',
+                        log_prefix='finetune')
+
+  scoring = lambda: input_pipeline.train_batches(
+      exp.dataset, global_batch_size=exp.global_batch_size, epoch=0, seed=config.seed + 2,
+      sharding=sharding_lib.batch_sharded(exp.mesh))
+  graphdef, state, prune_report = stage.run_pruning(
+      config.prune, exp.graphdef, state, scoring, exp.preprocess, exp.mesh, config.model,
+      exp.dataset.num_classes, exp.dataset.image_shape, finetune_fn=finetune,
+      seed=config.seed)
+  exp.graphdef = graphdef
+  state = sharding_lib.replicate(state, exp.mesh)
+  model = state_lib.merge_model(graphdef, jax.device_get(state))
+  if prune_report.get('compacted'):
+    exp.model_overrides = _restore_overrides(compaction.architecture_kwargs(model))
+  pruned_eval = evaluate(exp, state, eval_split)
+  prune_report.update({
+      'pretrain_seconds': pretrain_seconds,
+      'pretrain_examples': subset.num_examples['train'],
+      f'{eval_split}_before_pruning': dense_eval,
+      f'{eval_split}_after_pruning_before_finetuning': pruned_eval,
+  })
+  exp.stage_reports['prune'] = prune_report
+  metrics_lib.log_line(
+      f'[prune] {config.prune.method}: MACs {prune_report.get("macs_before")} -> '
+      f'{prune_report.get("macs_after")}; {eval_split} accuracy {dense_eval["accuracy"]:.4f}'
+      f' -> {pruned_eval["accuracy"]:.4f} before fine-tuning.')
+  return state
 
 
 def _run_parallel_mode(exp: Experiment, state: state_lib.TrainState, tx,
