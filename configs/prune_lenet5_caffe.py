@@ -1,0 +1,37 @@
+"""FMP pruning of LeNet-5 (Caffe variant, conv widths 20-50) on Fashion-MNIST to 4x fewer MACs.
+
+PDCNNO's compression stage: pre-train the dense model on a random 10% of the training set for
+one epoch, score every feature map by its mean L1 norm (FMP), remove the lowest-scoring maps
+until the network needs 4x fewer multiply-accumulates (global budget, every layer keeps at
+least two maps, the classifier is never pruned), compact it into a narrower dense network and
+train that for ``num_epochs`` epochs.
+
+  python -m pdcnno_jax.main --config=configs/prune_lenet5_caffe.py --workdir=workdirs/prune_fmp
+
+FMPTL (MR-FPDCNN's Taylor-loss scores) instead of FMP, or random scores as the baseline:
+
+  python -m pdcnno_jax.main --config=configs/prune_lenet5_caffe.py --workdir=workdirs/prune_fmptl \
+      --config.prune.method=fmptl
+
+Expected result (issue #3 bar): >= 4x fewer MACs, >= 2.5x faster inference of the compacted
+model, test accuracy within 1 percentage point of the dense LeNet-5 Caffe trained for the same
+10 epochs. ``benchmarks/bench_pruning_accuracy.py`` runs the dense baseline and fmp / fmptl /
+random side by side and prints the measured figures.
+"""
+
+from pdcnno_jax import config_lib
+
+
+def get_config():
+  """FMP / LeNet-5 Caffe / Fashion-MNIST config."""
+  config = config_lib.sibling_config(__file__, 'default')
+  config.model.name = 'lenet5_caffe'
+  config.prune.method = 'fmp'
+  config.prune.pretrain_fraction = 0.1
+  config.prune.pretrain_epochs = 1
+  config.prune.selection = 'global_macs'
+  config.prune.target_mac_reduction = 4.0
+  config.prune.min_channels = 2
+  config.prune.compact = True
+  config.num_epochs = 10
+  return config
