@@ -114,6 +114,18 @@ def evaluate(exp: Experiment, state: state_lib.TrainState, split: str,
           'accuracy': float(totals['correct']) / count}
 
 
+def _evaluate_and_log(exp: Experiment, state: state_lib.TrainState, split: str,
+                      eval_step: Callable, *, step: int, label: str) -> dict[str, float]:
+  """Evaluates on ``split``, logs one line and writes the metrics at ``step``."""
+  with exp.timer.phase('eval'):
+    result = evaluate(exp, state, split, eval_step)
+  metrics_lib.log_line(f'{label} {split}: loss={result["loss"]:.4f} '
+                       f'accuracy={result["accuracy"]:.4f}')
+  if exp.writer:
+    exp.writer.write(step, result, prefix=split)
+  return result
+
+
 def train_epochs(exp: Experiment, state: state_lib.TrainState, *,
                  tx, num_epochs: float, dataset: input_pipeline.Dataset | None = None,
                  checkpointer: checkpointing.Checkpointer | None = None,
@@ -188,12 +200,8 @@ def train_epochs(exp: Experiment, state: state_lib.TrainState, *,
         _save(exp, checkpointer, state, phase=log_prefix)
     epoch += 1
     if eval_split and (epoch % config.eval_every_epochs == 0 or step >= total_steps):
-      with exp.timer.phase('eval'):
-        result = evaluate(exp, state, eval_split, eval_step)
-      metrics_lib.log_line(f'[{log_prefix}] epoch {epoch} {eval_split}: '
-                           f'loss={result["loss"]:.4f} accuracy={result["accuracy"]:.4f}')
-      if exp.writer:
-        exp.writer.write(step, result, prefix=eval_split)
+      _evaluate_and_log(exp, state, eval_split, eval_step, step=step,
+                        label=f'[{log_prefix}] epoch {epoch}')
     if checkpointer:
       _save(exp, checkpointer, state, phase=log_prefix)
   return state
@@ -245,12 +253,8 @@ def train_full_batch(exp: Experiment, state: state_lib.TrainState, *, tx, num_ep
       exp.writer.write(step, {**values, **rates}, prefix='train')
     if step % iterations == 0 or step == total:
       if eval_split:
-        with exp.timer.phase('eval'):
-          result = evaluate(exp, state, eval_split, eval_step)
-        metrics_lib.log_line(f'[cgmse full batch] iteration {step} {eval_split}: '
-                             f'accuracy={result["accuracy"]:.4f}')
-        if exp.writer:
-          exp.writer.write(step, result, prefix=eval_split)
+        _evaluate_and_log(exp, state, eval_split, eval_step, step=step,
+                          label=f'[cgmse full batch] iteration {step}')
       if checkpointer:
         _save(exp, checkpointer, state, phase='train')
   return state
