@@ -320,8 +320,9 @@ def initialize(init_config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
       search starts from, ``state.model_state`` the masks / BatchNorm / RNG state.
     batches: at least :func:`num_batches_needed` training batches
       (``{'image': uint8 NHWC, 'label': int32}``, all the same shape, global batch divisible
-      by the mesh size): the first ``sgd_steps`` for the SGD steps, the next one held out
-      for the fitness. Extra batches are ignored. Not used by ``'he'``.
+      by the mesh size; host arrays in a single process, or global ``jax.Array`` s as the
+      input pipeline yields them): the first ``sgd_steps`` for the SGD steps, the next one
+      held out for the fitness. Extra batches are ignored. Not used by ``'he'``.
     preprocess: maps uint8 images to the model's float input (runs inside jit). Pass the
       same function object on every call to reuse the compilation.
     mesh: the data-parallel mesh (``'data'`` axis); parameters are replicated and batches
