@@ -20,7 +20,8 @@ snapshots is evaluated after the run, so evaluation does not perturb the timing.
       that), for LeNet-5 and for VGG-11 at width 0.25 (BatchNorm) on 28x28, no slowdown.
   (d) with --curves: accuracy against wall time for s in {0, 1, 2, 3, inf} under (a)'s load.
 
-Batch: (a), (b), (d) use a global batch of 512 (128 per worker; learning rate 0.1) so that a
+Batch: (a), (b), (d) use a global batch of 512 (128 per worker; learning rate 0.05 after a
+0.25-epoch linear warm-up: 0.1 without warm-up collapsed to chance in one run) so that a
 step's compute is not dwarfed by the fixed cost of moving a 242 KiB update through the store on
 this shared 2-core machine; (c) uses 32 per worker (the default global batch of 128), where the
 overhead is largest. Wall times are measured from the common start of the clocks (after
@@ -43,19 +44,25 @@ _REPO = os.path.dirname(_HERE)
 _NUM_WORKERS = 4
 
 
-def _scenarios(curves: bool) -> list[dict]:
-  """(name, config overrides) of every run, in order."""
-  lenet = {'data.batch_size': 512, 'optimizer.learning_rate': 0.1,
-           'optimizer.schedule': 'constant'}
+def _scenarios(curves: bool, repeats: int = 1, only: str = 'abc') -> list[tuple[str, dict]]:
+  """(name, config overrides) of every run, in order.
+
+  (a) runs its pair `repeats` times in ABBA order (s=0, s=3, s=3, s=0, ...), so that a drift of
+  the machine's load over the job weighs on both settings alike.
+  """
+  lenet = {'data.batch_size': 512, 'optimizer.learning_rate': 0.05,
+           'optimizer.warmup_epochs': 0.25, 'optimizer.schedule': 'constant'}
   transient = {**lenet, 'num_epochs': 3, 'parallel.straggler_probability': 0.1,
                'parallel.straggler_factor': 4.0, 'parallel.ssp_eval_every_steps': 20}
   persistent = {**lenet, 'num_epochs': 1, 'parallel.slowdown': '1,1,1,4',
                 'parallel.ssp_warmup_steps': 10, 'parallel.ssp_eval_every_steps': 40}
   overhead = {'num_epochs': 1, 'data.batch_size': 128, 'parallel.staleness': 3,
               'train_subset': 8192, 'parallel.ssp_eval_every_steps': 1000}
-  runs = [
-      ('a_s0', {**transient, 'parallel.staleness': 0}),
-      ('a_s3', {**transient, 'parallel.staleness': 3}),
+  runs = []
+  for r in range(repeats):
+    for s in ((0, 3) if r % 2 == 0 else (3, 0)):
+      runs.append((f'a_s{s}_r{r}', {**transient, 'parallel.staleness': s}))
+  runs += [
       ('b_s3_equal', {**persistent, 'parallel.staleness': 3}),
       ('b_s3_proportional', {**persistent, 'parallel.staleness': 3,
                              'parallel.ssp_batch_balancer': 'proportional'}),
@@ -66,7 +73,7 @@ def _scenarios(curves: bool) -> list[dict]:
   ]
   if curves:
     runs += [(f'd_s{s}', {**transient, 'parallel.staleness': s}) for s in (1, 2, -1)]
-  return runs
+  return [(name, overrides) for name, overrides in runs if name[0] in only + 'd']
 
 
 # --- Worker (one process of the job) ------------------------------------------------------------
@@ -99,7 +106,7 @@ def _worker(args) -> None:
   exp = trainer.setup(base, os.path.join(args.out_dir, 'setup'))
   full = exp.dataset
   results = {}
-  for name, overrides in _scenarios(args.curves):
+  for name, overrides in _scenarios(args.curves, args.repeats, args.only):
     config = base.copy_and_resolve_references()
     overrides = dict(overrides)
     subset = overrides.pop('train_subset', None)
@@ -145,35 +152,57 @@ def _print_results(results: dict, load_before, load_after) -> None:
   print(f'load average before: {load_before}, after: {load_after} (2 cores, shared)')
   final = {n: r['accuracy_vs_time'][-1]['accuracy'] for n, r in results.items()}
 
-  print('\n(a) transient stragglers (p = 0.1, 4x), 3 epochs, global batch 512:')
-  a0, a3 = results['a_s0'], results['a_s3']
-  threshold, reached = _common_threshold([a0['accuracy_vs_time'], a3['accuracy_vs_time']], 0.85)
-  t0, t3 = _time_to(a0['accuracy_vs_time'], threshold), _time_to(a3['accuracy_vs_time'],
-                                                                  threshold)
-  for name, t in (('s=0', t0), ('s=3', t3)):
-    r = results['a_s' + name[-1]]
-    print(f'  {name}: time to {100 * threshold:.1f}% {t:.1f}s, run wall {r["wall_s"]:.1f}s, '
-          f'final accuracy {100 * final["a_s" + name[-1]]:.2f}%, waits '
-          f'{[round(w, 1) for w in r["wait_s"]]}s, transient steps '
-          f'{[w["transient_steps"] for w in r["per_worker"]]}')
-  note = '' if reached else ' (85% not reached by both runs; highest common threshold)'
-  print(f'  time-to-{100 * threshold:.1f}% ratio s=3 / s=0: {t3 / t0:.3f} (bar <= 0.75){note}')
-  print(f'  run wall-time ratio s=3 / s=0: {a3["wall_s"] / a0["wall_s"]:.3f}')
-  print(f'  final accuracy s=3 - s=0: {100 * (final["a_s3"] - final["a_s0"]):+.2f} pp '
-        '(bar: within 1 pp)')
-  print(f'  applied staleness s=3: {a3["applied_staleness_histogram"]}; max view staleness '
-        f'{a3["max_view_staleness"]}')
+  pairs = sorted({n.rsplit('_r', 1)[1] for n in results if n.startswith('a_s')})
+  if pairs:
+    print('\n(a) transient stragglers (p = 0.1, 4x), 3 epochs, global batch 512:')
+    runs = {(s, r): results[f'a_s{s}_r{r}'] for s in (0, 3) for r in pairs
+            if f'a_s{s}_r{r}' in results}
+    threshold, reached = _common_threshold([x['accuracy_vs_time'] for x in runs.values()],
+                                           0.85)
+    times = {}
+    for (s, r), x in sorted(runs.items(), key=lambda kv: kv[0][::-1]):
+      t = times[s, r] = _time_to(x['accuracy_vs_time'], threshold)
+      loop = max(w['loop_s'] for w in x['per_worker'])
+      busy = sum(w['busy_s'] for w in x['per_worker']) / len(x['per_worker'])
+      wait = sum(x['wait_s']) / len(x['wait_s'])
+      last3 = sum(p['accuracy'] for p in x['accuracy_vs_time'][-3:]) / 3
+      print(f'  repeat {r} s={s}: time to {100 * threshold:.1f}% {t:.1f}s, run wall '
+            f'{x["wall_s"]:.1f}s, final accuracy {100 * final[f"a_s{s}_r{r}"]:.2f}% (mean of '
+            f'last 3 points {100 * last3:.2f}%), mean busy {busy:.1f}s, mean wait {wait:.1f}s '
+            f'({100 * wait / loop:.0f}% of the loop)')
+    note = '' if reached else ' (85% not reached by every run: highest common threshold)'
+    for r in pairs:
+      if (0, r) in times and (3, r) in times:
+        print(f'  repeat {r}: time-to-{100 * threshold:.1f}% ratio s=3 / s=0 '
+              f'{times[3, r] / times[0, r]:.3f}, wall ratio '
+              f'{runs[3, r]["wall_s"] / runs[0, r]["wall_s"]:.3f}, final accuracy s=3 - s=0 '
+              f'{100 * (final[f"a_s3_r{r}"] - final[f"a_s0_r{r}"]):+.2f} pp')
+    both = [r for r in pairs if (0, r) in times and (3, r) in times]
+    if both:
+      ratio = sum(times[3, r] for r in both) / sum(times[0, r] for r in both)
+      print(f'  over {len(both)} repeat(s): time-to-{100 * threshold:.1f}% ratio s=3 / s=0 '
+            f'{ratio:.3f} (bar <= 0.75){note}; final accuracy difference (bar: within 1 pp) '
+            'per repeat above')
+      x3 = runs[3, both[0]]
+      print(f'  applied staleness s=3: {x3["applied_staleness_histogram"]}; max view '
+            f'staleness {x3["max_view_staleness"]}')
 
-  print('\n(b) persistent straggler (worker 3 always 4x slower), 1 epoch, global batch 512:')
-  base = results['b_s0_equal']['wall_s']
+  if 'b_s0_equal' in results:
+    print('\n(b) persistent straggler (worker 3 always 4x slower), 1 epoch, global batch 512:')
   for name in ('b_s0_equal', 'b_s3_equal', 'b_s3_proportional'):
+    if name not in results:
+      continue
+    base = results['b_s0_equal']['wall_s']
     r = results[name]
     print(f'  {name:18s} wall {r["wall_s"]:6.1f}s ({r["wall_s"] / base:.3f}x of s=0 equal), '
           f'final accuracy {100 * final[name]:.2f}%, batches {r["batch_sizes"]}, waits '
           f'{[round(w, 1) for w in r["wait_s"]]}s')
 
-  print('\n(c) per-step coordination overhead, 32 examples per worker, no slowdown, s = 3:')
+  if 'c_lenet5' in results:
+    print('\n(c) per-step coordination overhead, 32 examples per worker, no slowdown, s = 3:')
   for name in ('c_lenet5', 'c_vgg11_w0.25'):
+    if name not in results:
+      continue
     r = results[name]
     row = r['per_worker'][0]
     steps = max(row['steps'], 1)
@@ -183,9 +212,9 @@ def _print_results(results: dict, load_before, load_after) -> None:
           f'{1000 * r["coordination_s_per_step"]:.1f} ms of a {1000 * r["step_s"]:.1f} ms step '
           f'= {100 * r["coordination_fraction"]:.1f}% (worker 0: publish {publish_ms:.1f} ms, '
           f'pull without waits {pull_ms:.1f} ms)')
-  for name in ('a_s0', 'a_s3'):
-    r = results[name]
-    print(f'  (lenet5, 128 per worker, {name}: {100 * r["coordination_fraction"]:.1f}%)')
+  for name in sorted(n for n in results if n.startswith('a_')):
+    print(f'  (lenet5, 128 per worker, {name}: '
+          f'{100 * results[name]["coordination_fraction"]:.1f}%)')
 
   curves = [n for n in results if n.startswith('d_') or n.startswith('a_')]
   print('\n(d) test accuracy vs wall time (worker 0), transient stragglers:')
@@ -206,6 +235,8 @@ def main() -> None:
   parser.add_argument('--data_dir', default=os.path.join(_REPO, 'data', 'tfds'))
   parser.add_argument('--out_dir', default='/tmp/bench_ssp_training')
   parser.add_argument('--curves', action='store_true', help='also s = 1, 2, inf (d)')
+  parser.add_argument('--repeats', type=int, default=1, help='(a) pairs, in ABBA order')
+  parser.add_argument('--only', default='abc', help='scenario letters to run, e.g. a')
   parser.add_argument('--timeout_s', type=float, default=3600)
   parser.add_argument('--process_id', type=int, default=None, help=argparse.SUPPRESS)
   parser.add_argument('--coordinator_address', default=None, help=argparse.SUPPRESS)
@@ -223,7 +254,8 @@ def main() -> None:
   for pid in range(_NUM_WORKERS):
     cmd = [sys.executable, os.path.abspath(__file__), f'--process_id={pid}',
            f'--coordinator_address={address}', f'--data_dir={args.data_dir}',
-           f'--out_dir={args.out_dir}'] + (['--curves'] if args.curves else [])
+           f'--out_dir={args.out_dir}', f'--repeats={args.repeats}', f'--only={args.only}'
+           ] + (['--curves'] if args.curves else [])
     log = open(os.path.join(args.out_dir, f'log{pid}.txt'), 'w')
     procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
   start = time.monotonic()

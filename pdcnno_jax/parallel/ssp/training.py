@@ -54,13 +54,16 @@ acknowledges (`SSPWorker.commit`) what the checkpoint holds. A killed worker tha
 again with the same process id loads its newest checkpoint, rejoins the running job at its last
 published clock (re-applying its own updates published after the checkpoint, which the store
 keeps for it; its optimizer state resumes as checkpointed) and continues; a worker killed before
-its first checkpoint rejoins from the initial state. Meanwhile the survivors drop it from the staleness bound after
-``parallel.heartbeat_timeout_s`` and keep going. The store holds the updates not yet
-acknowledged by every worker, up to about K * checkpoint_every_steps payloads: keep the interval
-modest. When the whole job starts again (e.g. after process 0, which hosts the store, died), the
-store is empty and the workers' checkpoints are at different clocks with no consistent cut, so
-SSP training starts again from the trainer's state (the per-worker checkpoints are discarded
-with a warning).
+its first checkpoint rejoins from the initial state. Meanwhile the survivors drop it from the
+staleness bound after ``parallel.heartbeat_timeout_s`` and keep going. The store holds the
+updates not yet acknowledged by every worker, up to about K * checkpoint_every_steps payloads:
+keep the interval modest. (Caveat: in ``train_and_evaluate`` a restarted process also meets the
+trainer's collectives, the orbax checkpointer's creation and the final evaluation on the global
+mesh, which a restarted CPU process cannot join, its gloo keys being taken; the rejoin is tested
+by calling `train` directly, tests/test_ssp_training.py.) When the whole job starts again (e.g.
+after process 0, which hosts the store, died), the store is empty and the workers' checkpoints
+are at different clocks with no consistent cut, so SSP training starts again from the trainer's
+state (the per-worker checkpoints are discarded with a warning).
 
 Report (``report.json`` under ``'ssp'``): per worker its clock, steps, examples, busy (compute
 plus simulated slowdown) and wait seconds, throughput, publish/pull times, payload bytes and
