@@ -113,7 +113,7 @@ def test_compacting_a_train_state_continues_training_identically():
   """Momentum is sliced with the parameters: one more step gives the same model."""
   config, input_shape = CASES['lenet5_caffe_28']
   graphdef, state = _pruned(config, input_shape, seed=1)
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(jax.devices()[:1])
   rng = np.random.default_rng(0)
   batches = [{'image': rng.integers(0, 256, (8,) + input_shape, dtype=np.uint8),
               'label': rng.integers(0, 10, 8).astype(np.int32)} for _ in range(2)]
@@ -209,8 +209,8 @@ def test_run_pruning_iterative_with_compaction(method):
   timed = method == 'fmp'  # Latency of masked vs compacted: once is enough.
   new_graphdef, new_state, report = stage.run_pruning(
       _prune_config(method=method, iterations=3, finetune_epochs=2, target_mac_reduction=2.0),
-      graphdef, state, batches, preprocess, sharding.make_mesh(), model_config, 10,
-      input_shape, finetune_fn=finetune_fn, tx=_tx() if timed else None,
+      graphdef, state, batches, preprocess, sharding.make_mesh(jax.devices()[:1]),
+      model_config, 10, input_shape, finetune_fn=finetune_fn, tx=_tx() if timed else None,
       latency_reps=2 if timed else 0)
 
   assert len(consumed) == 2  # 16 examples = two batches of 8, reused by every round.

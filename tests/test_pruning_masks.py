@@ -20,6 +20,10 @@ def preprocess(images):
   return images.astype(jnp.float32) / 255.0
 
 
+def _mesh():
+  return sharding.make_mesh(jax.devices()[:1])
+
+
 def _tx():
   # Coupled weight decay + momentum: the case where stale momentum or decay could revive
   # pruned weights.
@@ -105,7 +109,7 @@ MODELS = {
 
 def test_apply_masks_writes_masks_and_zeros_weights_and_momentum():
   graphdef, state = _build('lenet5_caffe', (28, 28, 1), width_multiplier=0.1)
-  train_step = steps.make_train_step(graphdef, _tx(), preprocess, sharding.make_mesh(),
+  train_step = steps.make_train_step(graphdef, _tx(), preprocess, _mesh(),
                                      donate=False)
   state, _ = train_step(state, _batch((28, 28, 1), 0))  # Nonzero momentum.
   masked = masking.apply_masks(graphdef, state, {'conv2': np.array([0, 1, 1, 0, 1.])})
@@ -132,7 +136,7 @@ def test_apply_masks_writes_masks_and_zeros_weights_and_momentum():
 def test_pruned_maps_stay_zero_through_training(which):
   (name, shape), kwargs, masks = MODELS[which]
   graphdef, state = _build(name, shape, **kwargs)
-  train_step = steps.make_train_step(graphdef, _tx(), preprocess, sharding.make_mesh())
+  train_step = steps.make_train_step(graphdef, _tx(), preprocess, _mesh())
   try:
     state, _ = train_step(state, _batch(shape, 0))
   except flax.errors.TraceContextError:

@@ -357,7 +357,7 @@ def test_get_scorer():
 def test_scores_are_the_same_on_one_and_eight_devices():
   graphdef, state = _lenet(seed=2)
   state = masking.apply_masks(graphdef, state, {'conv2': np.array([1, 1, 1, 0, 1.])})
-  batches = _batches(2, 16, seed=3, pad_last=5)
+  batches = _batches(2, 8, seed=3, pad_last=5)
   mesh8 = sharding.make_mesh()
   assert mesh8.devices.size == 8
   for scorer in (scorers.fmp, scorers.fmptl):

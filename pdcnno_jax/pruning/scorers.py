@@ -193,7 +193,12 @@ def _scoring_batch(batch: Batch, mesh: Mesh) -> dict[str, Any]:
     raise ValueError(f'A scoring batch of {size} examples does not split over the {devices} '
                      f'devices of the mesh; use a batch size divisible by {devices} (pad with '
                      "batch['mask'] = 0 for the padding examples).")
-  return {key: batch[key] for key in ('image', 'label', 'mask') if key in batch}
+  batch = {key: batch[key] for key in ('image', 'label', 'mask') if key in batch}
+  if 'mask' not in batch:  # One batch structure, one compilation, padded or not.
+    labels = batch['label']
+    batch['mask'] = (jnp.ones_like(labels, jnp.float32) if isinstance(labels, jax.Array)
+                     else np.ones(np.shape(labels), np.float32))
+  return batch
 
 
 def _accumulate(sums_fn: Callable[..., dict[str, jax.Array]], graphdef: nnx.GraphDef,
