@@ -22,6 +22,7 @@ import time
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -42,8 +43,9 @@ _DATA_METHODS = ('fmp', 'fmptl')
 
 
 def _batch_examples(batch: Batch) -> int:
+  """Real examples in a batch (``batch['mask']`` marks padding), global arrays included."""
   if 'mask' in batch:
-    return int(np.asarray(batch['mask']).sum())
+    return int(round(float(jnp.sum(batch['mask']))))
   return int(np.shape(batch['label'])[0])
 
 
