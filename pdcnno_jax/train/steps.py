@@ -40,7 +40,9 @@ def cross_entropy(logits: jax.Array, labels: jax.Array,
 def apply_model(graphdef: nnx.GraphDef, params: nnx.State, model_state: nnx.State,
                 images: jax.Array, *, train: bool) -> tuple[jax.Array, nnx.State]:
   """Runs the model; returns logits and the updated non-param state (BatchNorm stats)."""
-  model = nnx.merge(graphdef, params, model_state)
+  # copy=True: the model owns fresh variables, so training-mode BatchNorm may update its
+  # statistics even when params / model_state are tracers from an enclosing jax.grad.
+  model = nnx.merge(graphdef, params, model_state, copy=True)
   logits = model(images, train=train)
   _, _, new_model_state = nnx.split(model, nnx.Param, ...)
   return logits, new_model_state
