@@ -1,4 +1,4 @@
-"""Synthetic, learnable data sets for tests and examples (no download, seconds to build).
+"""Test helpers: synthetic learnable data sets and quickly initialised models.
 
 ``make_idx_dataset`` writes IDX files shaped like MNIST / Fashion-MNIST whose classes are
 easy to tell apart (each class lights a different patch, plus noise), then imports them
@@ -11,7 +11,12 @@ from __future__ import annotations
 import gzip
 import os
 
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from flax import nnx
+
+from pdcnno_jax.models import factory
 
 
 def _write_idx(path: str, array: np.ndarray) -> None:
@@ -63,3 +68,36 @@ def make_idx_dataset(data_dir: str, *, name: str = 'fashion_mnist', num_train: i
     _write_idx(os.path.join(src, f'{prefix}-labels-idx1-ubyte.gz'), labels)
   idx_import.import_idx(name, src, data_dir)
   return data_dir
+
+
+def random_model(config: ml_collections.ConfigDict, input_shape: tuple[int, int, int],
+                 seed: int = 0, num_classes: int = 10) -> nnx.Module:
+  """``factory.build_model`` with random numpy weights, skipping its (slow, eager) initialisers.
+
+  Kernels ~ N(0, 2 / fan_in), biases ~ N(0, 0.1^2), BatchNorm scales ~ U(0.5, 1.5), running
+  means ~ N(0, 1) and variances ~ U(0.5, 2) (so inference mode uses non-trivial statistics).
+  """
+  abstract = nnx.eval_shape(lambda: factory.build_model(
+      config, num_classes=num_classes, input_shape=input_shape, rngs=nnx.Rngs(0)))
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  rng = np.random.default_rng(seed)
+
+  def init(path, leaf):
+    shape, name = leaf.shape, path[-1]
+    if name == 'kernel':
+      value = rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
+    elif name in ('scale', 'var'):
+      value = rng.uniform(0.5, 1.5 if name == 'scale' else 2.0, size=shape)
+    elif name == 'mask':
+      value = np.ones(shape)
+    elif name == 'mean':
+      value = rng.normal(size=shape)
+    elif name == 'bias':
+      value = rng.normal(scale=0.1, size=shape)
+    else:
+      raise ValueError(f'unexpected variable {path}')
+    return jnp.asarray(value, leaf.dtype)
+
+  from pdcnno_jax.pruning import masking  # pylint: disable=g-import-not-at-top
+  return nnx.merge(graphdef, masking.map_with_paths(init, params),
+                   masking.map_with_paths(init, rest))

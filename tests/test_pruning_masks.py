@@ -1,6 +1,5 @@
 """Tests for pdcnno_jax.pruning.masking: masks in the TrainState through training and resume."""
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -10,8 +9,8 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from pdcnno_jax.models import factory
 from pdcnno_jax.pruning import masking, scorers
+from pdcnno_jax.testing import random_model as build_model
 from pdcnno_jax.train import sharding, steps
 from pdcnno_jax.train import state as state_lib
 
@@ -28,37 +27,6 @@ def _tx():
   # Coupled weight decay + momentum: the case where stale momentum or decay could revive
   # pruned weights.
   return optax.chain(optax.add_decayed_weights(5e-3), optax.sgd(0.05, momentum=0.9))
-
-
-def build_model(config, input_shape, seed=0, num_classes=10):
-  """``factory.build_model`` with random weights, skipping its (slow, eager) initialisers.
-
-  Kernels ~ N(0, 2 / fan_in), biases ~ N(0, 0.1^2), BatchNorm scales ~ U(0.5, 1.5), running
-  means ~ N(0, 1) and variances ~ U(0.5, 2) (so inference mode uses non-trivial statistics).
-  """
-  abstract = nnx.eval_shape(lambda: factory.build_model(
-      config, num_classes=num_classes, input_shape=input_shape, rngs=nnx.Rngs(0)))
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-  rng = np.random.default_rng(seed)
-
-  def init(path, leaf):
-    shape, name = leaf.shape, path[-1]
-    if name == 'kernel':
-      value = rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
-    elif name in ('scale', 'var'):
-      value = rng.uniform(0.5, 1.5 if name == 'scale' else 2.0, size=shape)
-    elif name == 'mask':
-      value = np.ones(shape)
-    elif name == 'mean':
-      value = rng.normal(size=shape)
-    elif name == 'bias':
-      value = rng.normal(scale=0.1, size=shape)
-    else:
-      raise ValueError(f'unexpected variable {path}')
-    return jnp.asarray(value, leaf.dtype)
-
-  return nnx.merge(graphdef, masking.map_with_paths(init, params),
-                   masking.map_with_paths(init, rest))
 
 
 def _build(name, input_shape, **model_kwargs):

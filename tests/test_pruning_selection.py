@@ -1,14 +1,13 @@
 """Tests for pdcnno_jax.pruning.selection: threshold, per-layer ratio and MAC-budget rules."""
 
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
-from pdcnno_jax.models import counting, factory
+from pdcnno_jax.models import counting
 from pdcnno_jax.pruning import masking, scorers, selection
+from pdcnno_jax.testing import random_model as build_model
 from pdcnno_jax.train import state as state_lib
 
 
@@ -73,37 +72,6 @@ def test_inputs_are_validated():
   with pytest.raises(ValueError, match='prune.selection'):
     selection.select('magic', {}, {}, None, threshold=0.5, ratio=0.5, target_reduction=2.0,
                      min_channels=1)
-
-
-def build_model(config, input_shape, seed=0, num_classes=10):
-  """``factory.build_model`` with random weights, skipping its (slow, eager) initialisers.
-
-  Kernels ~ N(0, 2 / fan_in), biases ~ N(0, 0.1^2), BatchNorm scales ~ U(0.5, 1.5), running
-  means ~ N(0, 1) and variances ~ U(0.5, 2) (so inference mode uses non-trivial statistics).
-  """
-  abstract = nnx.eval_shape(lambda: factory.build_model(
-      config, num_classes=num_classes, input_shape=input_shape, rngs=nnx.Rngs(0)))
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-  rng = np.random.default_rng(seed)
-
-  def init(path, leaf):
-    shape, name = leaf.shape, path[-1]
-    if name == 'kernel':
-      value = rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
-    elif name in ('scale', 'var'):
-      value = rng.uniform(0.5, 1.5 if name == 'scale' else 2.0, size=shape)
-    elif name == 'mask':
-      value = np.ones(shape)
-    elif name == 'mean':
-      value = rng.normal(size=shape)
-    elif name == 'bias':
-      value = rng.normal(scale=0.1, size=shape)
-    else:
-      raise ValueError(f'unexpected variable {path}')
-    return jnp.asarray(value, leaf.dtype)
-
-  return nnx.merge(graphdef, masking.map_with_paths(init, params),
-                   masking.map_with_paths(init, rest))
 
 
 def _vgg_model():

@@ -21,7 +21,6 @@ from typing import Mapping
 import numpy as np
 from flax import nnx
 
-from pdcnno_jax.models.layers import LayerSpec
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,6 @@ References:
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from pdcnno_jax.models import layers

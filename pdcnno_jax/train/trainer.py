@@ -20,13 +20,12 @@ import functools
 import os
 import signal
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 from flax import nnx
 
 from pdcnno_jax.data import input_pipeline
