@@ -21,7 +21,7 @@ more than the baseline (the pre-training on the subset, reported in its wall tim
 
   python benchmarks/bench_pruning_accuracy.py [--epochs=10 --methods=fmp,fmptl,random
       --save_json=/tmp/pruning.json]
-  python benchmarks/bench_pruning_accuracy.py --quick   # 2 epochs (~15 min on 2 busy cores)
+  python benchmarks/bench_pruning_accuracy.py --quick   # 1 epoch (~15-20 min on 2 busy cores)
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ _WORKDIR_ROOT = flags.DEFINE_string('workdir_root', None,
                                     'Parent of the per-run workdirs (default: a new /tmp dir).')
 _SAVE_JSON = flags.DEFINE_string('save_json', None, 'Write the table here as JSON.')
 _QUICK = flags.DEFINE_bool('quick', False,
-                           'Short run: 2 epochs of dense training and of fine-tuning.')
+                           'Short run: 1 epoch of dense training and of fine-tuning.')
 
 # Issue #3 bars.
 MIN_MAC_REDUCTION = 4.0
@@ -158,7 +158,7 @@ def print_bars(rows: list[dict[str, Any]]) -> dict[str, dict[str, bool]]:
 
 def main(argv):
   del argv
-  epochs = 2 if _QUICK.value else _EPOCHS.value
+  epochs = 1 if _QUICK.value else _EPOCHS.value
   root = _WORKDIR_ROOT.value or tempfile.mkdtemp(prefix='bench_pruning_')
   print(f'JAX {jax.__version__}, backend {jax.default_backend()}, cpus {os.cpu_count()}, '
         f'loadavg {os.getloadavg()}')

@@ -16,7 +16,10 @@ FMPTL (MR-FPDCNN's Taylor-loss scores) instead of FMP, or random scores as the b
 Expected result (issue #3 bar): >= 4x fewer MACs, >= 2.5x faster inference of the compacted
 model, test accuracy within 1 percentage point of the dense LeNet-5 Caffe trained for the same
 10 epochs. ``benchmarks/bench_pruning_accuracy.py`` runs the dense baseline and fmp / fmptl /
-random side by side and prints the measured figures.
+random side by side and prints the measured figures. Measured so far only with 2 epochs
+(``--epochs=2``, 2 CPU cores at load 12-20): fmp 88.1% and fmptl 87.2% test accuracy vs 86.7%
+for the dense model, 4.22x fewer MACs (conv2 keeps 7 of 50 maps), inference speed-up at batch
+128 between 1.8x and 2.7x (too noisy at that load to settle the 2.5x bar).
 """
 
 from pdcnno_jax import config_lib
