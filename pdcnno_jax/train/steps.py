@@ -62,10 +62,15 @@ def needs_value_fn(tx: optax.GradientTransformation) -> bool:
   return isinstance(tx, optax.GradientTransformationExtraArgs)
 
 
-def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
-               tx: optax.GradientTransformation, preprocess: Preprocess,
-               pass_value_fn: bool) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer update on ``batch`` (not jitted; see :func:`make_train_step`)."""
+def optimizer_update(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
+                     tx: optax.GradientTransformation, preprocess: Preprocess,
+                     pass_value_fn: bool) -> tuple[Any, Any, nnx.State, dict[str, jax.Array]]:
+  """Loss, gradients and the optimizer's update on ``batch``, not yet applied.
+
+  Returns:
+    ``(updates, opt_state, new_model_state, metrics)``; the train steps of every mode
+    (sync here, SSP in ``parallel/ssp/training.py``) apply ``updates`` their own way.
+  """
   loss_fn = functools.partial(batch_loss, model_state=state.model_state, batch=batch,
                               graphdef=graphdef, preprocess=preprocess, train=True)
   (loss, (logits, new_model_state)), grads = jax.value_and_grad(
@@ -75,9 +80,19 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
                                    grad=grads, value_fn=lambda p: loss_fn(p)[0])
   else:
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  metrics = {'loss': loss, 'accuracy': (logits.argmax(-1) == batch['label']).mean(),
+             'grad_norm': optax.global_norm(grads)}
+  return updates, opt_state, new_model_state, metrics
+
+
+def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
+               tx: optax.GradientTransformation, preprocess: Preprocess,
+               pass_value_fn: bool) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update on ``batch`` (not jitted; see :func:`make_train_step`)."""
+  updates, opt_state, new_model_state, metrics = optimizer_update(
+      state, batch, graphdef=graphdef, tx=tx, preprocess=preprocess,
+      pass_value_fn=pass_value_fn)
   params = optax.apply_updates(state.params, updates)
-  accuracy = (logits.argmax(-1) == batch['label']).mean()
-  metrics = {'loss': loss, 'accuracy': accuracy, 'grad_norm': optax.global_norm(grads)}
   new_state = state.replace(step=state.step + 1, params=params,
                             model_state=new_model_state, opt_state=opt_state)
   return new_state, metrics

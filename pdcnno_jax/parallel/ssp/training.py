@@ -206,18 +206,11 @@ def ssp_train_step(state: state_lib.TrainState, batch: steps_lib.Batch, weight: 
     ``(new_state, delta, metrics)``: ``delta`` is what was added to the parameters, the
     update this worker publishes.
   """
-  loss_fn = functools.partial(steps_lib.batch_loss, model_state=state.model_state, batch=batch,
-                              graphdef=graphdef, preprocess=preprocess, train=True)
-  (loss, (logits, new_model_state)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
-  if pass_value_fn:
-    updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss,
-                                   grad=grads, value_fn=lambda p: loss_fn(p)[0])
-  else:
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  updates, opt_state, new_model_state, metrics = steps_lib.optimizer_update(
+      state, batch, graphdef=graphdef, tx=tx, preprocess=preprocess,
+      pass_value_fn=pass_value_fn)
   delta = jax.tree.map(lambda u: (weight * u).astype(u.dtype), updates)
   params = optax.apply_updates(state.params, delta)
-  metrics = {'loss': loss, 'accuracy': (logits.argmax(-1) == batch['label']).mean()}
   new_state = state.replace(step=state.step + 1, params=params, model_state=new_model_state,
                             opt_state=opt_state)
   return new_state, delta, metrics
