@@ -30,9 +30,10 @@ after k epochs depends on the run length.
       --optimizers=sgd_momentum,adam   # tabulate finished runs (e.g. after an interrupted one)
 
 Cost: on 2 loaded CPU cores one mini-batch epoch takes ~30 s with SGD or Adam and ~3 min with
-CGMSE (about 3 value-and-gradient evaluations per step), and one full-batch CG iteration over
-all 60k images ~10 min (its line search evaluates the whole split several times; the
-jitted full-batch step holds ~13 GB of activations).
+CGMSE (about 3 value-and-gradient evaluations per step). A full-batch CG iteration evaluates
+loss and gradient over all 60k images two or more times (line search); the loss is evaluated
+in chunks of ``optimizer.full_batch_chunk_size`` examples with rematerialisation, so the step
+holds one chunk's activations (~0.2 GB at 4096 examples) instead of the whole split's.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ _EPOCHS = flags.DEFINE_integer('epochs', 10, 'Dense training and fine-tuning epo
 _METHODS = flags.DEFINE_list('methods', ['fmp', 'fmptl', 'random'], 'Pruning methods.')
 _PRETRAIN_FRACTION = flags.DEFINE_float('pretrain_fraction', 0.1,
                                         'Fraction of the training set used for pre-training.')
-_PRETRAIN_EPOCHS = flags.DEFINE_integer('pretrain_epochs', 1, 'Pre-training epochs.')
+_PRETRAIN_EPOCHS = flags.DEFINE_integer('pretrain_epochs', 5, 'Pre-training epochs.')
 _TARGET = flags.DEFINE_float('target_mac_reduction', 4.0, 'Dense MACs / pruned MACs.')
 _DATA_DIR = flags.DEFINE_string('data_dir', os.path.join(REPO, 'data', 'tfds'),
                                 'TFDS data_dir holding fashion_mnist.')

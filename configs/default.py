@@ -56,6 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.cg_t = 0.1
   config.optimizer.max_linesearch_steps = 20
   config.optimizer.full_batch_iterations = 50  # CG iterations per data shard in full_batch mode.
+  # full_batch mode evaluates the loss in chunks of at most this many examples (rematerialised,
+  # so memory holds one chunk's activations); 0: the whole split in one piece.
+  config.optimizer.full_batch_chunk_size = 4096
 
   # --- init (pdcnno_jax/init) ---
   config.init = ml_collections.ConfigDict()
@@ -73,7 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.prune = ml_collections.ConfigDict()
   config.prune.method = 'none'  # none | fmp | fmptl | random | l1
   config.prune.pretrain_fraction = 0.1
-  config.prune.pretrain_epochs = 1
+  config.prune.pretrain_epochs = 5
   config.prune.score_examples = 1024
   config.prune.norm_order = 1.0
   config.prune.selection = 'threshold'  # threshold | layer_ratio | global_macs

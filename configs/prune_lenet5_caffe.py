@@ -31,7 +31,7 @@ def get_config():
   config.model.name = 'lenet5_caffe'
   config.prune.method = 'fmp'
   config.prune.pretrain_fraction = 0.1
-  config.prune.pretrain_epochs = 1
+  config.prune.pretrain_epochs = 5
   config.prune.selection = 'global_macs'
   config.prune.target_mac_reduction = 4.0
   config.prune.min_channels = 2

@@ -210,6 +210,38 @@ def _full_batch(config: ml_collections.ConfigDict) -> bool:
   return config.optimizer.name == 'cgmse' and config.optimizer.mode == 'full_batch'
 
 
+def full_batch_layout(num_examples: int, num_devices: int,
+                      chunk_size: int) -> tuple[int, int]:
+  """Examples used and chunk count of a full-batch loss over ``num_examples``.
+
+  Chunks are equal and each is split evenly over the devices, so the batch is the largest
+  multiple of ``num_chunks * num_devices`` not above ``num_examples``: fewer than that many
+  examples are left out (none for 60000 examples on 1, 2, 4 or 8 devices with the default
+  chunk size).
+
+  Args:
+    num_examples: size of the training split.
+    num_devices: devices in the mesh.
+    chunk_size: at most this many examples per chunk; 0 means a single chunk.
+
+  Returns:
+    ``(examples_used, num_chunks)``.
+
+  Raises:
+    ValueError: a negative chunk size, or fewer examples than devices.
+  """
+  if chunk_size < 0:
+    raise ValueError(f'config.optimizer.full_batch_chunk_size must be >= 0 (0: no chunking), '
+                     f'got {chunk_size}.')
+  num_chunks = 1 if chunk_size == 0 else max(1, -(-num_examples // chunk_size))
+  unit = num_chunks * num_devices
+  used = num_examples - num_examples % unit
+  if used == 0:
+    raise ValueError(f'{num_examples} training examples cannot fill {num_chunks} chunk(s) on '
+                     f'{num_devices} device(s); raise config.optimizer.full_batch_chunk_size.')
+  return used, num_chunks
+
+
 def train_full_batch(exp: Experiment, state: state_lib.TrainState, *, tx, num_epochs: int,
                      checkpointer: checkpointing.Checkpointer | None = None,
                      eval_split: str | None = None) -> state_lib.TrainState:
@@ -229,12 +261,19 @@ def train_full_batch(exp: Experiment, state: state_lib.TrainState, *, tx, num_ep
   step = int(jax.device_get(state.step))
   if step >= total:
     return state
-  num_train = exp.dataset.num_examples['train']
-  num_train -= num_train % exp.mesh.devices.size
+  num_train, num_chunks = full_batch_layout(
+      exp.dataset.num_examples['train'], exp.mesh.devices.size,
+      config.optimizer.full_batch_chunk_size)
+  dropped = exp.dataset.num_examples['train'] - num_train
+  metrics_lib.log_line(
+      f'[cgmse full batch] {num_train} examples in {num_chunks} chunk(s) of '
+      f'{num_train // num_chunks}' + (f' ({dropped} left out to make equal chunks)'
+                                      if dropped else ''))
   full = next(iter(input_pipeline.train_batches(
       exp.dataset, global_batch_size=num_train, epoch=0, seed=config.seed,
       sharding=sharding_lib.batch_sharded(exp.mesh))))
-  jitted = steps_lib.make_train_step(exp.graphdef, tx, exp.preprocess, exp.mesh)
+  jitted = steps_lib.make_train_step(exp.graphdef, tx, exp.preprocess, exp.mesh,
+                                     num_chunks=num_chunks)
   with exp.timer.phase('compile'):
     compiled = jitted.lower(state, full).compile()
   eval_step = steps_lib.make_eval_step(exp.graphdef, exp.preprocess, exp.mesh)
