@@ -104,7 +104,10 @@ def get_config() -> ml_collections.ConfigDict:
   # SSP (delay synchronization).
   config.parallel.staleness = 2  # -1: infinite (ASP); 0: BSP.
   config.parallel.ssp_timeout_s = 120.0
-  config.parallel.heartbeat_timeout_s = 10.0
+  config.parallel.heartbeat_timeout_s = 10.0  # SSP: a silent worker leaves the bound after this.
+  # JAX's coordination service: a process without heartbeats this long is dead to the runtime
+  # (generous, so a busy host is not declared dead; with SSP the job survives it anyway).
+  config.parallel.runtime_heartbeat_timeout_s = 100.0
   config.parallel.ssp_batch_balancer = 'equal'  # equal | proportional (batch ~ speed after warm-up).
   config.parallel.ssp_warmup_steps = 20  # Clocks over which each worker's speed is measured.
   config.parallel.ssp_eval_every_steps = 0  # Worker 0 snapshot for accuracy vs time; 0: per eval epoch.

@@ -27,7 +27,8 @@ _CHOICES = {
 }
 
 _POSITIVE = ('num_epochs', 'data.batch_size', 'data.eval_batch_size', 'log_every_steps',
-             'checkpoint_every_steps', 'keep_checkpoints', 'eval_every_epochs')
+             'checkpoint_every_steps', 'keep_checkpoints', 'eval_every_epochs',
+             'parallel.heartbeat_timeout_s', 'parallel.runtime_heartbeat_timeout_s')
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str):

@@ -48,7 +48,7 @@ def main(argv: list[str]) -> None:
   ssp = config.parallel.mode == 'ssp'  # Workers that may die and rejoin: recoverable runtime.
   joined = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                   mode=_DISTRIBUTED.value, recoverable=ssp,
-                                  heartbeat_timeout_s=config.parallel.heartbeat_timeout_s)
+                                  heartbeat_timeout_s=config.parallel.runtime_heartbeat_timeout_s)
   config_validation.validate(config)
   # Imported after distributed initialisation: importing TF/tfds first is harmless, but
   # keeping JAX device use after initialize() is the documented order.

@@ -348,7 +348,13 @@ def _restore_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   """Loads data and builds the mesh: the part of a run every stage needs."""
   timer = report_lib.PhaseTimer()
-  mesh = sharding_lib.make_mesh()
+  if config.parallel.mode == 'ssp':
+    # SSP workers never meet in a collective (one may die and rejoin alone): every process
+    # runs the stages, training and the final evaluation on its own devices; the stages
+    # are deterministic, so every process computes the same starting state.
+    mesh = sharding_lib.make_mesh(jax.local_devices())
+  else:
+    mesh = sharding_lib.make_mesh()
   sharding_lib.check_global_batch(config.data.batch_size, mesh)
   with timer.phase('data_load'):
     dataset = input_pipeline.load_dataset(config.data, seed=config.seed)
@@ -378,9 +384,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
   exp = setup(config, workdir)
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                            keep=config.keep_checkpoints)
-  resumed_from = checkpointer.latest_step()
+  ssp_mode = config.parallel.mode == 'ssp'
+  # SSP workers die and rejoin one at a time. Orbax's checkpointer is process-coordinated
+  # (barriers when it is created and on every save), which a lone restarted worker cannot
+  # pass, so SSP mode keeps per-worker checkpoints instead (parallel/ssp/training.py) and
+  # re-runs the deterministic init / pruning stages when the whole job starts again.
+  checkpointer = None if ssp_mode else checkpointing.Checkpointer(
+      os.path.join(workdir, 'checkpoints'), keep=config.keep_checkpoints)
+  resumed_from = checkpointer.latest_step() if checkpointer else None
   meta = checkpointer.read_meta() if resumed_from is not None else None
   if meta is not None:
     exp.model_overrides = _restore_overrides(meta.get('model_overrides', {}))
@@ -405,7 +416,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                          checkpointer=checkpointer, eval_split=_eval_split(exp))
   else:
     state = _run_parallel_mode(exp, state, tx, checkpointer)
-  checkpointer.close()
+  if checkpointer:
+    checkpointer.close()
 
   with exp.timer.phase('eval'):
     test = evaluate(exp, state, 'test')
@@ -436,7 +448,7 @@ def _eval_split(exp: Experiment) -> str:
 
 
 def _run_stages(exp: Experiment, state: state_lib.TrainState, tx,
-                checkpointer: checkpointing.Checkpointer):
+                checkpointer: checkpointing.Checkpointer | None):
   """Init and pruning stages of a fresh run; returns the state and optimizer to train.
 
   The stages never checkpoint mid-way (they are deterministic and re-run after a kill);
@@ -453,7 +465,7 @@ def _run_stages(exp: Experiment, state: state_lib.TrainState, tx,
     # The compacted model is a new parameter tree: fresh optimizer state, step 0.
     state = state.replace(step=jnp.zeros((), jnp.int32), opt_state=tx.init(state.params))
     state = sharding_lib.replicate(state, exp.mesh)
-  if config.init.method != 'he' or config.prune.method != 'none':
+  if checkpointer and (config.init.method != 'he' or config.prune.method != 'none'):
     _save(exp, checkpointer, state, phase='stages')
   return state, tx
 
@@ -564,7 +576,7 @@ def _prune(exp: Experiment, state: state_lib.TrainState) -> state_lib.TrainState
 
 
 def _run_parallel_mode(exp: Experiment, state: state_lib.TrainState, tx,
-                       checkpointer: checkpointing.Checkpointer) -> state_lib.TrainState:
+                       checkpointer: checkpointing.Checkpointer | None) -> state_lib.TrainState:
   """MapReduce or SSP training; their per-round / per-worker report joins the run's."""
   mode = exp.config.parallel.mode
   # pylint: disable=g-import-not-at-top
@@ -573,7 +585,8 @@ def _run_parallel_mode(exp: Experiment, state: state_lib.TrainState, tx,
     state, mode_report = mapreduce.train(exp, state, tx=tx, checkpointer=checkpointer)
   elif mode == 'ssp':
     from pdcnno_jax.parallel.ssp import training as ssp_training
-    state, mode_report = ssp_training.train(exp, state, tx=tx, checkpointer=checkpointer)
+    state, mode_report = ssp_training.train(
+        exp, state, tx=tx, worker_checkpoints=exp.config.checkpoint_every_steps > 0)
   else:
     raise ValueError(f"Unknown config.parallel.mode {mode!r}; use 'sync', 'mapreduce' or "
                      "'ssp'.")

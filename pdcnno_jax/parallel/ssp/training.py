@@ -57,10 +57,11 @@ keeps for it; its optimizer state resumes as checkpointed) and continues; a work
 its first checkpoint rejoins from the initial state. Meanwhile the survivors drop it from the
 staleness bound after ``parallel.heartbeat_timeout_s`` and keep going. The store holds the
 updates not yet acknowledged by every worker, up to about K * checkpoint_every_steps payloads:
-keep the interval modest. (Caveat: in ``train_and_evaluate`` a restarted process also meets the
-trainer's collectives, the orbax checkpointer's creation and the final evaluation on the global
-mesh, which a restarted CPU process cannot join, its gloo keys being taken; the rejoin is tested
-by calling `train` directly, tests/test_ssp_training.py.) When the whole job starts again (e.g.
+keep the interval modest. In ``train_and_evaluate`` SSP mode meets no collective at all: the
+experiment's mesh is the process's own devices, there is no orbax checkpointer, and the stages
+and the final evaluation run on every process alike, so a restarted ``python -m
+pdcnno_jax.main`` process rejoins a running job (tests/test_ssp_main.py). When the whole job
+starts again (e.g.
 after process 0, which hosts the store, died), the store is empty and the workers' checkpoints
 are at different clocks with no consistent cut, so SSP training starts again from the trainer's
 state (the per-worker checkpoints are discarded with a warning).
@@ -584,9 +585,9 @@ def train(exp, state: state_lib.TrainState, *, tx,
       graphdef, timer, writer).
     state: the starting `TrainState`, replicated on ``exp.mesh`` (the same on every process).
     tx: the optimizer whose state is ``state.opt_state``.
-    checkpointer: the trainer's checkpointer. Its presence turns per-worker checkpoints on;
-      it is not used itself (it synchronises all processes, which a lone restarting worker
-      cannot do).
+    checkpointer: optional; its presence turns per-worker checkpoints on. It is not used
+      itself (it synchronises all processes, which a lone restarting worker cannot do); the
+      trainer passes ``worker_checkpoints`` instead.
     worker_checkpoints: each worker checkpoints its own replica every
       ``checkpoint_every_steps`` clocks under ``<workdir>/ssp_worker_<k>/`` and rejoins from
       there after a restart (default: whether a checkpointer is given).
