@@ -12,7 +12,11 @@ Two measurements, each in one run:
    the mean makespan over rounds 1.. (round 0 is always the equal split), its ratio to the
    proportional rule's and the equal split's, the mean parallel computing entropy and the final
    test accuracy. Bars (issue #6): lbrla and dlbpce within 10% of proportional and >= 1.8x
-   better than equal; accuracy within 0.5 pp of equal.
+   better than equal; accuracy within 0.5 pp of equal. One such job per ``--slowdown_scales``
+   entry: scale 1 takes the factors literally, but four single-core workers at factors
+   1, 1, 2, 4 need 2.75 cores once balanced, more than this machine has, so the fast workers
+   slow each other down and the measured speeds flatten (e.g. 1, 1.05, 1.06, 2.17); scale 2
+   (factors 2, 2, 4, 8, the same ratios) needs 1.4 cores and emulates the cluster faithfully.
 2. Speed-up. The same job without slowdown (equal split) with 1 process and with 2 processes
    on this machine: T_1 / T_2 from the measured training wall time (sum of round times), next
    to the in-run estimate of `mapreduce.speedup_report`.
@@ -74,6 +78,7 @@ def _worker(argv):
   parser = argparse.ArgumentParser()
   for name in ('mode', 'out', 'data_dir', 'coordinator_address'):
     parser.add_argument(f'--{name}', required=True)
+  parser.add_argument('--slowdown', default='1,1,2,4')
   for name in ('epochs', 'rounds_per_epoch', 'num_processes', 'process_id'):
     parser.add_argument(f'--{name}', type=int, required=True)
   args = parser.parse_args(argv)
@@ -83,6 +88,7 @@ def _worker(argv):
   from pdcnno_jax.train import trainer  # pylint: disable=g-import-not-at-top
 
   config = _config(args)
+  config.parallel.slowdown = args.slowdown
   results = {}
   with tempfile.TemporaryDirectory() as workdir:
     if args.mode == 'balancers':
@@ -106,22 +112,24 @@ def _worker(argv):
 # --- Driver ------------------------------------------------------------------------------------
 
 
-def _launch(num_processes, mode, args, out_dir):
+def _launch(num_processes, mode, args, out_dir, slowdown=''):
   from pdcnno_jax import launch_local  # pylint: disable=g-import-not-at-top
-  out = os.path.join(out_dir, f'{mode}_{num_processes}.json')
+  out = os.path.join(out_dir, f'{mode}_{num_processes}_{slowdown.replace(",", "_")}.json')
   log = io.StringIO()
   load_before = os.getloadavg()
   start = time.perf_counter()
   code = launch_local.launch(
       num_processes,
       [f'--mode={mode}', f'--out={out}', f'--data_dir={args.data_dir}',
-       f'--epochs={args.epochs}', f'--rounds_per_epoch={args.rounds_per_epoch}'],
+       f'--epochs={args.epochs}', f'--rounds_per_epoch={args.rounds_per_epoch}',
+       f'--slowdown={slowdown}'],
       module='bench_mapreduce', devices_per_process=1, timeout_s=1800, stdout=log)
   wall = time.perf_counter() - start
   if code:
     sys.stdout.write(log.getvalue()[-8000:])
     raise SystemExit(f'{mode} job with {num_processes} processes failed (exit {code}).')
-  print(f'  {mode} x{num_processes}: {wall:.0f} s end to end; load average '
+  print(f'  {mode} x{num_processes} (slowdown {slowdown or "none"}): {wall:.0f} s end to end; '
+        f'load average '
         f'{_load(load_before)} -> {_load(os.getloadavg())}', flush=True)
   with open(out) as f:
     return json.load(f)
@@ -131,11 +139,11 @@ def _load(values):
   return '/'.join(f'{v:.1f}' for v in values)
 
 
-def _balancer_table(results):
+def _balancer_table(results, slowdown):
   import numpy as np  # pylint: disable=g-import-not-at-top
   mean_makespan = {b: float(np.mean([r['makespan_s'] for r in results[b]['rounds'][1:]]))
                    for b in _BALANCERS}
-  print('\nBalancers, 4 workers with slowdowns [1, 1, 2, 4] (makespan = busy time of the '
+  print(f'\nBalancers, 4 workers with slowdowns [{slowdown}] (makespan = busy time of the '
         'slowest worker in a round; rounds 1.. averaged, round 0 is always equal):')
   # What the machine delivered: with the CPU shared, a sleeping (slowed) worker computes
   # faster when it runs, so the measured speeds can be closer together than the factors.
@@ -164,20 +172,39 @@ def main():
   parser.add_argument('--rounds_per_epoch', type=int, default=4)
   parser.add_argument('--data_dir', default=os.path.join(_REPO, 'data', 'tfds'))
   parser.add_argument('--save_json', default='', help='also write every figure here')
+  parser.add_argument('--slowdown', default='1,1,2,4', help='relative worker speeds')
+  parser.add_argument(
+      '--slowdown_scales', default='1,2',
+      help='one balancers job per scale, with every factor multiplied by it: scale 1 is the '
+      'issue\'s setting literally; on 2 cores four workers with factors 1, 1, 2, 4 need '
+      '2.75 cores when balanced, so the fast workers share a core and the measured speeds '
+      'flatten; scale 2 (2, 2, 4, 8: the same ratios) needs 1.4 cores and emulates the '
+      'heterogeneous cluster faithfully')
+  parser.add_argument('--skip_speedup', action='store_true',
+                      help='balancers only (no 1 vs 2 process speed-up)')
   args = parser.parse_args()
   os.environ['PYTHONPATH'] = os.pathsep.join(
       p for p in (_HERE, _REPO, os.environ.get('PYTHONPATH')) if p)
   print(f'bench_mapreduce: LeNet-5 / Fashion-MNIST, {args.epochs} epochs x '
         f'{args.rounds_per_epoch} rounds, {os.cpu_count()} CPU cores, load average '
         f'{_load(os.getloadavg())}', flush=True)
+  base = [float(f) for f in args.slowdown.split(',')]
+  specs = [','.join(f'{f * float(scale):g}' for f in base)
+           for scale in args.slowdown_scales.split(',')]
   with tempfile.TemporaryDirectory() as out_dir:
-    balancers = _launch(4, 'balancers', args, out_dir)
-    single = _launch(1, 'speedup', args, out_dir)['equal']
-    double = _launch(2, 'speedup', args, out_dir)['equal']
+    balancers = {spec: _launch(4, 'balancers', args, out_dir, spec) for spec in specs}
+    if not args.skip_speedup:
+      single = _launch(1, 'speedup', args, out_dir)['equal']
+      double = _launch(2, 'speedup', args, out_dir)['equal']
   if args.save_json:
     with open(args.save_json, 'w') as f:
-      json.dump({'balancers': balancers, 'single': single, 'double': double}, f)
-  _balancer_table(balancers)
+      json.dump({'balancers': balancers,
+                 **({} if args.skip_speedup else {'single': single, 'double': double})}, f)
+  for spec, results in balancers.items():
+    _balancer_table(results, spec)
+  if args.skip_speedup:
+    print(f'load average at the end: {_load(os.getloadavg())}')
+    return
   t1 = sum(r['round_s'] for r in single['rounds'])
   t2 = sum(r['round_s'] for r in double['rounds'])
   print('\nSpeed-up, no slowdown, equal split, same epochs (T = sum of round wall times):')

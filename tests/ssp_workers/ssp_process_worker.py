@@ -125,7 +125,7 @@ def _main_scenario(store, args, result):
 
 
 def _kill_scenario(store, args, result):
-  pid, n, steps, staleness = args.process_id, args.num_processes, 24, 1
+  pid, steps, staleness = args.process_id, 24, 1
   checkpoint_clock, crash_clock = 5, 9
   ckpt_path = os.path.join(args.out_dir, 'checkpoint_2.npz')
   worker = _worker(store, args, 'kill', staleness, steps,
