@@ -112,9 +112,10 @@ def _worker(argv):
 # --- Driver ------------------------------------------------------------------------------------
 
 
-def _launch(num_processes, mode, args, out_dir, slowdown=''):
+def _launch(num_processes, mode, args, out_dir, slowdown='', cores_per_process=0):
   from pdcnno_jax import launch_local  # pylint: disable=g-import-not-at-top
-  out = os.path.join(out_dir, f'{mode}_{num_processes}_{slowdown.replace(",", "_")}.json')
+  out = os.path.join(out_dir, f'{mode}_{num_processes}_{slowdown.replace(",", "_")}_'
+                     f'{cores_per_process}.json')
   log = io.StringIO()
   load_before = os.getloadavg()
   start = time.perf_counter()
@@ -123,12 +124,15 @@ def _launch(num_processes, mode, args, out_dir, slowdown=''):
       [f'--mode={mode}', f'--out={out}', f'--data_dir={args.data_dir}',
        f'--epochs={args.epochs}', f'--rounds_per_epoch={args.rounds_per_epoch}',
        f'--slowdown={slowdown}'],
-      module='bench_mapreduce', devices_per_process=1, timeout_s=1800, stdout=log)
+      module='bench_mapreduce', devices_per_process=1, timeout_s=1800, stdout=log,
+      cores_per_process=cores_per_process)
   wall = time.perf_counter() - start
   if code:
     sys.stdout.write(log.getvalue()[-8000:])
     raise SystemExit(f'{mode} job with {num_processes} processes failed (exit {code}).')
-  print(f'  {mode} x{num_processes} (slowdown {slowdown or "none"}): {wall:.0f} s end to end; '
+  pinning = f', {cores_per_process} core(s) each' if cores_per_process else ''
+  print(f'  {mode} x{num_processes} (slowdown {slowdown or "none"}{pinning}): {wall:.0f} s end '
+        'to end; '
         f'load average '
         f'{_load(load_before)} -> {_load(os.getloadavg())}', flush=True)
   with open(out) as f:
@@ -180,6 +184,8 @@ def main():
       '2.75 cores when balanced, so the fast workers share a core and the measured speeds '
       'flatten; scale 2 (2, 2, 4, 8: the same ratios) needs 1.4 cores and emulates the '
       'heterogeneous cluster faithfully')
+  parser.add_argument('--skip_balancers', action='store_true',
+                      help='speed-up only (no balancer jobs)')
   parser.add_argument('--skip_speedup', action='store_true',
                       help='balancers only (no 1 vs 2 process speed-up)')
   args = parser.parse_args()
@@ -192,28 +198,37 @@ def main():
   specs = [','.join(f'{f * float(scale):g}' for f in base)
            for scale in args.slowdown_scales.split(',')]
   with tempfile.TemporaryDirectory() as out_dir:
-    balancers = {spec: _launch(4, 'balancers', args, out_dir, spec) for spec in specs}
+    balancers = {} if args.skip_balancers else {
+        spec: _launch(4, 'balancers', args, out_dir, spec) for spec in specs}
     if not args.skip_speedup:
       single = _launch(1, 'speedup', args, out_dir)['equal']
       double = _launch(2, 'speedup', args, out_dir)['equal']
+      single_pinned = _launch(1, 'speedup', args, out_dir, cores_per_process=1)['equal']
+      double_pinned = _launch(2, 'speedup', args, out_dir, cores_per_process=1)['equal']
   if args.save_json:
     with open(args.save_json, 'w') as f:
       json.dump({'balancers': balancers,
-                 **({} if args.skip_speedup else {'single': single, 'double': double})}, f)
+                 **({} if args.skip_speedup else {
+                     'single': single, 'double': double, 'single_pinned': single_pinned,
+                     'double_pinned': double_pinned})}, f)
   for spec, results in balancers.items():
     _balancer_table(results, spec)
   if args.skip_speedup:
     print(f'load average at the end: {_load(os.getloadavg())}')
     return
-  t1 = sum(r['round_s'] for r in single['rounds'])
-  t2 = sum(r['round_s'] for r in double['rounds'])
   print('\nSpeed-up, no slowdown, equal split, same epochs (T = sum of round wall times):')
-  print(f'  T_1 = {t1:.1f} s (1 process), T_2 = {t2:.1f} s (2 processes): '
-        f'T_1 / T_2 = {t1 / t2:.2f}')
-  print(f'  in-run estimate (2 processes): {double["speedup"]["speedup"]:.2f} '
-        f'(T_1 estimated from the fastest worker\'s throughput); test accuracy '
-        f'{single["test"]["accuracy"]:.4f} (1 process) vs {double["test"]["accuracy"]:.4f} '
-        '(2 processes)')
+  for label, one, two in (
+      ('unpinned (one process already uses both cores through XLA\'s thread pool)',
+       single, double),
+      ('pinned, 1 core per process (a process stands for a 1-core node)',
+       single_pinned, double_pinned)):
+    t1 = sum(r['round_s'] for r in one['rounds'])
+    t2 = sum(r['round_s'] for r in two['rounds'])
+    print(f'  {label}:')
+    print(f'    T_1 = {t1:.1f} s (1 process), T_2 = {t2:.1f} s (2 processes): '
+          f'T_1 / T_2 = {t1 / t2:.2f}; in-run estimate (2 processes) '
+          f'{two["speedup"]["speedup"]:.2f} (T_1 from the fastest worker\'s throughput); test '
+          f'accuracy {one["test"]["accuracy"]:.4f} vs {two["test"]["accuracy"]:.4f}')
   print(f'load average at the end: {_load(os.getloadavg())}')
 
 

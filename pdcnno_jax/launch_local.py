@@ -9,6 +9,12 @@ collectives between them go over gloo. Output lines are prefixed with ``[p<i>]``
 process fails, the others are terminated and the launcher exits with that process's code.
 Extra environment per process (e.g. a slowdown for heterogeneous workers) comes from the
 config, not from the launcher.
+
+``--cores_per_process=C`` pins process i to its own C CPU cores (round robin over the cores
+this launcher may use), so that each process stands for a node with C cores: XLA sizes its
+CPU thread pool from the affinity mask. Unpinned, a single process already spreads its work
+over every core, so on a small machine "1 process vs 2 processes" does not compare one node
+with two.
 """
 
 from __future__ import annotations
@@ -37,6 +43,38 @@ def _pump(stream, prefix: str, sink) -> None:
     sink.flush()
 
 
+# Sets the CPU affinity of the interpreter before the module runs (and before XLA or TF
+# create their thread pools, which then size themselves to the pinned cores).
+_PINNED_RUN = ('import os, runpy, sys; '
+               'os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(",")}); '
+               'module = sys.argv[2]; sys.argv = [module] + sys.argv[3:]; '
+               'runpy.run_module(module, run_name="__main__", alter_sys=True)')
+
+
+def core_sets(num_processes: int, cores_per_process: int,
+              available: Sequence[int] | None = None) -> list[list[int]]:
+  """CPU cores of each process: consecutive blocks of the available cores, round robin.
+
+  Args:
+    num_processes: processes to place.
+    cores_per_process: cores each process gets (>= 1).
+    available: cores to use (default: this process's affinity mask).
+
+  Returns:
+    One sorted list of core ids per process (shared only when the processes need more
+    cores than there are).
+
+  Raises:
+    ValueError: cores_per_process < 1 or more than the available cores.
+  """
+  cores = sorted(os.sched_getaffinity(0) if available is None else available)
+  if not 1 <= cores_per_process <= len(cores):
+    raise ValueError(f'cores_per_process={cores_per_process} must be between 1 and the '
+                     f'{len(cores)} available cores {cores}.')
+  return [sorted({cores[(i * cores_per_process + j) % len(cores)]
+                  for j in range(cores_per_process)}) for i in range(num_processes)]
+
+
 def process_env(devices_per_process: int, base: dict[str, str] | None = None) -> dict[str, str]:
   """Environment of one local CPU process with ``devices_per_process`` CPU devices."""
   env = dict(os.environ if base is None else base)
@@ -51,7 +89,7 @@ def process_env(devices_per_process: int, base: dict[str, str] | None = None) ->
 
 def launch(num_processes: int, args: Sequence[str], *, module: str = 'pdcnno_jax.main',
            devices_per_process: int = 1, timeout_s: float | None = None,
-           python: str = sys.executable, stdout=None) -> int:
+           python: str = sys.executable, stdout=None, cores_per_process: int = 0) -> int:
   """Runs ``num_processes`` copies of ``python -m module args`` as one JAX job.
 
   Args:
@@ -62,6 +100,8 @@ def launch(num_processes: int, args: Sequence[str], *, module: str = 'pdcnno_jax
     timeout_s: kill everything after this many seconds (None: no limit).
     python: interpreter.
     stdout: where prefixed output goes (default sys.stdout).
+    cores_per_process: pin each process to this many cores of its own (`core_sets`);
+      0: no pinning.
 
   Returns:
     0 if every process succeeded, else the first non-zero exit code.
@@ -69,9 +109,12 @@ def launch(num_processes: int, args: Sequence[str], *, module: str = 'pdcnno_jax
   stdout = stdout or sys.stdout
   address = f'127.0.0.1:{free_port()}'
   env = process_env(devices_per_process)
+  pinned = core_sets(num_processes, cores_per_process) if cores_per_process else None
   procs, pumps = [], []
   for i in range(num_processes):
-    cmd = [python, '-m', module, *args, f'--coordinator_address={address}',
+    run = ([python, '-c', _PINNED_RUN, ','.join(map(str, pinned[i])), module] if pinned
+           else [python, '-m', module])
+    cmd = [*run, *args, f'--coordinator_address={address}',
            f'--num_processes={num_processes}', f'--process_id={i}']
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -117,12 +160,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--devices_per_process', type=int, default=1)
   parser.add_argument('--module', default='pdcnno_jax.main')
   parser.add_argument('--timeout_s', type=float, default=None)
+  parser.add_argument('--cores_per_process', type=int, default=0,
+                      help='pin each process to this many cores of its own (0: no pinning)')
   parser.add_argument('args', nargs=argparse.REMAINDER,
                       help='arguments for every process, after --')
   ns = parser.parse_args(argv)
   args = ns.args[1:] if ns.args[:1] == ['--'] else ns.args
   return launch(ns.num_processes, args, module=ns.module,
-                devices_per_process=ns.devices_per_process, timeout_s=ns.timeout_s)
+                devices_per_process=ns.devices_per_process, timeout_s=ns.timeout_s,
+                cores_per_process=ns.cores_per_process)
 
 
 if __name__ == '__main__':
