@@ -23,6 +23,7 @@ _CHOICES = {
     'parallel.mode': ('sync', 'mapreduce', 'ssp'),
     'parallel.balancer': ('equal', 'proportional', 'lbrla', 'dlbpce'),
     'optimizer.mode': ('full_batch', 'minibatch'),
+    'model.conv_gradients': ('auto', 'lax', 'loop_friendly'),
     'optimizer.schedule': ('constant', 'cosine'),
 }
 

@@ -7,7 +7,7 @@ from typing import Any
 import ml_collections
 from flax import nnx
 
-from pdcnno_jax.models import lenet, resnet, vgg
+from pdcnno_jax.models import conv, lenet, resnet, vgg
 
 MODEL_NAMES = ('lenet5', 'lenet5_caffe') + tuple(sorted(vgg.VGG_STAGES)) + (
     'resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110')
@@ -20,7 +20,8 @@ def build_model(model_config: ml_collections.ConfigDict, *, num_classes: int,
 
   Args:
     model_config: the ``config.model`` section (name, width_multiplier, batch_norm,
-      dropout_rate).
+      dropout_rate, conv_gradients: 'loop_friendly' swaps in ``models/conv.py``'s
+      convolution, anything else keeps ``lax.conv_general_dilated``).
     num_classes: classifier outputs (from the data set).
     input_shape: ``(H, W, C)`` of the images (from the data set).
     rngs: NNX random streams for the initial parameters.
@@ -33,6 +34,16 @@ def build_model(model_config: ml_collections.ConfigDict, *, num_classes: int,
   Raises:
     ValueError: for an unknown model name.
   """
+  model = _build(model_config, num_classes=num_classes, input_shape=input_shape, rngs=rngs,
+                 **overrides)
+  # 'auto' is resolved by the trainer (it depends on the optimizer); here it means 'lax'.
+  if model_config.get('conv_gradients', 'lax') == 'loop_friendly':
+    conv.set_conv_gradients(model, 'loop_friendly')
+  return model
+
+
+def _build(model_config: ml_collections.ConfigDict, *, num_classes: int,
+           input_shape: tuple[int, int, int], rngs: nnx.Rngs, **overrides: Any) -> nnx.Module:
   name = model_config.name
   width = model_config.get('width_multiplier', 1.0)
   if name.startswith('lenet5'):

@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from pdcnno_jax.data import input_pipeline
+from pdcnno_jax.models import conv as conv_lib
 from pdcnno_jax.models import counting, factory
 from pdcnno_jax.optim import factory as optim_factory
 from pdcnno_jax.train import checkpointing
@@ -348,6 +349,10 @@ def _restore_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   """Loads data and builds the mesh: the part of a run every stage needs."""
   timer = report_lib.PhaseTimer()
+  config = config.copy_and_resolve_references()
+  with config.unlocked():  # Loop-friendly convolution gradients for line searches.
+    config.model.conv_gradients = conv_lib.resolve_conv_gradients(
+        config.model.get('conv_gradients', 'auto'), config.optimizer.name)
   if config.parallel.mode == 'ssp':
     # SSP workers never meet in a collective (one may die and rejoin alone): every process
     # runs the stages, training and the final evaluation on its own devices; the stages
