@@ -9,8 +9,13 @@ Full-batch mode (the paper's Map phase: many CG iterations over one data shard):
   python -m pdcnno_jax.main --config=configs/cgmse_lenet5.py --workdir=workdirs/cgmse_fb \
       --config.optimizer.mode=full_batch
 
-Expected result: about 88-90% test accuracy after 5 epochs in mini-batch mode (each step
-costs about 3 gradient evaluations); full batch is slower to reach the same accuracy.
+Measured (benchmarks/bench_cgmse_lenet.py, batch 128, idle 2-core CPU): mini-batch mode
+86.6% test accuracy after 5 epochs (3 value-and-gradient evaluations per step, 158 s);
+full-batch mode 31.6%, 65.9% and 71.3% after 4, 8 and 12 CG iterations (34 evaluations of
+the whole split, 803 s); SGD with momentum reaches 88.4% in 3 epochs (~60 s). CGMSE did not
+converge faster than SGD here. Both modes differentiate the model inside control flow (line
+search, re-evaluation, chunked loss), so ``model.conv_gradients='auto'`` uses models/conv.py's
+convolution, 3.5x (mini-batch) and ~7x (full batch) faster than JAX's rules on XLA:CPU.
 """
 
 from pdcnno_jax import config_lib
