@@ -29,11 +29,13 @@ after k epochs depends on the run length.
   python benchmarks/bench_cgmse_lenet.py --collect_only --workdir_root=DIR \
       --optimizers=sgd_momentum,adam   # tabulate finished runs (e.g. after an interrupted one)
 
-Cost: on 2 loaded CPU cores one mini-batch epoch takes ~30 s with SGD or Adam and ~3 min with
+Cost on 2 idle CPU cores: one mini-batch epoch takes ~15-25 s with SGD or Adam and ~30 s with
 CGMSE (about 3 value-and-gradient evaluations per step). A full-batch CG iteration evaluates
-loss and gradient over all 60k images two or more times (line search); the loss is evaluated
-in chunks of ``optimizer.full_batch_chunk_size`` examples with rematerialisation, so the step
-holds one chunk's activations (~0.2 GB at 4096 examples) instead of the whole split's.
+loss and gradient over all 60k images two or more times (line search), ~45-90 s; the loss is
+evaluated in chunks of ``optimizer.full_batch_chunk_size`` examples with rematerialisation,
+so the step holds one chunk's activations (~0.2 GB at 4096 examples) instead of the whole
+split's. (With ``--config.model.conv_gradients=lax`` CGMSE is 3.5-7x slower: XLA:CPU runs
+JAX's convolution gradients slowly inside the line search's while loop.)
 """
 
 from __future__ import annotations
