@@ -28,10 +28,8 @@ def _setup(name, tx, devices=1, batch_norm=False):
 
 
 def _batch(shape, n, mesh, seed=0):
-  rng = np.random.default_rng(seed)
-  batch = {'image': rng.integers(0, 256, (n,) + shape, dtype=np.uint8),
-           'label': rng.integers(0, 10, (n,), dtype=np.int32)}
-  return jax.device_put(batch, sharding.batch_sharded(mesh))
+  import test_steps  # pylint: disable=g-import-not-at-top
+  return test_steps._batch(shape, n, mesh, seed)  # pylint: disable=protected-access
 
 
 @pytest.mark.parametrize('devices', [1, 8])
