@@ -55,6 +55,8 @@ from pdcnno_jax import config_lib
 from pdcnno_jax.train import checkpointing
 from pdcnno_jax.train import trainer
 
+import run_flags  # benchmarks/run_flags.py (this directory)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_EXAMPLES = 60000  # Fashion-MNIST training split (validation_holdout = 0).
 OPTIMIZERS = ('sgd_momentum', 'adam', 'cgmse_minibatch', 'cgmse_full_batch')
@@ -67,12 +69,10 @@ _FULL_BATCH_ITERATIONS = flags.DEFINE_integer('full_batch_iterations', 50,
 _OPTIMIZERS = flags.DEFINE_list('optimizers', list(OPTIMIZERS), f'Subset of {OPTIMIZERS}.')
 _BATCH = flags.DEFINE_integer('batch_size', 128, 'Mini-batch size (every mini-batch method).')
 _TARGET = flags.DEFINE_float('target', 0.88, 'Test accuracy to reach.')
-_DATA_DIR = flags.DEFINE_string('data_dir', os.path.join(REPO, 'data', 'tfds'),
-                                'TFDS data_dir holding fashion_mnist.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Experiment seed (same for every run).')
-_WORKDIR_ROOT = flags.DEFINE_string('workdir_root', None,
-                                    'Parent of the per-run workdirs (default: a new /tmp dir).')
-_SAVE_JSON = flags.DEFINE_string('save_json', None, 'Write the table here as JSON.')
+_DATA_DIR = run_flags.DATA_DIR
+_SEED = run_flags.SEED
+_WORKDIR_ROOT = run_flags.WORKDIR_ROOT
+_SAVE_JSON = run_flags.SAVE_JSON
 _QUICK = flags.DEFINE_bool('quick', False,
                            'Short run: 2 epochs each; full batch 1 block of 1 iteration.')
 _COLLECT_ONLY = flags.DEFINE_bool(

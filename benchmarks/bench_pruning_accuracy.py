@@ -39,6 +39,8 @@ import jax
 from pdcnno_jax import config_lib
 from pdcnno_jax.train import trainer
 
+import run_flags  # benchmarks/run_flags.py (this directory)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _EPOCHS = flags.DEFINE_integer('epochs', 10, 'Dense training and fine-tuning epochs.')
@@ -47,12 +49,10 @@ _PRETRAIN_FRACTION = flags.DEFINE_float('pretrain_fraction', 0.1,
                                         'Fraction of the training set used for pre-training.')
 _PRETRAIN_EPOCHS = flags.DEFINE_integer('pretrain_epochs', 5, 'Pre-training epochs.')
 _TARGET = flags.DEFINE_float('target_mac_reduction', 4.0, 'Dense MACs / pruned MACs.')
-_DATA_DIR = flags.DEFINE_string('data_dir', os.path.join(REPO, 'data', 'tfds'),
-                                'TFDS data_dir holding fashion_mnist.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Experiment seed (same for every run).')
-_WORKDIR_ROOT = flags.DEFINE_string('workdir_root', None,
-                                    'Parent of the per-run workdirs (default: a new /tmp dir).')
-_SAVE_JSON = flags.DEFINE_string('save_json', None, 'Write the table here as JSON.')
+_DATA_DIR = run_flags.DATA_DIR
+_SEED = run_flags.SEED
+_WORKDIR_ROOT = run_flags.WORKDIR_ROOT
+_SAVE_JSON = run_flags.SAVE_JSON
 _QUICK = flags.DEFINE_bool('quick', False,
                            'Short run: 1 epoch of dense training and of fine-tuning.')
 

@@ -590,8 +590,7 @@ def _run_parallel_mode(exp: Experiment, state: state_lib.TrainState, tx,
     state, mode_report = mapreduce.train(exp, state, tx=tx, checkpointer=checkpointer)
   elif mode == 'ssp':
     from pdcnno_jax.parallel.ssp import training as ssp_training
-    state, mode_report = ssp_training.train(
-        exp, state, tx=tx, worker_checkpoints=exp.config.checkpoint_every_steps > 0)
+    state, mode_report = ssp_training.train(exp, state, tx=tx, worker_checkpoints=True)
   else:
     raise ValueError(f"Unknown config.parallel.mode {mode!r}; use 'sync', 'mapreduce' or "
                      "'ssp'.")

@@ -46,7 +46,7 @@ on all workers up to float summation order (the report gives the largest differe
 and every worker adopts it, so all processes return bitwise identical states, replicated on the
 global mesh for the trainer's final evaluation.
 
-Checkpoints (with a checkpointer): each worker writes its own replica and its SSP protocol state
+Checkpoints (``worker_checkpoints``, on in the trainer): each worker writes its own replica and its SSP protocol state
 every ``checkpoint_every_steps`` clocks to ``<workdir>/ssp_worker_<k>/clock_<c>.ssp`` (the
 project's pickle-free payload format, written atomically; the trainer's orbax checkpointer is
 process-coordinated with barriers, which a lone restarting worker cannot pass), then
@@ -571,8 +571,7 @@ def _validate(config, dataset) -> tuple[str, int, int]:
 
 
 def train(exp, state: state_lib.TrainState, *, tx,
-          checkpointer=None,
-          worker_checkpoints: bool | None = None,
+          worker_checkpoints: bool = False,
           store: store_lib.Store | None = None,
           run_id: str = RUN_ID) -> tuple[state_lib.TrainState, dict[str, Any]]:
   """SSP training for ``config.num_epochs`` epochs (see the module docstring).
@@ -585,12 +584,10 @@ def train(exp, state: state_lib.TrainState, *, tx,
       graphdef, timer, writer).
     state: the starting `TrainState`, replicated on ``exp.mesh`` (the same on every process).
     tx: the optimizer whose state is ``state.opt_state``.
-    checkpointer: optional; its presence turns per-worker checkpoints on. It is not used
-      itself (it synchronises all processes, which a lone restarting worker cannot do); the
-      trainer passes ``worker_checkpoints`` instead.
     worker_checkpoints: each worker checkpoints its own replica every
       ``checkpoint_every_steps`` clocks under ``<workdir>/ssp_worker_<k>/`` and rejoins from
-      there after a restart (default: whether a checkpointer is given).
+      there after a restart (the trainer turns this on; orbax's checkpointer is not used: it
+      synchronises all processes, which a lone restarting worker cannot do).
     store: the key-value store; default: JAX's coordination service (multi-process job,
       initialised with `coordination.initialize`) or an in-memory store (one process).
     run_id: namespace of this run's keys in the store; consecutive runs in one job (e.g. a
@@ -620,8 +617,6 @@ def train(exp, state: state_lib.TrainState, *, tx,
   if eval_every == 0:
     eval_every = max(1, int(config.eval_every_epochs) * worker.steps_per_epoch)
 
-  if worker_checkpoints is None:
-    worker_checkpoints = checkpointer is not None
   local = _to_local(state, worker.replicated)
   like = jax.device_get(local.params)
   ssp = protocol.SSPWorker(store, me, num_workers, parallel.staleness, timeout_s, run_id=run_id,
