@@ -18,6 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.num_epochs = 10
+  config.max_steps = 0  # >0: stop every training phase after this many steps (smoke runs).
   config.log_every_steps = 100
   config.eval_every_epochs = 1
   config.checkpoint_every_steps = 500

@@ -52,8 +52,8 @@ def main(argv: list[str]) -> None:
   config_validation.validate(config)
   # Imported after distributed initialisation: importing TF/tfds first is harmless, but
   # keeping JAX device use after initialize() is the documented order.
-  from pdcnno_jax.train import trainer  # pylint: disable=g-import-not-at-top
-  report = trainer.train_and_evaluate(config, _WORKDIR.value)
+  from pdcnno_jax import experiment  # pylint: disable=g-import-not-at-top
+  report = experiment.train_and_evaluate(config, _WORKDIR.value)
   if joined and ssp:  # With recoverability, process 0 must leave last.
     from pdcnno_jax.parallel.ssp import coordination  # pylint: disable=g-import-not-at-top
     coordination.shutdown(coordination.CoordinationStore())
@@ -74,7 +74,7 @@ def run() -> None:
   """Console entry point that turns config errors into one clear line, not a traceback."""
   # Errors whose message says what is wrong and how to fix it: no traceback.
   from pdcnno_jax.data.datasets import DatasetNotFoundError  # pylint: disable=g-import-not-at-top
-  from pdcnno_jax.train.trainer import NonFiniteLossError  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.loop.checks import NonFiniteLossError  # pylint: disable=g-import-not-at-top
   try:
     app.run(main, flags_parser=_parse_flags)
   except config_validation.ConfigError as e:
