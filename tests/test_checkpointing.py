@@ -13,8 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pdcnno_jax import config_lib
 from pdcnno_jax.train import checkpointing
 from pdcnno_jax.train import state as state_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _state(scale=1.0, width=6, step=0):
@@ -264,3 +267,17 @@ def test_health_problem_thresholds_and_zero_disables():
   assert 'loss is inf' in checkpointing.health_problem(param_norm=1.0, loss=float('inf'),
                                                        max_loss_ratio=0, max_norm_ratio=0,
                                                        **common)
+
+
+def test_from_config_reads_the_default_keys(tmp_path):
+  config = config_lib.load_config(os.path.join(REPO, 'configs', 'default.py'))
+  checkpointer = checkpointing.Checkpointer.from_config(str(tmp_path / 'ckpt'), config)
+  checkpointer.save(1, _state(step=1), {}, loss=0.3)
+  with pytest.raises(checkpointing.UnhealthyStateError,
+                     match='checkpoint_max_norm_ratio=100 x'):
+    checkpointer.save(2, _state(scale=101, step=2), {}, loss=0.3)
+  with pytest.raises(checkpointing.UnhealthyStateError,
+                     match='checkpoint_max_loss_ratio=100 x'):
+    checkpointer.save(2, _state(step=2), {}, loss=31.0)
+  checkpointer.save(2, _state(scale=99, step=2), {}, loss=29.0)
+  checkpointer.close()

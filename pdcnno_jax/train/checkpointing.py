@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import logging as std_logging
 import math
 import os
 import re
@@ -215,6 +216,28 @@ def _local_target(metadata_tree: Any) -> Any:
                       metadata_tree)
 
 
+class _DiskFullTracebacks(std_logging.Filter):
+  """Drops the tracebacks orbax logs from its threads for a full disk (one line each stays).
+
+  The failure reaches the caller as one ``CheckpointWriteError`` line; without this filter
+  the reason is buried in hundreds of lines of the same chained traceback.
+  """
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    if error is not None and f'{os.sep}orbax{os.sep}' in record.pathname and (
+        _os_error_text(error).endswith(f'(errno {errno.ENOSPC})')):
+      record.exc_info, record.exc_text = None, None
+      record.msg, record.args = f'{record.getMessage()} [{_os_error_text(error)}]', ()
+    return True
+
+
+def _quiet_disk_full_tracebacks() -> None:
+  logger = std_logging.getLogger('absl')
+  if not any(isinstance(f, _DiskFullTracebacks) for f in logger.filters):
+    logger.addFilter(_DiskFullTracebacks())
+
+
 @dataclasses.dataclass
 class _KeepLatestAndLastGood:
   """Orbax preservation policy: the newest ``n`` steps not known bad, plus the last good."""
@@ -257,6 +280,7 @@ class Checkpointer:
     self._reference_norm: float | None = None
     self._scanned = False
     self._incomplete = self._warn_incomplete()
+    _quiet_disk_full_tracebacks()
     policy = _KeepLatestAndLastGood(
         keep, lambda: {s for s, why in self._status.items() if why is not None},
         lambda: self._good)
