@@ -78,6 +78,7 @@ _DAMAGE = {
     'truncated_data_file': lambda d: _truncate(_biggest_data_file(d, 2)),
     'deleted_data_file': lambda d: os.remove(_biggest_data_file(d, 2)),
     'deleted_meta': lambda d: os.remove(os.path.join(d, '2', 'meta', 'metadata')),
+    'deleted_array_metadata': lambda d: os.remove(os.path.join(d, '2', 'state', '_METADATA')),
     'deleted_checksums': lambda d: shutil.rmtree(os.path.join(d, '2', 'checksums')),
     'tmp_dir_left_behind': lambda d: _incomplete(d, 2),
 }

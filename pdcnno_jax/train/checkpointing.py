@@ -381,6 +381,8 @@ class Checkpointer:
       _Corrupt: the step is unreadable or fails a checksum.
       CheckpointMismatchError: the step's tree differs from ``target``.
     """
+    if not os.path.isdir(os.path.join(self.directory, str(step), CHECKSUM_ITEM)):
+      raise _Corrupt('it has no checksum record (deleted, or written by an older version)')
     try:
       jsons = self._manager.restore(step, args=ocp.args.Composite(
           meta=ocp.args.JsonRestore(), **{CHECKSUM_ITEM: ocp.args.JsonRestore()}))
