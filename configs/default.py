@@ -23,6 +23,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_epochs = 1
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
+  # A checkpoint is refused (the run stops, naming the last good one) when the loss of the last
+  # log window is above this x the best seen, or the global parameter norm above this x that
+  # of the last good checkpoint: far beyond a healthy run (this config: windows at most 1.05x
+  # the best loss before them, final norm 1.42x the initial one), met at once by a diverging
+  # one. 0 disables either check (finite parameters are always required). The last good
+  # checkpoint is never rotated out.
+  config.checkpoint_max_loss_ratio = 100.0
+  config.checkpoint_max_norm_ratio = 100.0
 
   # --- data (pdcnno_jax/data) ---
   config.data = ml_collections.ConfigDict()
