@@ -100,9 +100,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   os.makedirs(workdir, exist_ok=True)
   exp = setup(config, workdir)
   mode = modes.get_mode(exp.config.parallel.mode)
-  checkpointer = checkpointing.Checkpointer(
-      os.path.join(workdir, 'checkpoints'),
-      keep=exp.config.keep_checkpoints) if mode.USES_CHECKPOINTER else None
+  checkpointer = checkpointing.Checkpointer.from_config(
+      os.path.join(workdir, 'checkpoints'), exp.config) if mode.USES_CHECKPOINTER else None
   resumed_from = checkpointer.latest_step() if checkpointer else None
   if resumed_from is not None:
     saving.restore_meta(exp, checkpointer.read_meta())
@@ -115,6 +114,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     metrics_lib.log_line(f'Resuming from step {resumed_from} in {workdir}.')
   else:
     state = stages.run_stages(exp, state, tx, checkpointer)
+    if checkpointer:
+      checkpointer.set_norm_reference(state.params)
 
   state, mode_report = mode.train(exp, state, tx=tx, checkpointer=checkpointer)
   if mode_report:

@@ -187,7 +187,7 @@ def test_round_checkpoints_record_the_resume_point(job):
   results, _, _ = job
   meta = results[0]['meta']
   assert meta['phase'] == 'mapreduce'
-  resume = meta['stage_reports']['mapreduce_resume']
+  resume = meta['mode_resume']
   assert resume['next_round'] == _ROUNDS
   assert resume['num_workers'] == _NUM_PROCESSES
   assert resume['blocks'] == results[0]['report']['rounds'][-1]['next_blocks']

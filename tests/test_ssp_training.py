@@ -93,6 +93,18 @@ def test_worker_checkpoint_round_trip_and_mismatch(tmp_path):
   with pytest.raises(serialization.PayloadError, match='does not match'):
     worker_checkpoints.load_worker_checkpoint(directory, state.replace(opt_state=()))
 
+  # A corrupted newest snapshot is skipped: the worker rejoins from the older intact one.
+  older = {'next_clock': np.asarray(5, np.int64), 'applied': np.asarray([4, 3], np.int64)}
+  worker_checkpoints.save_worker_checkpoint(directory, 5, state, older)
+  newest = worker_checkpoints.list_worker_checkpoints(directory)[-1]
+  with open(newest, 'r+b') as f:
+    f.seek(200)
+    byte = f.read(1)
+    f.seek(200)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  _, fallback_ssp = worker_checkpoints.load_worker_checkpoint(directory, state)
+  np.testing.assert_array_equal(fallback_ssp['applied'], [4, 3])
+
 
 def test_report_figures():
   from pdcnno_jax.parallel.ssp import report as ssp_report  # pylint: disable=g-import-not-at-top

@@ -64,7 +64,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(data_dir
   config = tiny_config(data_dir, num_epochs=2, log_every_steps=1, checkpoint_every_steps=1)
   config.optimizer.learning_rate = 1e9
   config.optimizer.schedule = 'constant'
-  with pytest.raises(checks.NonFiniteLossError, match='learning_rate'):
+  with pytest.raises(checks.DivergedError, match="learning_rate"):
     experiment.train_and_evaluate(config, workdir)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(

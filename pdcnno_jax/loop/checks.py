@@ -5,8 +5,12 @@ from __future__ import annotations
 import math
 
 
-class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN or inf; the run stops and its last good checkpoint stays."""
+class DivergedError(FloatingPointError):
+  """Training diverged; the run stops before saving the bad state (the last good one stays)."""
+
+
+class NonFiniteLossError(DivergedError):
+  """The training loss became NaN or inf."""
 
 
 def non_finite_message(loss: float, *, where: str, last_good: int | None,

@@ -36,11 +36,19 @@ def architecture_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def save(exp: context.Experiment, checkpointer: checkpointing.Checkpointer,
-         state: state_lib.TrainState, *, phase: str) -> None:
+         state: state_lib.TrainState, *, phase: str, loss: float | None = None) -> None:
   """Saves ``state`` (once per step) with the metadata `restore_meta` reads.
 
+  Args:
+    exp: the experiment (architecture, stage reports and mode resume data go in the meta).
+    checkpointer: the run's checkpointer (it checks the state's health before writing).
+    state: the state to save.
+    phase: the phase that saves (recorded in the meta).
+    loss: mean training loss of the last log window, for the health check (None: skip it).
+
   Raises:
-    checks.NonFiniteLossError: the state holds NaN/inf values (it is not written).
+    checks.DivergedError: the state is not healthy (NaN/inf, loss or parameter norm exploded);
+      it is not written and the last good checkpoint is kept.
   """
   step = int(jax.device_get(state.step))
   if checkpointer.latest_step() == step:
@@ -50,11 +58,11 @@ def save(exp: context.Experiment, checkpointer: checkpointing.Checkpointer,
           'mode_resume': jsonable(exp.mode_resume)}
   with exp.timer.phase('checkpoint'):
     try:
-      checkpointer.save(step, state, meta)
-    except checkpointing.NonFiniteStateError as e:
-      raise checks.NonFiniteLossError(
-          f'{e} Lower config.optimizer.learning_rate or set '
-          'config.optimizer.grad_clip_norm.') from None
+      checkpointer.save(step, state, meta, loss=loss)
+    except checkpointing.UnhealthyStateError as e:
+      raise checks.DivergedError(
+          f'{e} Lower config.optimizer.learning_rate, add config.optimizer.warmup_epochs or '
+          'set config.optimizer.grad_clip_norm.') from None
   faults.maybe_kill(faults.STEP_ENV, step)
 
 

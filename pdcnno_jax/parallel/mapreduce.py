@@ -462,7 +462,7 @@ def train(exp: context.Experiment, state: state_lib.TrainState, *, tx,
     _log_round(exp, step, figures_round)
     checks.check_finite_loss(
         figures_round['loss'], where=f'MapReduce round {round_index}',
-        last_good=checkpointer.latest_step() if checkpointer else None, workdir=exp.workdir)
+        last_good=checkpointer.last_good_step() if checkpointer else None, workdir=exp.workdir)
 
     stop = 0 < config.max_steps <= step
     last = round_index == total_rounds - 1 or stop
@@ -479,7 +479,8 @@ def train(exp: context.Experiment, state: state_lib.TrainState, *, tx,
           'num_workers': num_workers, 'blocks_per_round': plan.blocks_per_round,
           'rounds': rounds}
       global_state = global_state or placement.to_global(local_state, exp.mesh)
-      saving.save(exp, checkpointer, global_state, phase='mapreduce')
+      saving.save(exp, checkpointer, global_state, phase='mapreduce',
+                  loss=figures_round['loss'])
       last_saved_step = step
     if stop:
       break

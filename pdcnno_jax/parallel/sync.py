@@ -55,7 +55,7 @@ def train(exp: context.Experiment, state: state_lib.TrainState, *, tx,
 
 
 def _last_good(checkpointer: checkpointing.Checkpointer | None) -> int | None:
-  return checkpointer.latest_step() if checkpointer else None
+  return checkpointer.last_good_step() if checkpointer else None
 
 
 def train_epochs(exp: context.Experiment, state: state_lib.TrainState, *,
@@ -99,7 +99,7 @@ def train_epochs(exp: context.Experiment, state: state_lib.TrainState, *,
   eval_step = steps_lib.make_eval_step(exp.graphdef, exp.preprocess, exp.mesh)
   progress = metrics_lib.Progress(total_steps, batch, first_step=step)
   window = windows.MetricWindow()
-  compiled = None
+  compiled, loss = None, None
   epoch = step // steps_per_epoch
   while step < total_steps:
     batches = input_pipeline.train_batches(
@@ -118,21 +118,22 @@ def train_epochs(exp: context.Experiment, state: state_lib.TrainState, *,
       if periodic.every(step, config.log_every_steps, total_steps):
         with exp.timer.phase(phase):
           mean = window.mean()
-        checks.check_finite_loss(mean['loss'], where=f'step {step} ({log_prefix})',
+        loss = mean['loss']
+        checks.check_finite_loss(loss, where=f'step {step} ({log_prefix})',
                                  last_good=_last_good(checkpointer), workdir=exp.workdir)
         text, rates = progress.line(step, mean)
         metrics_lib.log_line(f'[{log_prefix}] {text}')
         if exp.writer:
           exp.writer.write(step, {**mean, **rates}, prefix=log_prefix)
       if checkpointer and periodic.every(step, config.checkpoint_every_steps, last=False):
-        saving.save(exp, checkpointer, state, phase=log_prefix)
+        saving.save(exp, checkpointer, state, phase=log_prefix, loss=loss)
     epoch += 1
     if eval_split and (periodic.every(epoch, config.eval_every_epochs, last=False)
                        or step >= total_steps):
       evaluation.evaluate_and_log(exp, state, eval_split, eval_step, step=step,
                                   label=f'[{log_prefix}] epoch {epoch}')
     if checkpointer:
-      saving.save(exp, checkpointer, state, phase=log_prefix)
+      saving.save(exp, checkpointer, state, phase=log_prefix, loss=loss)
   return state
 
 
@@ -215,5 +216,5 @@ def train_full_batch(exp: context.Experiment, state: state_lib.TrainState, *, tx
         evaluation.evaluate_and_log(exp, state, eval_split, eval_step, step=step,
                                     label=f'[cgmse full batch] iteration {step}')
       if checkpointer:
-        saving.save(exp, checkpointer, state, phase='train')
+        saving.save(exp, checkpointer, state, phase='train', loss=float(values['loss']))
   return state

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
 from pdcnno_jax.parallel.ssp import serialization
 
@@ -85,18 +86,30 @@ def list_worker_checkpoints(directory: str) -> list[str]:
   return sorted(paths, key=lambda p: int(_CHECKPOINT_PATTERN.search(p).group(1)))
 
 
+def _read_intact(paths: list[str]) -> tuple[str, dict[str, np.ndarray]] | None:
+  """The newest of ``paths`` whose payload passes its checksum, decoded; None if none does."""
+  for path in reversed(paths):
+    try:
+      with open(path, 'rb') as f:
+        return path, serialization.decode_flat(f.read())
+    except (OSError, serialization.PayloadError) as e:
+      logging.warning('Skipping SSP checkpoint %s: %s', path, e)
+  return None
+
+
 def load_worker_checkpoint(directory: str, like: Any) -> tuple[Any, dict[str, np.ndarray]] | None:
-  """Newest checkpoint of ``directory`` as ``(host state like ``like``, SSP state)``, or None.
+  """Newest intact checkpoint of ``directory`` as ``(host state like ``like``, SSP state)``.
+
+  A checkpoint that is unreadable or fails its checksum is skipped with a warning, so one
+  corrupt file does not stop a worker from rejoining; None when no intact one exists.
 
   Raises:
     serialization.PayloadError: when the checkpoint does not match ``like`` (a different model).
   """
-  paths = list_worker_checkpoints(directory)
-  if not paths:
+  found = _read_intact(list_worker_checkpoints(directory))
+  if found is None:
     return None
-  with open(paths[-1], 'rb') as f:
-    payload = f.read()
-  flat = serialization.decode_flat(payload)
+  path, flat = found
   ssp_state = {'next_clock': flat.pop("['ssp']['next_clock']"),
                'applied': flat.pop("['ssp']['applied']")}
   host_like = to_host(like)
@@ -104,7 +117,7 @@ def load_worker_checkpoint(directory: str, like: Any) -> tuple[Any, dict[str, np
   paths_expected = ["['state']" + jax.tree_util.keystr(p) for p, _ in leaves]
   if set(paths_expected) != set(flat):
     raise serialization.PayloadError(
-        f'SSP checkpoint {paths[-1]} does not match the current model/optimizer; delete '
+        f'SSP checkpoint {path} does not match the current model/optimizer; delete '
         f'{directory} (or use a new workdir) to start this worker afresh.')
   host = jax.tree_util.tree_unflatten(treedef, [np.array(flat[p]) for p in paths_expected])
   return from_host(host, like), ssp_state
