@@ -2,7 +2,7 @@ r"""CGMSE vs jaxopt's nonlinear CG and optax L-BFGS on deterministic problems.
 
 Counts iterations and gradient evaluations until the iterate is within 1e-5
 (max-norm) of the nearest known minimiser, for every problem of
-``pdcnno_jax.optim.test_problems.suite()``, all solvers side by side in one run
+``pdcnno_jax.testing.problems.suite()``, all solvers side by side in one run
 and in float64. Gradient evaluations are value-and-gradient calls, the
 starting point's included:
 
@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 from pdcnno_jax.optim import cgmse as cgmse_lib
-from pdcnno_jax.optim import test_problems
+from pdcnno_jax.testing import problems
 
 _MAX_ITERATIONS = flags.DEFINE_integer(
     'max_iterations', 2000, 'Iteration cap per solver and problem.')
@@ -45,7 +45,7 @@ _TOLERANCE = flags.DEFINE_float(
 Result = tuple[int, int, bool]  # (iterations, gradient evaluations, converged)
 
 
-def _run_until(problem: test_problems.Problem, init: Callable, step: Callable,
+def _run_until(problem: problems.Problem, init: Callable, step: Callable,
                evals: Callable, max_iterations: int, tol: float) -> Result:
   """Iterates ``step`` until the problem's distance to a minimiser <= tol."""
   params, state = init(jnp.asarray(problem.x0))
@@ -145,7 +145,7 @@ def main(argv):
   print('cells: iterations / gradient evaluations (">": not converged by the '
         'cap, a lower bound)\n')
 
-  problems = test_problems.suite()
+  problems = problems.suite()
   results = {}
   header = f'{"problem":24s}' + ''.join(f'{name:>17s}' for name in SOLVERS)
   print(header)
@@ -165,7 +165,7 @@ def main(argv):
           k for k in SOLVERS if k.startswith('jaxopt')),
   }
   for title, names in (
-      ('the five problems of issue #4', test_problems.CORE_PROBLEMS),
+      ('the five problems of issue #4', problems.CORE_PROBLEMS),
       ('all problems', [p.name for p in problems])):
     medians = {
         solver: float(np.median([results[p, solver][1] for p in names]))
