@@ -15,7 +15,7 @@ starting point's included:
   (``c2=.1``, see ``_jaxopt_runner``): ``state.num_grad_eval``.
 * optax.lbfgs (default settings): ``1 + sum of num_linesearch_steps``.
 
-The bar (issue #4): on the median problem, CGMSE needs no more gradient
+The bar: on the median problem, CGMSE needs no more gradient
 evaluations than jaxopt's best CG; "best" is the configuration with the
 lowest median, over jaxopt's defaults alone and over all four. Run as
 ``python benchmarks/bench_cgmse_problems.py [--max_iterations=2000]``.
@@ -145,12 +145,12 @@ def main(argv):
   print('cells: iterations / gradient evaluations (">": not converged by the '
         'cap, a lower bound)\n')
 
-  problems = problems.suite()
+  suite = problems.suite()
   results = {}
   header = f'{"problem":24s}' + ''.join(f'{name:>17s}' for name in SOLVERS)
   print(header)
   print('-' * len(header))
-  for problem in problems:
+  for problem in suite:
     row = f'{problem.name:24s}'
     for name, make in SOLVERS.items():
       init, step, evals = make(problem)
@@ -165,8 +165,8 @@ def main(argv):
           k for k in SOLVERS if k.startswith('jaxopt')),
   }
   for title, names in (
-      ('the five problems of issue #4', problems.CORE_PROBLEMS),
-      ('all problems', [p.name for p in problems])):
+      ('the five core problems', problems.CORE_PROBLEMS),
+      ('all problems', [p.name for p in suite])):
     medians = {
         solver: float(np.median([results[p, solver][1] for p in names]))
         for solver in SOLVERS}
