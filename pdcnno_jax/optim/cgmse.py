@@ -488,12 +488,10 @@ def scale_by_cgmse(
 ) -> optax.GradientTransformationExtraArgs:
   r"""CGMSE search direction times a strong-Wolfe step (or a fixed step).
 
-  The returned updates are the full step ``alpha_k d_k``: apply them with
-  :func:`optax.apply_updates`. ``update`` takes
-  ``(updates, state, params, *, value, grad=None, value_fn=None, **fn_kwargs)``
-  where ``updates``/``grad`` is ``g_k``, ``value`` is ``f_k`` on the current
-  data, ``value_fn(params, **fn_kwargs)`` is the objective on that data, and
-  ``fn_kwargs`` are its extra inputs (e.g. ``batch=...``).
+  The updates are the full step ``alpha_k d_k`` (apply with :func:`optax.apply_updates`).
+  ``update(updates, state, params, *, value, grad=None, value_fn=None, **fn_kwargs)``:
+  ``updates``/``grad`` is ``g_k``, ``value`` is ``f_k`` on the current data, and
+  ``value_fn(params, **fn_kwargs)`` is the objective on that data (e.g. ``batch=...``).
 
   Args:
     mode: ``'full_batch'`` (fixed objective, curvature from the previous
@@ -554,16 +552,10 @@ def scale_by_cgmse(
       initial_guess=initial_guess, max_guess_growth=max_guess_growth,
       curvature_rtol=curvature_rtol, descent_rtol=descent_rtol)
   linesearch = optax.scale_by_zoom_linesearch(
-      max_linesearch_steps=max_linesearch_steps,
-      max_learning_rate=max_learning_rate,
-      slope_rtol=slope_rtol,
-      curv_rtol=curv_rtol,
-      approx_dec_rtol=approx_dec_rtol,
-      increase_factor=increase_factor,
-      stepsize_precision=stepsize_precision,
-      initial_guess_strategy='keep',  # We hand it our own guess.
-      verbose=verbose,
-  )
+      max_linesearch_steps=max_linesearch_steps, max_learning_rate=max_learning_rate,
+      slope_rtol=slope_rtol, curv_rtol=curv_rtol, approx_dec_rtol=approx_dec_rtol,
+      increase_factor=increase_factor, stepsize_precision=stepsize_precision,
+      initial_guess_strategy='keep', verbose=verbose)  # We hand it our own guess.
 
   def update_fn(
       updates: optax.Updates,
