@@ -36,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   config.data.name = 'fashion_mnist'  # mnist | fashion_mnist | emnist/digits | svhn_cropped | imagenet2012
   config.data.data_dir = 'data/tfds'  # TFDS data_dir; `python -m pdcnno_jax.data.idx_import` fills it offline.
+  config.data.download = False  # True: TFDS downloads and prepares a missing data set (Colab).
   config.data.batch_size = 128  # Global batch, split over every device of every process.
   config.data.eval_batch_size = 1000
   config.data.validation_holdout = 0  # Training images held out for validation (svhn: 6000).

@@ -1,0 +1,14 @@
+"""Helpers shared by the tests and benchmarks: default configs, models, data, problems.
+
+* `config.py`: configs/default.py and its sections with overrides, so that tests start
+  from the complete defaults instead of partial ConfigDicts.
+* `models.py`: quickly initialised models and synthetic learnable IDX data sets.
+* `problems.py`: unconstrained optimisation problems with known minimisers (CGMSE tests
+  and benchmarks).
+"""
+
+from pdcnno_jax.testing.config import default_config, section
+from pdcnno_jax.testing.models import make_idx_dataset, random_model, synthetic_images
+
+__all__ = ['default_config', 'make_idx_dataset', 'random_model', 'section',
+           'synthetic_images']
