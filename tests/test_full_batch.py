@@ -8,6 +8,7 @@ import optax
 import pytest
 from flax import nnx
 
+from pdcnno_jax import testing
 from pdcnno_jax.models import factory
 from pdcnno_jax.optim import cgmse
 from pdcnno_jax.parallel import sync
@@ -28,9 +29,7 @@ def _setup(name, tx, devices=1, batch_norm=False):
   return graphdef, sharding.replicate(state, mesh), mesh, shape
 
 
-def _batch(shape, n, mesh, seed=0):
-  import test_steps  # pylint: disable=g-import-not-at-top
-  return test_steps._batch(shape, n, mesh, seed)  # pylint: disable=protected-access
+_batch = testing.random_batch
 
 
 @pytest.mark.parametrize('devices', [1, 8])

@@ -10,13 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import mode_fixtures
 from pdcnno_jax.data import input_pipeline
 from pdcnno_jax.loop import batching
 from pdcnno_jax.loop import saving
 from pdcnno_jax.parallel import collectives
 from pdcnno_jax.parallel import mapreduce
 from pdcnno_jax.parallel import sync
+from pdcnno_jax.testing import experiments as mode_fixtures
 from pdcnno_jax.train import checkpointing
 from pdcnno_jax.train import sharding as sharding_lib
 from pdcnno_jax.train import state as state_lib

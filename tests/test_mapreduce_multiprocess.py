@@ -79,7 +79,7 @@ def _worker(argv):
   from pdcnno_jax.parallel import slowdown  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  import mode_fixtures  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.testing import experiments as mode_fixtures  # pylint: disable=g-import-not-at-top
 
   # 2560 examples = 40 blocks of 64 = one local batch (128 // 2 processes) each; 1 round per
   # epoch. Steps of 64 examples keep the scheduler's jitter small next to a step.

@@ -35,8 +35,8 @@ _HEARTBEAT_S = 2.0
 
 
 def _fixtures():
-  """tests/mode_fixtures.py, imported late: worker processes import JAX after initialising."""
-  import mode_fixtures  # pylint: disable=g-import-not-at-top
+  """pdcnno_jax.testing.experiments, imported late: worker processes import JAX after initialising."""
+  from pdcnno_jax.testing import experiments as mode_fixtures  # pylint: disable=g-import-not-at-top
   return mode_fixtures
 
 

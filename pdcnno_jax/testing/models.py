@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import os
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -22,6 +23,7 @@ from flax import nnx
 
 from pdcnno_jax.models import factory
 from pdcnno_jax.testing import config as default_configs
+from pdcnno_jax.train import sharding as sharding_lib
 
 
 def _write_idx(path: str, array: np.ndarray) -> None:
@@ -108,3 +110,12 @@ def random_model(config: ml_collections.ConfigDict, input_shape: tuple[int, int,
   from pdcnno_jax.pruning import masking  # pylint: disable=g-import-not-at-top
   return nnx.merge(graphdef, masking.map_with_paths(init, params),
                    masking.map_with_paths(init, rest))
+
+
+def random_batch(image_shape: tuple[int, int, int], num: int, mesh: jax.sharding.Mesh,
+                 seed: int = 0, num_classes: int = 10) -> dict[str, jax.Array]:
+  """A random uint8 image batch with int32 labels, sharded over ``mesh``'s data axis."""
+  rng = np.random.default_rng(seed)
+  batch = {'image': rng.integers(0, 256, (num,) + tuple(image_shape), dtype=np.uint8),
+           'label': rng.integers(0, num_classes, (num,), dtype=np.int32)}
+  return jax.device_put(batch, sharding_lib.batch_sharded(mesh))

@@ -1,32 +1,20 @@
-"""Shared fixtures of the training-mode tests: a tiny learnable data set and its experiment.
+"""Fixtures of the training-mode tests: a tiny learnable in-memory data set and its experiment.
 
-Used by test_mapreduce.py, test_mapreduce_multiprocess.py and test_ssp_training.py (also from
-the worker processes those tests start).
+Used by the MapReduce and SSP tests, also from the worker processes those tests start.
 """
 
+from __future__ import annotations
+
 import functools
-import importlib.util
-import os
 
 import jax
 import numpy as np
 
 from pdcnno_jax.data import input_pipeline
 from pdcnno_jax.loop import context
+from pdcnno_jax.testing import config as config_testing
 from pdcnno_jax.train import sharding as sharding_lib
 from pdcnno_jax.train import state as state_lib
-
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              'configs', 'default.py')
-
-
-def default_config():
-  """configs/default.py's config (every key at its default)."""
-  spec = importlib.util.spec_from_file_location('default_config', DEFAULT_CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
 
 def quadrants_dataset(num_train=256, seed=0) -> input_pipeline.Dataset:
   """Tiny learnable 28x28 data set: the label is the brightest of 4 image quadrants."""
@@ -49,7 +37,7 @@ def quadrants_dataset(num_train=256, seed=0) -> input_pipeline.Dataset:
 
 def mapreduce_config(**parallel):
   """A 2-epoch MapReduce config on batch 32 with a checkpoint every step."""
-  config = default_config()
+  config = config_testing.default_config()
   config.num_epochs = 2
   config.data.batch_size = 32
   config.data.eval_batch_size = 64
