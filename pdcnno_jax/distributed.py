@@ -7,11 +7,19 @@ Three ways a process learns it is part of a multi-process job:
     from the environment (SLURM_* variables, TPU metadata);
   * neither: a single process, nothing to initialise.
 
-On CPU, cross-process collectives use gloo (set before initialisation).
+Network exposure. Process 0 hosts JAX's coordination service (gRPC, no authentication: any
+client that reaches the port can read and write the job's key-value store, which SSP uses
+as its parameter store). With a loopback coordinator address (local launches) the service
+binds to 127.0.0.1 and CPU collectives (gloo, one TCP listener per process on a random
+port) bind to 127.0.0.1 too. On a cluster the service binds to ``bind_address`` when one is
+given, else to every interface (JAX's default, logged as a warning); restrict the port to
+the job's hosts with a firewall or a private network.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 
 import jax
@@ -19,6 +27,9 @@ from absl import logging
 
 _CLUSTER_ENV_HINTS = ('SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS',
                       'OMPI_COMM_WORLD_SIZE')
+# Read by jax.distributed.initialize when no coordinator_bind_address argument is given.
+_BIND_ENV = 'JAX_COORDINATOR_BIND_ADDRESS'
+LOOPBACK = '127.0.0.1'
 
 
 def cluster_detected() -> bool:
@@ -26,10 +37,98 @@ def cluster_detected() -> bool:
   return any(name in os.environ for name in _CLUSTER_ENV_HINTS)
 
 
+def split_address(address: str, what: str = '--coordinator_address') -> tuple[str, int]:
+  """``(host, port)`` of ``'host:port'`` (IPv6 hosts in brackets); ValueError if malformed."""
+  host, sep, port = address.rpartition(':')
+  if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise ValueError(f"{what}={address!r} must be 'host:port' with a port in 1..65535, "
+                     "e.g. '127.0.0.1:12355'.")
+  return host.strip('[]'), int(port)
+
+
+def is_loopback(host: str) -> bool:
+  """Whether ``host`` (a name or an IP address) is this machine's loopback interface."""
+  if host == 'localhost':
+    return True
+  try:
+    return ipaddress.ip_address(host).is_loopback
+  except ValueError:
+    return False
+
+
+def coordinator_bind_address(coordinator_address: str | None,
+                             bind_address: str | None = None) -> str | None:
+  """The address process 0's coordination service listens on.
+
+  Args:
+    coordinator_address: ``host:port`` the processes connect to (None: auto-detected).
+    bind_address: ``host:port`` given by the user (``--coordinator_bind_address``).
+
+  Returns:
+    ``bind_address`` when given; ``127.0.0.1:<port>`` for a loopback coordinator address;
+    otherwise None (JAX binds to every interface).
+  """
+  if bind_address:
+    split_address(bind_address, '--coordinator_bind_address')
+    return bind_address
+  if coordinator_address is None:
+    return None
+  host, port = split_address(coordinator_address)
+  return f'{LOOPBACK}:{port}' if is_loopback(host) else None
+
+
+@contextlib.contextmanager
+def _bind_env(address: str | None):
+  """Sets JAX's bind-address variable for one ``initialize`` call (either start-up path)."""
+  previous = os.environ.get(_BIND_ENV)
+  if address is not None:
+    os.environ[_BIND_ENV] = address
+  try:
+    yield
+  finally:
+    if previous is None:
+      os.environ.pop(_BIND_ENV, None)
+    else:
+      os.environ[_BIND_ENV] = previous
+
+
+def use_loopback_cpu_collectives() -> bool:
+  """Makes gloo (CPU collectives between processes) listen on 127.0.0.1.
+
+  By default gloo binds to the address the machine's host name resolves to, which may be a
+  network interface. JAX has no public option for it: this registers the CPU backend with
+  gloo collectives on 127.0.0.1 (``make_gloo_tcp_collectives(hostname=...)``). Call it after
+  ``jax.distributed.initialize`` and before the first JAX computation.
+
+  Returns:
+    Whether it took effect (False, with a warning, on a JAX without these internals or
+    when the CPU backend already exists).
+  """
+  try:
+    # pylint: disable=g-import-not-at-top
+    from jax._src import distributed as jax_distributed
+    from jax._src import xla_bridge
+    from jax._src.lib import _jax
+    # pylint: enable=g-import-not-at-top
+
+    def cpu_client():
+      collectives = _jax.make_gloo_tcp_collectives(
+          distributed_client=jax_distributed.global_state.client, hostname=LOOPBACK)
+      return xla_bridge.make_cpu_client(collectives=collectives)
+
+    xla_bridge.register_backend_factory('cpu', cpu_client, priority=0, fail_quietly=False)
+    return True
+  except (ImportError, AttributeError, TypeError, RuntimeError) as e:
+    logging.warning('gloo listens on the address of this host name, not only 127.0.0.1 '
+                    '(jax %s: %s).', jax.__version__, e)
+    return False
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, *, mode: str = 'auto',
                initialization_timeout: int = 300, recoverable: bool = False,
-               heartbeat_timeout_s: float | None = None) -> bool:
+               heartbeat_timeout_s: float | None = None,
+               bind_address: str | None = None) -> bool:
   """Joins the multi-process job if one is configured; returns whether it did.
 
   Args:
@@ -42,8 +141,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     recoverable: SSP training: start the runtime through
       ``parallel.ssp.coordination.initialize`` with recoverability on, so that a dead worker
       does not abort the others and may rejoin (end such a job with ``coordination.shutdown``).
-    heartbeat_timeout_s: with ``recoverable``, seconds without heartbeats after which the
-      coordination service counts a process as dead (None: 10).
+    heartbeat_timeout_s: seconds without heartbeats after which the coordination service
+      counts a process as dead and the others stop (None: 10 with ``recoverable``, else
+      JAX's 100).
+    bind_address: ``host:port`` process 0's coordination service listens on (see
+      `coordinator_bind_address` for the default).
 
   Raises:
     ValueError: for an inconsistent combination of arguments.
@@ -58,19 +160,27 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   if process_id is not None and num_processes is not None and not (
       0 <= process_id < num_processes):
     raise ValueError(f'--process_id={process_id} must be in [0, {num_processes}).')
+  bind = coordinator_bind_address(coordinator_address, bind_address)
+  if bind is None and process_id in (0, None):
+    logging.warning('The coordination service listens on every interface without '
+                    'authentication; pass --coordinator_bind_address=IP:PORT to restrict it.')
   # CPU devices of different processes talk over gloo (harmless on GPU/TPU hosts).
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  if recoverable:
-    from pdcnno_jax.parallel.ssp import coordination  # pylint: disable=g-import-not-at-top
-    coordination.initialize(coordinator_address, num_processes, process_id,
-                            heartbeat_timeout_s=10 if heartbeat_timeout_s is None
-                            else heartbeat_timeout_s,
-                            recoverable=True, initialization_timeout_s=initialization_timeout)
-  else:
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id,
-                               initialization_timeout=initialization_timeout)
-  logging.info('Joined job as process %d of %d (%d devices in all).', jax.process_index(),
-               jax.process_count(), jax.device_count())
+  with _bind_env(bind):
+    if recoverable:
+      from pdcnno_jax.parallel.ssp import coordination  # pylint: disable=g-import-not-at-top
+      coordination.initialize(coordinator_address, num_processes, process_id,
+                              heartbeat_timeout_s=10 if heartbeat_timeout_s is None
+                              else heartbeat_timeout_s,
+                              recoverable=True, initialization_timeout_s=initialization_timeout)
+    else:
+      timeouts = ({} if heartbeat_timeout_s is None else
+                  {'heartbeat_timeout_seconds': max(1, int(round(heartbeat_timeout_s)))})
+      jax.distributed.initialize(coordinator_address=coordinator_address,
+                                 num_processes=num_processes, process_id=process_id,
+                                 initialization_timeout=initialization_timeout, **timeouts)
+  if bind is not None and is_loopback(split_address(bind)[0]):
+    use_loopback_cpu_collectives()
+  logging.info('Joined job as process %d of %d (coordination service on %s).',
+               jax.process_index(), jax.process_count(), bind or 'every interface')
   return True
-
