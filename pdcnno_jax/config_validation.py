@@ -295,7 +295,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def checkpoint_bytes(config: ml_collections.ConfigDict) -> int:
-  """Bytes of one training-state checkpoint (parameters, model state, optimizer state)."""
+  """Bytes of one training-state checkpoint (step, parameters, model state, optimizer state)."""
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.optim import factory as optim_factory  # pylint: disable=g-import-not-at-top
@@ -303,7 +303,7 @@ def checkpoint_bytes(config: ml_collections.ConfigDict) -> int:
   model = abstract_model(config)
   _, params, model_state = nnx.split(model, nnx.Param, ...)
   opt_state = jax.eval_shape(tx.init, params)
-  leaves = jax.tree.leaves((params, model_state, opt_state))
+  leaves = jax.tree.leaves((jax.ShapeDtypeStruct((), 'int32'), params, model_state, opt_state))
   return int(sum(math.prod(x.shape) * x.dtype.itemsize for x in leaves if hasattr(x, 'dtype')))
 
 
