@@ -14,13 +14,22 @@ binds to 127.0.0.1 and CPU collectives (gloo, one TCP listener per process on a 
 port) bind to 127.0.0.1 too. On a cluster the service binds to ``bind_address`` when one is
 given, else to every interface (JAX's default, logged as a warning); restrict the port to
 the job's hosts with a firewall or a private network.
+
+Dead peers. In a job that needs every process (not SSP), `PeerWatchdog` ends a process whose
+peer stopped beating with one line on stderr, before JAX's runtime notices the missing
+heartbeats and aborts every process with a C++ stack trace.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ipaddress
 import os
+import sys
+import threading
+import time
+from typing import Callable
 
 import jax
 from absl import logging
@@ -30,6 +39,9 @@ _CLUSTER_ENV_HINTS = ('SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDIN
 # Read by jax.distributed.initialize when no coordinator_bind_address argument is given.
 _BIND_ENV = 'JAX_COORDINATOR_BIND_ADDRESS'
 LOOPBACK = '127.0.0.1'
+EXIT_PEER_LOST = 5  # Exit code of a process stopped because a peer is gone.
+_LIVENESS_DIR = 'pdcnno_liveness/'
+_DONE = 'done'
 
 
 def cluster_detected() -> bool:
@@ -124,6 +136,85 @@ def use_loopback_cpu_collectives() -> bool:
     return False
 
 
+def watch_limit_s(heartbeat_timeout_s: float, interval_s: float = 1.0) -> float:
+  """Seconds of peer silence after which `PeerWatchdog` stops this process.
+
+  JAX's client heartbeats every half timeout, so its service may declare a peer dead (and
+  abort everyone) half a timeout after the peer's last beat: the watchdog acts before that.
+  """
+  return max(1.0, heartbeat_timeout_s / 2 - 2 * interval_s)
+
+
+def _peer_lost(process_id: int, peer: int, silent_s: float) -> None:
+  what = ('process 0 (the coordination service) is unreachable' if peer == 0 and
+          silent_s < 0 else f'process {peer} stopped responding {abs(silent_s):.0f} s ago')
+  print(f'Error: {what} (dead, hung or cut off); this job needs every process, so process '
+        f'{process_id} stops too.', file=sys.stderr, flush=True)
+  os._exit(EXIT_PEER_LOST)
+
+
+class PeerWatchdog:
+  """Beats through the coordination service's key-value store and watches the peers' beats.
+
+  Each process increments its own counter every ``interval_s``; a peer whose counter has not
+  changed for ``limit_s`` (measured on this host's clock, so host clocks need not agree)
+  calls ``on_lost(process_id, peer, silent_s)``; an unreachable service counts as the death
+  of process 0 (``silent_s < 0``). A process that finishes marks itself done (`stop`, also
+  at exit) and is no longer watched.
+  """
+
+  def __init__(self, client, process_id: int, num_processes: int, limit_s: float, *,
+               interval_s: float = 1.0,
+               on_lost: Callable[[int, int, float], None] = _peer_lost):
+    self._client, self._id, self._n = client, process_id, num_processes
+    self._limit_s, self._interval_s, self._on_lost = limit_s, interval_s, on_lost
+    self._stopped = threading.Event()
+    self._thread = threading.Thread(target=self._run, name='PeerWatchdog', daemon=True)
+
+  def start(self) -> 'PeerWatchdog':
+    self._thread.start()
+    atexit.register(self.stop)  # Runs before JAX's own exit handler (registered earlier).
+    return self
+
+  def stop(self) -> None:
+    """Marks this process done and stops watching."""
+    if self._stopped.is_set():
+      return
+    self._stopped.set()
+    self._thread.join(timeout=2 * self._interval_s)
+    try:
+      self._client.key_value_set(f'{_LIVENESS_DIR}{self._id}', _DONE, allow_overwrite=True)
+    except Exception:  # pylint: disable=broad-except
+      pass  # The service is gone: nobody is left to watch this process.
+
+  def _run(self) -> None:
+    beats, seen, now = 0, {}, time.monotonic()
+    last_change = dict.fromkeys(range(self._n), now)
+    reached = now
+    while not self._stopped.wait(self._interval_s):
+      now = time.monotonic()
+      try:
+        beats += 1
+        self._client.key_value_set(f'{_LIVENESS_DIR}{self._id}', str(beats),
+                                   allow_overwrite=True)
+        values = dict(self._client.key_value_dir_get(_LIVENESS_DIR))
+        reached = now
+      except Exception:  # pylint: disable=broad-except
+        if now - reached > self._limit_s and not self._stopped.is_set():
+          self._on_lost(self._id, 0, -(now - reached))
+          return
+        continue
+      for peer in range(self._n):
+        value = values.get(f'{_LIVENESS_DIR}{peer}')
+        if peer == self._id or value == _DONE:
+          last_change[peer] = now
+        elif value != seen.get(peer):
+          seen[peer], last_change[peer] = value, now
+        elif now - last_change[peer] > self._limit_s and not self._stopped.is_set():
+          self._on_lost(self._id, peer, now - last_change[peer])
+          return
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, *, mode: str = 'auto',
                initialization_timeout: int = 300, recoverable: bool = False,
@@ -142,8 +233,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       ``parallel.ssp.coordination.initialize`` with recoverability on, so that a dead worker
       does not abort the others and may rejoin (end such a job with ``coordination.shutdown``).
     heartbeat_timeout_s: seconds without heartbeats after which the coordination service
-      counts a process as dead and the others stop (None: 10 with ``recoverable``, else
-      JAX's 100).
+      counts a process as dead (None: 10 with ``recoverable``, else JAX's 100). Without
+      ``recoverable`` a `PeerWatchdog` stops the survivors after `watch_limit_s` of it.
     bind_address: ``host:port`` process 0's coordination service listens on (see
       `coordinator_bind_address` for the default).
 
@@ -181,6 +272,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                                  initialization_timeout=initialization_timeout, **timeouts)
   if bind is not None and is_loopback(split_address(bind)[0]):
     use_loopback_cpu_collectives()
+  if not recoverable and jax.process_count() > 1:
+    from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+    PeerWatchdog(jax_distributed.global_state.client, jax.process_index(), jax.process_count(),
+                 watch_limit_s(100 if heartbeat_timeout_s is None else heartbeat_timeout_s)
+                 ).start()
   logging.info('Joined job as process %d of %d (coordination service on %s).',
                jax.process_index(), jax.process_count(), bind or 'every interface')
   return True

@@ -177,6 +177,7 @@ class _Job:
     for p in self.procs:
       if p is not None and p.poll() is None:
         os.killpg(p.pid, signal.SIGTERM)
+        os.killpg(p.pid, signal.SIGCONT)  # A stopped (frozen) process acts on it at once.
     for p in self.procs:
       if p is None:
         continue
@@ -204,6 +205,11 @@ def _supervise(job: _Job, policy: str, max_restarts: int, restart_delay_s: float
       if code in (None, 0) or i in pending or i in given_up:
         continue
       how = describe_exit(code)
+      from pdcnno_jax import distributed  # pylint: disable=g-import-not-at-top
+      if code == distributed.EXIT_PEER_LOST:
+        job.say(f'process {i} stopped because a peer stopped responding (its last line says '
+                'which); stopping the others.')
+        return code
       if i == 0:
         job.say(f'process 0 {how}; it hosts the coordination service, so the job cannot '
                 'go on: stopping the others. Run the same command again to resume from the '

@@ -10,6 +10,7 @@ import io
 import os
 import re
 import signal
+import time
 
 import pytest
 
@@ -138,3 +139,62 @@ def test_local_job_listens_on_loopback_only(probes):
   assert len(found[0]) >= 2 and len(found[1]) >= 1, found
   for address, _ in found[0] + found[1]:
     assert distributed.is_loopback(address), found
+
+
+def test_a_frozen_peer_ends_the_survivor_with_one_line(probes):
+  out = io.StringIO()
+  code = launch_local.launch(2, ['--victim=1', '--heartbeat_s=10'], module='peer_probe',
+                             timeout_s=120, stdout=out)
+  survivor = [line for line in out.getvalue().splitlines() if line.startswith('[p0]')]
+  assert code == distributed.EXIT_PEER_LOST, out.getvalue()[-3000:]
+  assert any(line.startswith('[p0] Error: process 1 stopped responding') for line in survivor)
+  assert not any('Check failure' in line or 'Traceback' in line for line in survivor), survivor
+  assert 'launcher: process 0 stopped because a peer stopped responding' in out.getvalue()
+
+
+class _FakeStore:
+  """The key-value calls PeerWatchdog makes; ``fail`` makes them raise."""
+
+  def __init__(self):
+    self.values, self.fail = {}, False
+
+  def key_value_set(self, key, value, allow_overwrite=False):
+    if self.fail:
+      raise RuntimeError('UNAVAILABLE')
+    self.values[key] = value
+
+  def key_value_dir_get(self, prefix):
+    if self.fail:
+      raise RuntimeError('UNAVAILABLE')
+    return [(k, v) for k, v in self.values.items() if k.startswith(prefix)]
+
+
+def _watch(store, until):
+  lost = []
+  watchdog = distributed.PeerWatchdog(store, 0, 2, 0.2, interval_s=0.01,
+                                      on_lost=lambda *a: lost.append(a))
+  watchdog.start()
+  deadline = time.monotonic() + 30
+  while not until(lost) and time.monotonic() < deadline:
+    time.sleep(0.01)
+  watchdog.stop()
+  return lost
+
+
+def test_watchdog_reports_a_silent_peer_and_an_unreachable_service():
+  store = _FakeStore()
+  store.values['pdcnno_liveness/1'] = '7'  # Never changes: a silent peer.
+  lost = _watch(store, bool)
+  assert lost and lost[0][:2] == (0, 1) and lost[0][2] > 0.2
+  store = _FakeStore()
+  store.fail = True
+  lost = _watch(store, bool)
+  assert lost and lost[0][:2] == (0, 0) and lost[0][2] < -0.2
+
+
+def test_watchdog_ignores_a_peer_that_finished():
+  store = _FakeStore()
+  store.values['pdcnno_liveness/1'] = 'done'
+  start = time.monotonic()
+  assert not _watch(store, lambda lost: lost or time.monotonic() - start > 1.0)
+  assert store.values['pdcnno_liveness/0'] == 'done'  # stop() marks this process done.
