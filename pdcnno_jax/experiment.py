@@ -23,6 +23,7 @@ import jax
 import ml_collections
 from flax import nnx
 
+from pdcnno_jax import config_validation
 from pdcnno_jax import modes
 from pdcnno_jax import stages
 from pdcnno_jax.data import input_pipeline
@@ -95,8 +96,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Returns:
     The report also written to ``<workdir>/report.json``.
+
+  Raises:
+    config_validation.ConfigError: an invalid config (before any data loads).
+    config_validation.WorkdirError: a workdir that cannot hold the run (before any work).
   """
   start = time.perf_counter()
+  config_validation.preflight(config, workdir)
+  config_validation.check_devices(config, jax.device_count(), jax.process_count())
   os.makedirs(workdir, exist_ok=True)
   exp = setup(config, workdir)
   mode = modes.get_mode(exp.config.parallel.mode)

@@ -2,18 +2,21 @@
 
   python -m pdcnno_jax.main --config=configs/default.py --workdir=workdirs/default \
       [--config.key=value ...] [--coordinator_address=host:port --num_processes=N \
-      --process_id=i]
+      --process_id=i [--coordinator_bind_address=ip:port]] [--debug]
 
 The workdir alone decides whether to resume: rerunning the same command after a kill
-continues from the newest checkpoint.
+continues from the newest checkpoint. The config and the workdir are checked before JAX
+starts or any data loads; every error is one line on stderr (``--debug``: the traceback).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from absl import app, flags, logging
+import ml_collections
 from ml_collections import config_flags
 
 from pdcnno_jax import config_validation, distributed
@@ -25,12 +28,20 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, met
                                'report.json); resumes if it holds a checkpoint.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0 for multi-process runs.')
+_BIND = flags.DEFINE_string('coordinator_bind_address', None,
+                            'ip:port process 0\'s coordination service listens on (default: '
+                            '127.0.0.1 for a loopback --coordinator_address, else every '
+                            'interface).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index.')
 _DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
                                  'auto: join a job when --coordinator_address is given or '
                                  'Slurm/TPU is detected.')
+flags.DEFINE_bool('debug', False, 'Show the traceback of an error instead of one line.')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+# Exit codes of run(), by what went wrong.
+EXIT_ERROR, EXIT_CONFIG, EXIT_DATA, EXIT_DIVERGED = 1, 2, 3, 4
 
 
 class _DropLibraryChatter(logging.logging.Filter):
@@ -45,47 +56,111 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
+  if not isinstance(config, ml_collections.ConfigDict):
+    try:  # A config file that failed to load leaves a placeholder that raises on use.
+      config.parallel  # pylint: disable=pointless-statement
+    except Exception as e:  # pylint: disable=broad-except
+      raise config_validation.ConfigError(flag_error_message(e, sys.argv)) from e
+  workdir = _WORKDIR.value
+  config_validation.preflight(config, workdir)
   ssp = config.parallel.mode == 'ssp'  # Workers that may die and rejoin: recoverable runtime.
   joined = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                   mode=_DISTRIBUTED.value, recoverable=ssp,
-                                  heartbeat_timeout_s=config.parallel.runtime_heartbeat_timeout_s)
-  config_validation.validate(config)
-  # Imported after distributed initialisation: importing TF/tfds first is harmless, but
-  # keeping JAX device use after initialize() is the documented order.
+                                  heartbeat_timeout_s=config.parallel.runtime_heartbeat_timeout_s,
+                                  bind_address=_BIND.value)
+  import jax  # pylint: disable=g-import-not-at-top
+  config_validation.check_devices(config, jax.device_count(), jax.process_count())
   from pdcnno_jax import experiment  # pylint: disable=g-import-not-at-top
-  report = experiment.train_and_evaluate(config, _WORKDIR.value)
+  report = experiment.train_and_evaluate(config, workdir)
   if joined and ssp:  # With recoverability, process 0 must leave last.
     from pdcnno_jax.parallel.ssp import coordination  # pylint: disable=g-import-not-at-top
     coordination.shutdown(coordination.CoordinationStore())
-  logging.info('Report written to %s', os.path.join(_WORKDIR.value, 'report.json'))
+  logging.info('Report written to %s', os.path.join(workdir, 'report.json'))
   print(f'test_accuracy={report["test"]["accuracy"]:.4f} '
-        f'test_loss={report["test"]["loss"]:.4f} workdir={_WORKDIR.value}', flush=True)
+        f'test_loss={report["test"]["loss"]:.4f} workdir={workdir}', flush=True)
+
+
+def _config_path(argv: list[str]) -> str:
+  return next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), '?')
+
+
+def flag_error_message(error: Exception, argv: list[str]) -> str:
+  """One line for an error raised while parsing the flags (and loading the config file)."""
+  path = _config_path(argv)
+  text = str(error)
+  if isinstance(error, flags.IllegalFlagValueError):
+    match = re.match(r'flag --(config\.[\w.]+)=(.*?): (.*)', text, re.S)
+    if match:
+      key, value, reason = match.groups()
+      return (f'--{key}={value}: {reason.splitlines()[0]}; give a value of the type '
+              f'{key} has in configs/default.py.')
+    return text.splitlines()[0]
+  if isinstance(error, flags.Error):
+    return text.splitlines()[0]
+  if isinstance(error, SyntaxError):
+    return (f'config file {error.filename or path} line {error.lineno}: {error.msg}; '
+            'fix the file.')
+  if isinstance(error, OSError) and not os.path.isfile(path):
+    return f'config file {path} does not exist (--config); pass e.g. configs/default.py.'
+  if isinstance(error, AttributeError) and 'get_config' in text:
+    return f'config file {path} has no get_config() function.'
+  if isinstance(error, (AttributeError, KeyError)):  # ml_collections: no such field.
+    return config_validation.unknown_key_message(error)
+  return f'config file {path} failed to load: {type(error).__name__}: {text.splitlines()[0]}'
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing that reports an unknown ``--config.key`` as a ConfigError."""
+  """absl flag parsing that reports every flag or config-file problem as a ConfigError."""
   try:
     return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:  # ml_collections: no such field.
-    raise config_validation.ConfigError(config_validation.unknown_key_message(e)) from None
+  except Exception as e:  # pylint: disable=broad-except
+    if '--debug' in argv:
+      raise
+    raise config_validation.ConfigError(flag_error_message(e, argv)) from None
+
+
+def error_lines(error: Exception) -> tuple[int, list[str]]:
+  """``(exit code, lines for stderr)`` of an error that ended the run."""
+  # Errors whose message says what is wrong and how to fix it. Their modules are looked up,
+  # not imported: an error from a module that was never imported cannot be one of them.
+  datasets = sys.modules.get('pdcnno_jax.data.datasets')
+  checks = sys.modules.get('pdcnno_jax.loop.checks')
+  checkpointing = sys.modules.get('pdcnno_jax.train.checkpointing')
+  if isinstance(error, config_validation.ConfigError):
+    return EXIT_CONFIG, [f'Config error: {line}' for line in error.problems]
+  if isinstance(error, config_validation.WorkdirError):
+    return EXIT_CONFIG, [f'Workdir error: {error}']
+  if datasets and isinstance(error, datasets.DatasetNotFoundError):
+    return EXIT_DATA, [f'Data error: {error}']
+  if checks and isinstance(error, checks.DivergedError):
+    return EXIT_DIVERGED, [f'Training diverged: {error}']
+  if checkpointing and isinstance(error, (checkpointing.CheckpointWriteError,
+                                          checkpointing.NoIntactCheckpointError,
+                                          checkpointing.CheckpointMismatchError)):
+    return EXIT_ERROR, [f'Checkpoint error: {error}']
+  text = str(error).strip()
+  return EXIT_ERROR, [f'Error: {type(error).__name__}: {text.splitlines()[0] if text else ""} '
+                      '(run with --debug for the traceback)']
 
 
 def run() -> None:
-  """Console entry point that turns config errors into one clear line, not a traceback."""
-  # Errors whose message says what is wrong and how to fix it: no traceback.
-  from pdcnno_jax.data.datasets import DatasetNotFoundError  # pylint: disable=g-import-not-at-top
-  from pdcnno_jax.loop.checks import NonFiniteLossError  # pylint: disable=g-import-not-at-top
+  """Console entry point: a failure is one line on stderr and an exit code (no traceback).
+
+  In a multi-process job the exit skips JAX's exit barrier, which after a failure waits for
+  peers that may be gone and then aborts with a C++ stack trace.
+  """
   try:
     app.run(main, flags_parser=_parse_flags)
-  except config_validation.ConfigError as e:
-    print(f'Config error: {e}', file=sys.stderr)
-    sys.exit(2)
-  except DatasetNotFoundError as e:
-    print(f'Data error: {e}', file=sys.stderr)
-    sys.exit(3)
-  except NonFiniteLossError as e:
-    print(f'Training diverged: {e}', file=sys.stderr)
-    sys.exit(4)
+  except Exception as e:  # pylint: disable=broad-except
+    if '--debug' in sys.argv or '--debug=true' in sys.argv:
+      raise
+    code, lines = error_lines(e)
+    for line in lines:
+      print(line, file=sys.stderr, flush=True)
+    if 'jax' in sys.modules and sys.modules['jax'].distributed.is_initialized():
+      sys.stdout.flush()
+      os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == '__main__':

@@ -1,15 +1,30 @@
-"""The local launcher: core pinning places each process on cores of its own."""
+"""The local launcher: core pinning, loopback-only listeners, and what a dead process causes.
+
+The fault tests run ``launch_probe/fault_probe.py`` (no JAX) under the launcher: one process
+SIGKILLs itself and the marker files show whether the others were stopped, went on, or met
+a restarted copy. The listener test joins a real two-process JAX job.
+"""
 
 import ast
 import io
 import os
 import re
+import signal
+import time
 
 import pytest
 
-from pdcnno_jax import launch_local
+from pdcnno_jax import distributed, launch_local
 
 _PROBE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'launch_probe')
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_KILLED = 128 + signal.SIGKILL
+
+
+@pytest.fixture
+def probes(monkeypatch):
+  monkeypatch.setenv('PYTHONPATH', os.pathsep.join(
+      p for p in (_PROBE_DIR, os.environ.get('PYTHONPATH')) if p))
 
 
 def test_core_sets_are_disjoint_blocks_round_robin():
@@ -21,9 +36,7 @@ def test_core_sets_are_disjoint_blocks_round_robin():
 
 
 @pytest.mark.parametrize('cores_per_process', [0, 1])
-def test_launched_processes_run_pinned_with_their_arguments(monkeypatch, cores_per_process):
-  monkeypatch.setenv('PYTHONPATH', os.pathsep.join(
-      p for p in (_PROBE_DIR, os.environ.get('PYTHONPATH')) if p))
+def test_launched_processes_run_pinned_with_their_arguments(probes, cores_per_process):
   out = io.StringIO()
   code = launch_local.launch(2, ['--flag=1'], module='affinity_probe', timeout_s=60, stdout=out,
                              cores_per_process=cores_per_process)
@@ -37,3 +50,151 @@ def test_launched_processes_run_pinned_with_their_arguments(monkeypatch, cores_p
       assert cores == launch_local.core_sets(2, 1)[i]
     else:
       assert cores == sorted(os.sched_getaffinity(0))
+
+
+def _fault_run(tmp_path, victim, wait_for, on_failure):
+  out = io.StringIO()
+  code = launch_local.launch(
+      2, [f'--marker_dir={tmp_path}', f'--victim={victim}', f'--wait_for={wait_for}'],
+      module='fault_probe', timeout_s=60, stdout=out, on_failure=on_failure,
+      restart_delay_s=0.0)
+  runs = {i: (tmp_path / f'runs_{i}').read_text().count('run') for i in (0, 1)
+          if (tmp_path / f'runs_{i}').exists()}
+  finished = {i for i in (0, 1) if (tmp_path / f'finished_{i}').exists()}
+  return code, out.getvalue(), runs, finished
+
+
+def test_a_restarted_worker_rejoins_and_the_job_succeeds(tmp_path, probes):
+  code, out, runs, finished = _fault_run(tmp_path, 1, 'finished_1', 'restart')
+  assert code == 0, out
+  assert 'launcher: process 1 was killed by SIGKILL; starting it again' in out
+  assert runs == {0: 1, 1: 2} and finished == {0, 1}
+
+
+def test_stop_policy_names_the_dead_process_and_stops_the_others(tmp_path, probes):
+  code, out, runs, finished = _fault_run(tmp_path, 1, 'finished_1', 'stop')
+  assert code == _KILLED, out
+  assert 'launcher: process 1 was killed by SIGKILL; stopping the others' in out
+  assert runs[1] == 1 and not finished  # Process 0 may be stopped before it starts.
+
+
+def test_continue_policy_reports_the_dead_worker_and_lets_the_others_finish(tmp_path, probes):
+  code, out, runs, finished = _fault_run(tmp_path, 1, 'died', 'continue')
+  assert code == _KILLED, out  # The job ran on, but a worker's last run failed.
+  assert 'launcher: process 1 was killed by SIGKILL; the others go on without it' in out
+  assert runs == {0: 1, 1: 1} and finished == {0}
+
+
+def test_death_of_process_0_ends_the_job_with_a_clear_line(tmp_path, probes):
+  code, out, runs, finished = _fault_run(tmp_path, 0, 'finished_0', 'restart')
+  assert code == _KILLED, out
+  assert 'launcher: process 0 was killed by SIGKILL; it hosts the coordination service' in out
+  assert runs[0] == 1 and not finished
+
+
+@pytest.mark.parametrize('args, expected', [
+    ([f'--config={_REPO}/configs/ssp_lenet.py'], 'restart'),
+    ([f'--config={_REPO}/configs/default.py'], 'stop'),
+    ([f'--config={_REPO}/configs/default.py', '--config.parallel.mode=ssp'], 'restart'),
+    (['--config=no/such/file.py'], 'stop'),
+])
+def test_auto_policy_follows_the_parallel_mode(args, expected):
+  policy, delay = launch_local.resolve_failure_policy('auto', args)
+  assert policy == expected
+  assert launch_local.resolve_failure_policy('stop', args)[0] == 'stop'
+  if expected == 'restart':  # SSP's heartbeat passes before the worker rejoins.
+    assert delay > 1.0
+  with pytest.raises(ValueError, match='--on_failure'):
+    launch_local.resolve_failure_policy('retry', args)
+
+
+@pytest.mark.parametrize('address, bind, expected', [
+    ('127.0.0.1:1234', None, '127.0.0.1:1234'),
+    ('localhost:1234', None, '127.0.0.1:1234'),
+    ('[::1]:1234', None, '127.0.0.1:1234'),
+    ('10.0.0.5:1234', None, None),
+    ('10.0.0.5:1234', '10.0.0.5:1234', '10.0.0.5:1234'),
+    (None, '0.0.0.0:8476', '0.0.0.0:8476'),
+    (None, None, None),
+])
+def test_coordinator_bind_address(address, bind, expected):
+  assert distributed.coordinator_bind_address(address, bind) == expected
+
+
+def test_malformed_addresses_are_clear_errors():
+  with pytest.raises(ValueError, match='--coordinator_bind_address'):
+    distributed.coordinator_bind_address('127.0.0.1:1234', '10.0.0.5')
+  with pytest.raises(ValueError, match='--coordinator_address'):
+    distributed.coordinator_bind_address('127.0.0.1', None)
+
+
+def test_local_job_listens_on_loopback_only(probes):
+  out = io.StringIO()
+  code = launch_local.launch(2, [], module='listen_probe', timeout_s=120, stdout=out)
+  assert code == 0, out.getvalue()
+  found = {int(m.group(1)): ast.literal_eval(m.group(2))
+           for m in re.finditer(r'\[p(\d)\] listeners=(\[.*?\])', out.getvalue())}
+  assert sorted(found) == [0, 1], out.getvalue()
+  # Process 0: the coordination service and gloo; process 1: gloo.
+  assert len(found[0]) >= 2 and len(found[1]) >= 1, found
+  for address, _ in found[0] + found[1]:
+    assert distributed.is_loopback(address), found
+
+
+def test_a_frozen_peer_ends_the_survivor_with_one_line(probes):
+  out = io.StringIO()
+  code = launch_local.launch(2, ['--victim=1', '--heartbeat_s=10'], module='peer_probe',
+                             timeout_s=120, stdout=out)
+  survivor = [line for line in out.getvalue().splitlines() if line.startswith('[p0]')]
+  assert code == distributed.EXIT_PEER_LOST, out.getvalue()[-3000:]
+  assert any(line.startswith('[p0] Error: process 1 stopped responding') for line in survivor)
+  assert not any('Check failure' in line or 'Traceback' in line for line in survivor), survivor
+  assert 'launcher: process 0 stopped because a peer stopped responding' in out.getvalue()
+
+
+class _FakeStore:
+  """The key-value calls PeerWatchdog makes; ``fail`` makes them raise."""
+
+  def __init__(self):
+    self.values, self.fail = {}, False
+
+  def key_value_set(self, key, value, allow_overwrite=False):
+    if self.fail:
+      raise RuntimeError('UNAVAILABLE')
+    self.values[key] = value
+
+  def key_value_dir_get(self, prefix):
+    if self.fail:
+      raise RuntimeError('UNAVAILABLE')
+    return [(k, v) for k, v in self.values.items() if k.startswith(prefix)]
+
+
+def _watch(store, until):
+  lost = []
+  watchdog = distributed.PeerWatchdog(store, 0, 2, 0.2, interval_s=0.01,
+                                      on_lost=lambda *a: lost.append(a))
+  watchdog.start()
+  deadline = time.monotonic() + 30
+  while not until(lost) and time.monotonic() < deadline:
+    time.sleep(0.01)
+  watchdog.stop()
+  return lost
+
+
+def test_watchdog_reports_a_silent_peer_and_an_unreachable_service():
+  store = _FakeStore()
+  store.values['pdcnno_liveness/1'] = '7'  # Never changes: a silent peer.
+  lost = _watch(store, bool)
+  assert lost and lost[0][:2] == (0, 1) and lost[0][2] > 0.2
+  store = _FakeStore()
+  store.fail = True
+  lost = _watch(store, bool)
+  assert lost and lost[0][:2] == (0, 0) and lost[0][2] < -0.2
+
+
+def test_watchdog_ignores_a_peer_that_finished():
+  store = _FakeStore()
+  store.values['pdcnno_liveness/1'] = 'done'
+  start = time.monotonic()
+  assert not _watch(store, lambda lost: lost or time.monotonic() - start > 1.0)
+  assert store.values['pdcnno_liveness/0'] == 'done'  # stop() marks this process done.
