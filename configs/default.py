@@ -46,13 +46,15 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- model (pdcnno_jax/models) ---
   config.model = ml_collections.ConfigDict()
-  config.model.name = 'lenet5'  # lenet5 | vgg11 | vgg13 | vgg16 | vgg19 | resnet20 | resnet32 | resnet56
+  # lenet5 | lenet5_caffe | vgg11 | vgg13 | vgg16 | vgg19 | resnet20 | resnet32 | resnet44 |
+  # resnet56 | resnet110
+  config.model.name = 'lenet5'
   config.model.width_multiplier = 1.0
   config.model.batch_norm = False  # VGG only (ResNet always uses BatchNorm).
   config.model.dropout_rate = 0.0
   # Convolution gradients: 'lax' (JAX's rules), 'loop_friendly' (models/conv.py: 2.5-8x faster
   # inside while/cond on XLA:CPU, 13-22% slower outside), 'auto' (loop_friendly for cgmse/lbfgs).
-  config.model.conv_gradients = 'auto'
+  config.model.conv_gradients = 'auto'  # auto | lax | loop_friendly
 
   # --- optimizer (pdcnno_jax/optim) ---
   config.optimizer = ml_collections.ConfigDict()
