@@ -53,7 +53,7 @@ import numpy as np
 
 from pdcnno_jax import config_lib
 from pdcnno_jax.train import checkpointing
-from pdcnno_jax.train import trainer
+from pdcnno_jax import experiment
 
 import run_flags  # benchmarks/run_flags.py (this directory)
 
@@ -134,7 +134,7 @@ def run_one(name: str, root: str, epochs: int, full_batch_iterations: int) -> di
     os.makedirs(workdir, exist_ok=True)
     with open(start_file, 'w', encoding='utf-8') as f:
       f.write(repr(time.time()))
-    trainer.train_and_evaluate(config, workdir)
+    experiment.train_and_evaluate(config, workdir)
   report_path = os.path.join(workdir, 'report.json')
   if not os.path.exists(report_path):
     raise FileNotFoundError(f'{report_path} does not exist: the {name} run did not finish.')

@@ -2,7 +2,7 @@ r"""CGMSE vs jaxopt's nonlinear CG and optax L-BFGS on deterministic problems.
 
 Counts iterations and gradient evaluations until the iterate is within 1e-5
 (max-norm) of the nearest known minimiser, for every problem of
-``pdcnno_jax.optim.test_problems.suite()``, all solvers side by side in one run
+``pdcnno_jax.testing.problems.suite()``, all solvers side by side in one run
 and in float64. Gradient evaluations are value-and-gradient calls, the
 starting point's included:
 
@@ -15,7 +15,7 @@ starting point's included:
   (``c2=.1``, see ``_jaxopt_runner``): ``state.num_grad_eval``.
 * optax.lbfgs (default settings): ``1 + sum of num_linesearch_steps``.
 
-The bar (issue #4): on the median problem, CGMSE needs no more gradient
+The bar: on the median problem, CGMSE needs no more gradient
 evaluations than jaxopt's best CG; "best" is the configuration with the
 lowest median, over jaxopt's defaults alone and over all four. Run as
 ``python benchmarks/bench_cgmse_problems.py [--max_iterations=2000]``.
@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 from pdcnno_jax.optim import cgmse as cgmse_lib
-from pdcnno_jax.optim import test_problems
+from pdcnno_jax.testing import problems
 
 _MAX_ITERATIONS = flags.DEFINE_integer(
     'max_iterations', 2000, 'Iteration cap per solver and problem.')
@@ -45,7 +45,7 @@ _TOLERANCE = flags.DEFINE_float(
 Result = tuple[int, int, bool]  # (iterations, gradient evaluations, converged)
 
 
-def _run_until(problem: test_problems.Problem, init: Callable, step: Callable,
+def _run_until(problem: problems.Problem, init: Callable, step: Callable,
                evals: Callable, max_iterations: int, tol: float) -> Result:
   """Iterates ``step`` until the problem's distance to a minimiser <= tol."""
   params, state = init(jnp.asarray(problem.x0))
@@ -145,12 +145,12 @@ def main(argv):
   print('cells: iterations / gradient evaluations (">": not converged by the '
         'cap, a lower bound)\n')
 
-  problems = test_problems.suite()
+  suite = problems.suite()
   results = {}
   header = f'{"problem":24s}' + ''.join(f'{name:>17s}' for name in SOLVERS)
   print(header)
   print('-' * len(header))
-  for problem in problems:
+  for problem in suite:
     row = f'{problem.name:24s}'
     for name, make in SOLVERS.items():
       init, step, evals = make(problem)
@@ -165,8 +165,8 @@ def main(argv):
           k for k in SOLVERS if k.startswith('jaxopt')),
   }
   for title, names in (
-      ('the five problems of issue #4', test_problems.CORE_PROBLEMS),
-      ('all problems', [p.name for p in problems])):
+      ('the five core problems', problems.CORE_PROBLEMS),
+      ('all problems', [p.name for p in suite])):
     medians = {
         solver: float(np.median([results[p, solver][1] for p in names]))
         for solver in SOLVERS}

@@ -85,14 +85,14 @@ def _worker(argv):
   from pdcnno_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
   import jax  # pylint: disable=g-import-not-at-top
-  from pdcnno_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax import experiment  # pylint: disable=g-import-not-at-top
 
   config = _config(args)
   config.parallel.slowdown = args.slowdown
   results = {}
   with tempfile.TemporaryDirectory() as workdir:
     if args.mode == 'balancers':
-      exp = trainer.setup(config, workdir)
+      exp = experiment.setup(config, workdir)
       for balancer in _BALANCERS:
         run = config.copy_and_resolve_references()
         run.parallel.balancer = balancer
@@ -100,7 +100,7 @@ def _worker(argv):
     else:
       config.parallel.slowdown = ''
       config.parallel.balancer = 'equal'
-      exp = trainer.setup(config, workdir)
+      exp = experiment.setup(config, workdir)
       results['equal'] = _train_once(exp, config)
     if exp.writer:
       exp.writer.close()

@@ -37,7 +37,7 @@ from absl import flags
 import jax
 
 from pdcnno_jax import config_lib
-from pdcnno_jax.train import trainer
+from pdcnno_jax import experiment
 
 import run_flags  # benchmarks/run_flags.py (this directory)
 
@@ -171,7 +171,7 @@ def main(argv):
     if os.path.exists(os.path.join(workdir, 'checkpoints')):
       raise ValueError(f'{workdir} already holds a run; pass a fresh --workdir_root.')
     start = time.perf_counter()
-    report = trainer.train_and_evaluate(make_config(method, epochs), workdir)
+    report = experiment.train_and_evaluate(make_config(method, epochs), workdir)
     rows.append(summarize('dense' if method == 'none' else method, report))
     print(f'[bench] {method}: test accuracy {report["test"]["accuracy"]:.4f} in '
           f'{time.perf_counter() - start:.0f} s; loadavg {os.getloadavg()}', flush=True)

@@ -106,13 +106,13 @@ def _worker(args) -> None:
   from pdcnno_jax.parallel.ssp import training  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-  from pdcnno_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax import experiment  # pylint: disable=g-import-not-at-top
 
   base = config_lib.load_config(os.path.join(_REPO, 'configs', 'ssp_lenet.py'))
   base.data.data_dir = args.data_dir
   base.parallel.ssp_timeout_s = 600.0
   base.log_every_steps = 10_000
-  exp = trainer.setup(base, os.path.join(args.out_dir, 'setup'))
+  exp = experiment.setup(base, os.path.join(args.out_dir, 'setup'))
   full = exp.dataset
   results = {}
   for name, overrides in _scenarios(args.curves, args.repeats, args.only):
@@ -129,7 +129,8 @@ def _worker(args) -> None:
     tx = run.build_optimizer()
     run.graphdef, state = state_lib.create_train_state(model, tx)
     state = sharding_lib.replicate(state, run.mesh)
-    _, report = training.train(run, state, tx=tx, run_id=name.replace('.', '_'))
+    _, report = training.train(run, state, tx=tx, worker_checkpoints=False,
+                               run_id=name.replace('.', '_'))
     results[name] = report
     if jax.process_index() == 0:  # Written after every run, so a cut-short job still reports.
       with open(os.path.join(args.out_dir, 'results.json'), 'w') as f:
@@ -146,7 +147,7 @@ def _worker(args) -> None:
 
 def _time_to(curve, threshold):
   from pdcnno_jax.parallel.ssp import training  # pylint: disable=g-import-not-at-top
-  return training.time_to_accuracy(curve, threshold)
+  return ssp_report.time_to_accuracy(curve, threshold)
 
 
 def _common_threshold(curves, target: float) -> tuple[float, bool]:

@@ -18,15 +18,25 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.num_epochs = 10
+  config.max_steps = 0  # >0: stop every training phase after this many steps (smoke runs).
   config.log_every_steps = 100
   config.eval_every_epochs = 1
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
+  # A checkpoint is refused (the run stops, naming the last good one) when the loss of the last
+  # log window is above this x the best seen, or the global parameter norm above this x that
+  # of the last good checkpoint: far beyond a healthy run (this config: windows at most 1.05x
+  # the best loss before them, final norm 1.42x the initial one), met at once by a diverging
+  # one. 0 disables either check (finite parameters are always required). The last good
+  # checkpoint is never rotated out.
+  config.checkpoint_max_loss_ratio = 100.0
+  config.checkpoint_max_norm_ratio = 100.0
 
   # --- data (pdcnno_jax/data) ---
   config.data = ml_collections.ConfigDict()
   config.data.name = 'fashion_mnist'  # mnist | fashion_mnist | emnist/digits | svhn_cropped | imagenet2012
   config.data.data_dir = 'data/tfds'  # TFDS data_dir; `python -m pdcnno_jax.data.idx_import` fills it offline.
+  config.data.download = False  # True: TFDS downloads and prepares a missing data set (Colab).
   config.data.batch_size = 128  # Global batch, split over every device of every process.
   config.data.eval_batch_size = 1000
   config.data.validation_holdout = 0  # Training images held out for validation (svhn: 6000).

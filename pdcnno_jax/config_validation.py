@@ -123,18 +123,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def _mode_names() -> tuple[str, ...] | None:
-  """Names of the training modes (``pdcnno_jax.modes.MODES``); None before it exists."""
-  import pdcnno_jax  # pylint: disable=g-import-not-at-top
-  if not any(os.path.exists(os.path.join(d, 'modes.py')) for d in pdcnno_jax.__path__):
-    return None
-  from pdcnno_jax import modes  # pylint: disable=g-import-not-at-top
-  return tuple(modes.MODES)
-
-
 def choices() -> dict[str, tuple[str, ...]]:
   """Key -> valid values, read from the registry of each choice."""
   # pylint: disable=g-import-not-at-top
+  from pdcnno_jax import modes
   from pdcnno_jax.data import datasets
   from pdcnno_jax.init import ifas
   from pdcnno_jax.models import conv, factory
@@ -152,10 +144,8 @@ def choices() -> dict[str, tuple[str, ...]]:
       'prune.selection': tuple(selection.SELECTIONS),
       'parallel.balancer': tuple(balancers.BALANCERS),
       'parallel.ssp_batch_balancer': tuple(ssp_training.BATCH_BALANCERS),
+      'parallel.mode': tuple(modes.MODES),
   }
-  modes = _mode_names()
-  if modes is not None:
-    found['parallel.mode'] = modes
   return found
 
 

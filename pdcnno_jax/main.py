@@ -70,8 +70,8 @@ def main(argv: list[str]) -> None:
                                   bind_address=_BIND.value)
   import jax  # pylint: disable=g-import-not-at-top
   config_validation.check_devices(config, jax.device_count(), jax.process_count())
-  from pdcnno_jax.train import trainer  # pylint: disable=g-import-not-at-top
-  report = trainer.train_and_evaluate(config, workdir)
+  from pdcnno_jax import experiment  # pylint: disable=g-import-not-at-top
+  report = experiment.train_and_evaluate(config, workdir)
   if joined and ssp:  # With recoverability, process 0 must leave last.
     from pdcnno_jax.parallel.ssp import coordination  # pylint: disable=g-import-not-at-top
     coordination.shutdown(coordination.CoordinationStore())
@@ -124,15 +124,20 @@ def error_lines(error: Exception) -> tuple[int, list[str]]:
   # Errors whose message says what is wrong and how to fix it. Their modules are looked up,
   # not imported: an error from a module that was never imported cannot be one of them.
   datasets = sys.modules.get('pdcnno_jax.data.datasets')
-  trainer = sys.modules.get('pdcnno_jax.train.trainer')
+  checks = sys.modules.get('pdcnno_jax.loop.checks')
+  checkpointing = sys.modules.get('pdcnno_jax.train.checkpointing')
   if isinstance(error, config_validation.ConfigError):
     return EXIT_CONFIG, [f'Config error: {line}' for line in error.problems]
   if isinstance(error, config_validation.WorkdirError):
     return EXIT_CONFIG, [f'Workdir error: {error}']
   if datasets and isinstance(error, datasets.DatasetNotFoundError):
     return EXIT_DATA, [f'Data error: {error}']
-  if trainer and isinstance(error, trainer.NonFiniteLossError):
+  if checks and isinstance(error, checks.DivergedError):
     return EXIT_DIVERGED, [f'Training diverged: {error}']
+  if checkpointing and isinstance(error, (checkpointing.CheckpointWriteError,
+                                          checkpointing.NoIntactCheckpointError,
+                                          checkpointing.CheckpointMismatchError)):
+    return EXIT_ERROR, [f'Checkpoint error: {error}']
   text = str(error).strip()
   return EXIT_ERROR, [f'Error: {type(error).__name__}: {text.splitlines()[0] if text else ""} '
                       '(run with --debug for the traceback)']

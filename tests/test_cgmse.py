@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from pdcnno_jax.optim import cgmse as cgmse_lib
-from pdcnno_jax.optim import test_problems
+from pdcnno_jax.testing import problems as test_problems
 
 
 @pytest.fixture(name='x64')

@@ -8,9 +8,11 @@ import optax
 import pytest
 from flax import nnx
 
+from pdcnno_jax import testing
 from pdcnno_jax.models import factory
 from pdcnno_jax.optim import cgmse
-from pdcnno_jax.train import sharding, state as state_lib, steps, trainer
+from pdcnno_jax.parallel import sync
+from pdcnno_jax.train import sharding, state as state_lib, steps
 
 
 def _preprocess(images):
@@ -27,9 +29,7 @@ def _setup(name, tx, devices=1, batch_norm=False):
   return graphdef, sharding.replicate(state, mesh), mesh, shape
 
 
-def _batch(shape, n, mesh, seed=0):
-  import test_steps  # pylint: disable=g-import-not-at-top
-  return test_steps._batch(shape, n, mesh, seed)  # pylint: disable=protected-access
+_batch = testing.random_batch
 
 
 @pytest.mark.parametrize('devices', [1, 8])
@@ -115,7 +115,7 @@ def test_chunked_loss_refuses_uneven_chunks():
     (10, 1, 4096, (10, 1)),
 ])
 def test_full_batch_layout(examples, devices, chunk_size, expected):
-  used, num_chunks = trainer.full_batch_layout(examples, devices, chunk_size)
+  used, num_chunks = sync.full_batch_layout(examples, devices, chunk_size)
   assert (used, num_chunks) == expected
   assert used % (num_chunks * devices) == 0 and examples - used < num_chunks * devices
   assert used // num_chunks <= max(chunk_size, used) or chunk_size == 0
@@ -123,6 +123,6 @@ def test_full_batch_layout(examples, devices, chunk_size, expected):
 
 def test_full_batch_layout_errors_say_what_to_change():
   with pytest.raises(ValueError, match='full_batch_chunk_size must be >= 0'):
-    trainer.full_batch_layout(100, 1, -1)
+    sync.full_batch_layout(100, 1, -1)
   with pytest.raises(ValueError, match='raise config.optimizer.full_batch_chunk_size'):
-    trainer.full_batch_layout(10, 8, 1)
+    sync.full_batch_layout(10, 8, 1)

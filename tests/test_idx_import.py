@@ -1,15 +1,20 @@
 """Tests for pdcnno_jax.data.idx_import on small generated IDX files."""
 
+import glob
 import gzip
 import os
+import shutil
 import subprocess
 import sys
 
 import ml_collections
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from pdcnno_jax import testing
+from pdcnno_jax.data import datasets
 from pdcnno_jax.data import idx_import
 from pdcnno_jax.data import input_pipeline
 
@@ -54,12 +59,9 @@ def _canonical(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
   return np.sort(flat.view(np.dtype((np.void, flat.shape[1]))).ravel())
 
 
-def _data_config(name: str, data_dir: str) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      name=name, data_dir=data_dir, batch_size=8, eval_batch_size=8,
-      validation_holdout=0, image_size=0, imagenet_num_classes=10,
-      in_memory=True,
-  ))
+def _data_config(name: str, data_dir: str, **overrides) -> ml_collections.ConfigDict:
+  return testing.section('data', name=name, data_dir=data_dir, batch_size=8,
+                         eval_batch_size=8, **overrides)
 
 
 @pytest.mark.parametrize('gz', [False, True])
@@ -189,3 +191,57 @@ def test_command_line_import_fashion_mnist_gz(tmp_path):
   assert bad.returncode != 0
   assert 'emnist-digits-train-images-idx3-ubyte' in bad.stderr
   assert 'Traceback' not in bad.stderr
+
+
+@pytest.fixture(scope='module')
+def imported_mnist(tmp_path_factory):
+  """A tiny mnist imported from generated IDX files: (src dir, TFDS data_dir)."""
+  root = tmp_path_factory.mktemp('corrupt')
+  src = root / 'src'
+  src.mkdir()
+  _write_dataset(str(src), {'train': 'train', 'test': 't10k'},
+                 {'train': 40, 'test': 12}, gz=False, seed=2)
+  data_dir = str(root / 'tfds')
+  idx_import.import_idx('mnist', str(src), data_dir)
+  return str(src), data_dir
+
+
+def _corrupt(path: str, how: str) -> None:
+  raw = bytearray(open(path, 'rb').read())
+  if how == 'truncate':
+    raw = raw[:len(raw) // 2]
+  else:  # Flip one byte in the middle of a record's payload.
+    raw[len(raw) // 2] ^= 0x5A
+  with open(path, 'wb') as f:
+    f.write(bytes(raw))
+
+
+@pytest.mark.parametrize('how', ['truncate', 'bit_flip'])
+@pytest.mark.parametrize('in_memory', [True, False])
+def test_corrupt_record_file_names_the_file_and_the_rebuild(
+    imported_mnist, tmp_path, how, in_memory):
+  src, clean = imported_mnist
+  data_dir = str(tmp_path / 'tfds')
+  shutil.copytree(clean, data_dir)
+  files = sorted(glob.glob(os.path.join(data_dir, 'mnist', '*', 'mnist-train.tfrecord*')))
+  assert len(files) == 1
+  _corrupt(files[0], how)
+  config = _data_config('mnist', data_dir, in_memory=in_memory)
+  with pytest.raises(datasets.DatasetCorruptError) as info:
+    dataset = input_pipeline.load_dataset(config, seed=0)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+    for _ in input_pipeline.train_batches(dataset, global_batch_size=8, epoch=0, seed=0,
+                                          sharding=sharding):
+      pass
+  message = str(info.value)
+  assert files[0] in message
+  assert 't10k' not in message.split(' of ')[0]  # Only the damaged file is named.
+  assert ('python -m pdcnno_jax.data.idx_import --dataset=mnist '
+          f'--src=<directory with the IDX files> --data_dir={data_dir} --overwrite') in message
+  assert info.value.__suppress_context__
+
+  # The command it names repairs the data set.
+  idx_import.import_idx('mnist', src, data_dir, overwrite=True)
+  dataset = input_pipeline.load_dataset(config, seed=0)
+  assert dataset.num_examples['train'] == 40

@@ -9,6 +9,7 @@ labels are example ids, so coverage and order can be checked exactly.
 import gc
 import threading
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -17,20 +18,20 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from pdcnno_jax import testing
 from pdcnno_jax.data import datasets
+from pdcnno_jax.data import in_memory
 from pdcnno_jax.data import input_pipeline as ip
+from pdcnno_jax.data import prefetch
+from pdcnno_jax.data.layout import BatchLayout
 
 P = jax.sharding.PartitionSpec
 
 
 def _data_config(**overrides) -> ml_collections.ConfigDict:
-  config = dict(
-      name='fashion_mnist', data_dir='/nonexistent/tfds', batch_size=16,
-      eval_batch_size=16, validation_holdout=0, image_size=0,
-      imagenet_num_classes=10, in_memory=True,
-  )
-  config.update(overrides)
-  return ml_collections.ConfigDict(config)
+  return testing.section('data', **{
+      'data_dir': '/nonexistent/tfds', 'batch_size': 16, 'eval_batch_size': 16,
+      **overrides})
 
 
 def _sharding(num_devices: int = 8) -> jax.sharding.NamedSharding:
@@ -120,11 +121,11 @@ def test_start_step_resumes_the_exact_sequence():
 def test_process_shares_assemble_the_same_global_batch():
   """Two 'processes' holding halves of the rows see the 1-process batch."""
   split = _id_dataset().host_splits['train']
-  full_layout = ip._BatchLayout(16, np.arange(16), None)
-  halves = [ip._BatchLayout(16, rows, None)
+  full_layout = BatchLayout(16, np.arange(16), None)
+  halves = [BatchLayout(16, rows, None)
             for rows in (np.arange(8), np.arange(8, 16))]
-  full = list(ip._in_memory_train(split, full_layout, 5, 1, 0, 6))
-  parts = [list(ip._in_memory_train(split, h, 5, 1, 0, 6)) for h in halves]
+  full = list(in_memory.train_host_batches(split, full_layout, 5, 1, 0, 6))
+  parts = [list(in_memory.train_host_batches(split, h, 5, 1, 0, 6)) for h in halves]
   for step, batch in enumerate(full):
     for key in ('image', 'label'):
       np.testing.assert_array_equal(
@@ -133,16 +134,16 @@ def test_process_shares_assemble_the_same_global_batch():
 
 def test_layout_rows_follow_the_mesh_devices():
   sharding = _sharding()
-  layout = ip._BatchLayout.create(sharding, 32)
+  layout = BatchLayout.create(sharding, 32)
   np.testing.assert_array_equal(layout.local_rows, np.arange(32))
   # A 2-D mesh whose batch dim is sharded over ('replica', 'data').
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 4),
                            ('replica', 'data'))
-  layout = ip._BatchLayout.create(
+  layout = BatchLayout.create(
       jax.sharding.NamedSharding(mesh, P(('replica', 'data'), None)), 16)
   assert layout.sharding.spec == P(('replica', 'data'))
   with pytest.raises(ValueError, match='divisible by the 8 devices'):
-    ip._BatchLayout.create(sharding, 12)
+    BatchLayout.create(sharding, 12)
 
 
 def test_eval_covers_every_example_exactly_once():
@@ -185,13 +186,13 @@ def test_prefetcher_propagates_errors_and_stops_when_dropped():
     yield 1
     raise RuntimeError('boom')
 
-  it = ip._Prefetcher(failing(), 2)
+  it = prefetch.Prefetcher(failing(), 2)
   assert next(it) == 1
   with pytest.raises(RuntimeError, match='boom'):
     next(it)
 
   before = threading.active_count()
-  it = ip._Prefetcher(iter(range(10**9)), 2)
+  it = prefetch.Prefetcher(iter(range(10**9)), 2)
   assert next(it) == 0
   del it
   gc.collect()
@@ -205,7 +206,7 @@ def test_prefetcher_propagates_errors_and_stops_when_dropped():
 def test_channel_stats_are_exact():
   images = np.random.default_rng(0).integers(
       0, 256, (20000, 3, 2, 3), dtype=np.uint8)
-  mean, std = ip._channel_stats(images)
+  mean, std = in_memory.channel_stats(images)
   scaled = images.reshape(-1, 3) / 255.0
   np.testing.assert_allclose(mean, scaled.mean(0), rtol=1e-9)
   np.testing.assert_allclose(std, scaled.std(0), rtol=1e-9)
@@ -231,6 +232,28 @@ def test_missing_dataset_names_the_fix(tmp_path, name, fix):
   assert repr(name) in message and data_dir in message
   assert fix.format(data_dir=data_dir) in message
   assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_download_false_never_prepares_and_true_asks_tfds(tmp_path):
+  data_dir = str(tmp_path / 'empty')
+  real_builder = tfds.builder
+  builders = []
+
+  def spy(*args, **kwargs):
+    builders.append(real_builder(*args, **kwargs))
+    builders[-1].download_and_prepare = mock.Mock(
+        side_effect=RuntimeError('no network in tests'))
+    return builders[-1]
+
+  with mock.patch.object(tfds, 'builder', spy):
+    with pytest.raises(datasets.DatasetNotFoundError, match='idx_import'):
+      ip.load_dataset(_data_config(data_dir=data_dir), seed=0)
+    builders[-1].download_and_prepare.assert_not_called()
+    with pytest.raises(RuntimeError, match='no network in tests'):
+      ip.load_dataset(_data_config(data_dir=data_dir, download=True), seed=0)
+    builders[-1].download_and_prepare.assert_called_once_with()
+  assert len(builders) == 2
+  assert all(str(b.data_dir).startswith(data_dir) for b in builders)
 
 
 def test_bad_config_values():

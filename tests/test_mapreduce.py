@@ -5,33 +5,21 @@ generated in-memory data set over the 8 fake CPU devices of tests/conftest.py (o
 local mesh is those 8 devices). Real multi-process runs are in test_mapreduce_multiprocess.py.
 """
 
-import functools
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pdcnno_jax.data import input_pipeline
+from pdcnno_jax.loop import batching
+from pdcnno_jax.loop import saving
 from pdcnno_jax.parallel import collectives
 from pdcnno_jax.parallel import mapreduce
+from pdcnno_jax.parallel import sync
+from pdcnno_jax.testing import experiments as mode_fixtures
 from pdcnno_jax.train import checkpointing
 from pdcnno_jax.train import sharding as sharding_lib
 from pdcnno_jax.train import state as state_lib
-from pdcnno_jax.train import trainer
-
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               'configs', 'default.py')
-
-
-def _default_config():
-  spec = importlib.util.spec_from_file_location('default_config', _DEFAULT_CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
 
 # --- Split --------------------------------------------------------------------------------
 
@@ -76,11 +64,11 @@ def test_block_plan_rejects_settings_that_do_not_fit(kwargs, match):
 
 
 def test_local_batch_size():
-  assert mapreduce.local_batch_size(128, 4, 2) == 32
+  assert batching.local_batch_size(128, 4, 2) == 32
   with pytest.raises(ValueError, match='divisible by the 3 worker'):
-    mapreduce.local_batch_size(128, 3, 1)
+    batching.local_batch_size(128, 3, 1)
   with pytest.raises(ValueError, match='divisible by the 3 devices'):
-    mapreduce.local_batch_size(128, 4, 3)
+    batching.local_batch_size(128, 4, 3)
 
 
 # --- Report figures -------------------------------------------------------------------------
@@ -164,66 +152,17 @@ def test_allgather_rows_in_one_process():
 # --- Training ---------------------------------------------------------------------------------
 
 
-def _dataset(num_train=256, seed=0) -> input_pipeline.Dataset:
-  """Tiny learnable 28x28 data set: the label is the brightest of 4 image quadrants."""
-  rng = np.random.default_rng(seed)
-
-  def split(n):
-    images = rng.integers(0, 100, (n, 28, 28, 1), dtype=np.uint8)
-    labels = rng.integers(0, 4, n).astype(np.int32)
-    for q in range(4):
-      rows, cols = divmod(q, 2)
-      sel = labels == q
-      images[sel, rows * 14:(rows + 1) * 14, cols * 14:(cols + 1) * 14] += 120
-    return input_pipeline.HostSplit(images, labels)
-
-  return input_pipeline.Dataset(
-      name='quadrants', num_classes=4, image_shape=(28, 28, 1),
-      num_examples={'train': num_train, 'test': 64}, mean=(0.3,), std=(0.3,),
-      host_splits={'train': split(num_train), 'test': split(64)})
-
-
-def _config(**parallel):
-  config = _default_config()
-  config.num_epochs = 2
-  config.data.batch_size = 32
-  config.data.eval_batch_size = 64
-  config.optimizer.learning_rate = 0.02
-  config.log_every_steps = 1000
-  config.checkpoint_every_steps = 1
-  config.parallel.mode = 'mapreduce'
-  config.parallel.update(parallel)
-  return config
-
-
-def _experiment(config, workdir, num_devices=None, num_train=256):
-  dataset = _dataset(num_train)
-  exp = trainer.Experiment(
-      config=config, workdir=str(workdir), dataset=dataset,
-      mesh=sharding_lib.make_mesh(jax.devices()[:num_devices]),
-      preprocess=functools.partial(input_pipeline.normalize, dataset=dataset))
-  tx = exp.build_optimizer()
-  exp.graphdef, state = state_lib.create_train_state(exp.build_model(), tx)
-  return exp, tx, jax.device_get(state)
-
-
-def _assert_states_close(a, b, rtol=1e-5, atol=1e-6):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
-                               rtol=rtol, atol=atol)
-
-
 def test_one_worker_one_step_per_round_equals_plain_training(tmp_path):
   # 256 examples, batch 32: 8 blocks of 32 and 8 rounds per epoch = 1 local step per round.
   # The worker's local mesh is the 8 fake devices (data parallel inside the process).
-  config = _config(num_blocks=8, rounds_per_epoch=8, balancer='dlbpce')
-  exp, tx, host_state = _experiment(config, tmp_path)
-  plain = trainer.train_epochs(exp, sharding_lib.replicate(host_state, exp.mesh), tx=tx,
+  config = mode_fixtures.mapreduce_config(num_blocks=8, rounds_per_epoch=8, balancer='dlbpce')
+  exp, tx, host_state = mode_fixtures.make_experiment(config, tmp_path)
+  plain = sync.train_epochs(exp, sharding_lib.replicate(host_state, exp.mesh), tx=tx,
                                num_epochs=config.num_epochs)
   merged, report = mapreduce.train(exp, sharding_lib.replicate(host_state, exp.mesh), tx=tx)
   assert int(merged.step) == int(plain.step) == 16
-  _assert_states_close(merged.params, plain.params)
-  _assert_states_close(merged.opt_state, plain.opt_state)
+  mode_fixtures.assert_states_close(merged.params, plain.params)
+  mode_fixtures.assert_states_close(merged.opt_state, plain.opt_state)
   for leaf in jax.tree.leaves(merged):
     assert leaf.sharding.is_equivalent_to(sharding_lib.replicated(exp.mesh), leaf.ndim)
   assert len(report['rounds']) == 16
@@ -233,12 +172,12 @@ def test_one_worker_one_step_per_round_equals_plain_training(tmp_path):
 
 
 def test_killed_run_resumes_at_its_last_round(tmp_path, monkeypatch):
-  config = _config(num_blocks=8, rounds_per_epoch=2, balancer='lbrla')
-  exp, tx, host_state = _experiment(config, tmp_path, num_devices=1)
+  config = mode_fixtures.mapreduce_config(num_blocks=8, rounds_per_epoch=2, balancer='lbrla')
+  exp, tx, host_state = mode_fixtures.make_experiment(config, tmp_path, num_devices=1)
   straight, _ = mapreduce.train(exp, sharding_lib.replicate(host_state, exp.mesh), tx=tx)
 
   checkpointer = checkpointing.Checkpointer(str(tmp_path / 'ckpt'))
-  real_map_phase, calls = mapreduce._map_phase, []
+  real_map_phase, calls = mapreduce.map_phase, []
 
   def dies_in_round_3(*args):
     calls.append(None)
@@ -246,28 +185,28 @@ def test_killed_run_resumes_at_its_last_round(tmp_path, monkeypatch):
       raise KeyboardInterrupt('killed')
     return real_map_phase(*args)
 
-  monkeypatch.setattr(mapreduce, '_map_phase', dies_in_round_3)
+  monkeypatch.setattr(mapreduce, 'map_phase', dies_in_round_3)
   with pytest.raises(KeyboardInterrupt):
     mapreduce.train(exp, sharding_lib.replicate(host_state, exp.mesh), tx=tx,
                     checkpointer=checkpointer)
   checkpointer.wait()
-  monkeypatch.setattr(mapreduce, '_map_phase', real_map_phase)
+  monkeypatch.setattr(mapreduce, 'map_phase', real_map_phase)
 
-  # What trainer.train_and_evaluate does on a workdir holding a checkpoint.
+  # What experiment.train_and_evaluate does on a workdir holding a checkpoint.
   restored, meta = checkpointer.restore(sharding_lib.replicate(host_state, exp.mesh))
-  exp.stage_reports = meta['stage_reports']
-  assert exp.stage_reports[mapreduce.RESUME_KEY]['next_round'] == 2
+  saving.restore_meta(exp, meta)
+  assert exp.mode_resume['next_round'] == 2
   resumed, report = mapreduce.train(exp, restored, tx=tx, checkpointer=checkpointer)
   checkpointer.close()
   assert [r['round'] for r in report['rounds']] == [0, 1, 2, 3]
   assert int(resumed.step) == int(straight.step)
-  _assert_states_close(resumed.params, straight.params, rtol=0, atol=0)
+  mode_fixtures.assert_states_close(resumed.params, straight.params, rtol=0, atol=0)
 
 
 def test_full_batch_cgmse_is_refused_with_a_fix(tmp_path):
-  config = _config(num_blocks=8, rounds_per_epoch=2)
+  config = mode_fixtures.mapreduce_config(num_blocks=8, rounds_per_epoch=2)
   config.optimizer.name = 'cgmse'
   config.optimizer.mode = 'full_batch'
-  exp, tx, host_state = _experiment(config, tmp_path, num_devices=1)
+  exp, tx, host_state = mode_fixtures.make_experiment(config, tmp_path, num_devices=1)
   with pytest.raises(ValueError, match="optimizer.mode='minibatch'"):
     mapreduce.train(exp, host_state, tx=tx)

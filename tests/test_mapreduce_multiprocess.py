@@ -79,15 +79,15 @@ def _worker(argv):
   from pdcnno_jax.parallel import slowdown  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  import test_mapreduce  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.testing import experiments as mode_fixtures  # pylint: disable=g-import-not-at-top
 
   # 2560 examples = 40 blocks of 64 = one local batch (128 // 2 processes) each; 1 round per
   # epoch. Steps of 64 examples keep the scheduler's jitter small next to a step.
-  config = test_mapreduce._config(num_blocks=40, rounds_per_epoch=1, slowdown='1,3',
-                                  balancer='dlbpce')
+  config = mode_fixtures.mapreduce_config(num_blocks=40, rounds_per_epoch=1, slowdown='1,3',
+                                          balancer='dlbpce')
   config.num_epochs = _ROUNDS
   config.data.batch_size = 128
-  exp, tx, host_state = test_mapreduce._experiment(config, args.out_dir, num_train=2560)
+  exp, tx, host_state = mode_fixtures.make_experiment(config, args.out_dir, num_train=2560)
 
   reduces = []
   average = collectives.TreeAverager.__call__
@@ -187,7 +187,7 @@ def test_round_checkpoints_record_the_resume_point(job):
   results, _, _ = job
   meta = results[0]['meta']
   assert meta['phase'] == 'mapreduce'
-  resume = meta['stage_reports']['mapreduce_resume']
+  resume = meta['mode_resume']
   assert resume['next_round'] == _ROUNDS
   assert resume['num_workers'] == _NUM_PROCESSES
   assert resume['blocks'] == results[0]['report']['rounds'][-1]['next_blocks']

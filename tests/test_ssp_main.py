@@ -3,7 +3,7 @@
 Two processes of ``python -m pdcnno_jax.main`` (the user's entry point, not ``training.train``)
 join on 127.0.0.1 with ``parallel.mode = ssp``. Worker 1 SIGKILLs itself after publishing a
 clock past its first checkpoint and is started again with the same ``--process_id``: it passes
-the whole trainer (no orbax checkpointer, no collective on a global mesh in SSP mode), rejoins
+the whole experiment (no orbax checkpointer, no collective on a global mesh in SSP mode), rejoins
 from its per-worker checkpoint, and both processes exit 0 with the same test accuracy and
 worker 0's report counting every clock.
 """

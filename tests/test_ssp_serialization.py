@@ -1,5 +1,9 @@
 """Pickle-free pytree payloads of the SSP engine."""
 
+import json
+import zlib
+
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -32,7 +36,6 @@ def test_roundtrip_is_exact(compression):
 
 
 def jax_leaves(tree):
-  import jax  # pylint: disable=g-import-not-at-top
   return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
@@ -76,7 +79,112 @@ def test_mismatched_tree_and_corrupt_payloads_raise():
     serialization.decode(payload, like={'b': 0})
   with pytest.raises(serialization.PayloadError, match='bad magic'):
     serialization.decode(b'garbage' + payload)
-  with pytest.raises(serialization.PayloadError, match='bytes, header says'):
+  with pytest.raises(serialization.PayloadError, match='checksum mismatch'):
     serialization.decode(payload[:-3])
   with pytest.raises(ValueError, match='compression must be one of'):
     serialization.encode({'a': 1}, compression='lz4')
+
+
+def _split(payload):
+  """(header dict, body bytes) of a payload, by the layout in the module docstring."""
+  start = len(serialization.MAGIC) + serialization.PREFIX.size
+  header_len, _ = serialization.PREFIX.unpack(payload[len(serialization.MAGIC):start])
+  return json.loads(payload[start:start + header_len]), payload[start + header_len:]
+
+
+def _seal(header, body):
+  """A payload with ``header`` and ``body`` and a correct checksum (a forged payload)."""
+  raw = json.dumps(header).encode()
+  crc = zlib.crc32(body, zlib.crc32(raw))
+  return serialization.MAGIC + serialization.PREFIX.pack(len(raw), crc) + raw + body
+
+
+def _decodes_to_original_or_payload_error(payload, original, like):
+  try:
+    flat = serialization.decode_flat(payload)
+  except serialization.PayloadError:
+    return 'error'
+  assert list(flat) == list(original)
+  for path, array in flat.items():
+    assert array.dtype == original[path].dtype and array.shape == original[path].shape
+    assert array.tobytes() == original[path].tobytes()
+  serialization.decode(payload, like=like)
+  return 'original'
+
+
+def _header_edits(header, rng):
+  """Structurally plausible edits of a valid header: wrong types, sizes, dtypes, keys."""
+  junk = [None, True, -1, 0, 2**40, 2**70, 1.5, 'x', [], {}, [-1], [2**62, 2**62], [[1]],
+          'object', 'float128', 'V8', 'U4', '<f4', 'i4,f4', '__class__', 'zlib', 'none']
+  while True:
+    edited = json.loads(json.dumps(header))
+    leaf = edited['leaves'][rng.integers(len(edited['leaves']))]
+    target = edited if rng.random() < 0.3 else leaf
+    key = list(target)[rng.integers(len(target))]
+    choice = rng.integers(4)
+    if choice == 0:
+      target[key] = junk[rng.integers(len(junk))]
+    elif choice == 1:
+      del target[key]
+    elif choice == 2 and isinstance(target[key], int):
+      target[key] += int(rng.choice([-1, 1, 4, -4, 1000]))
+    else:
+      edited['leaves'].append(json.loads(json.dumps(leaf)))
+    yield edited
+
+
+@pytest.mark.parametrize('compression', ['none', 'zlib'])
+def test_fuzzed_payloads_decode_exactly_or_raise_payload_error(compression):
+  tree = _tree()
+  payload = serialization.encode(tree, compression=compression)
+  original = serialization.decode_flat(payload)
+  rng = np.random.default_rng(1234)
+  outcomes = []
+  for _ in range(1500):  # Bit flips anywhere.
+    mutated = bytearray(payload)
+    for pos in rng.integers(len(payload), size=rng.integers(1, 9)):
+      mutated[pos] ^= 1 << int(rng.integers(8))
+    if mutated == payload:  # Two flips of one bit cancel.
+      mutated[0] ^= 1
+    outcomes.append(_decodes_to_original_or_payload_error(bytes(mutated), original, tree))
+  for cut in rng.integers(len(payload), size=500):  # Truncations and appended bytes.
+    outcomes.append(_decodes_to_original_or_payload_error(payload[:cut], original, tree))
+    outcomes.append(_decodes_to_original_or_payload_error(payload + b'\0' * int(cut % 7 + 1),
+                                                          original, tree))
+  # Every corruption is detected: only the unchanged payload decodes.
+  assert outcomes.count('original') == 0 and len(outcomes) == 2500
+  header, body = _split(payload)
+  edits = _header_edits(header, rng)
+  decoded = 0
+  for _ in range(1000):  # Forged headers with a valid checksum exercise the validation.
+    forged = _seal(next(edits), body)
+    try:
+      flat = serialization.decode(forged)
+    except serialization.PayloadError:
+      continue
+    decoded += 1
+    for array in flat.values():  # Whatever decodes is a well-formed array of the body.
+      assert isinstance(array, np.ndarray) and array.nbytes <= len(body) * 1032
+  assert decoded < 1000
+
+
+def test_compression_bomb_is_bounded_by_the_declared_size():
+  tree = {'x': np.zeros(16, np.float32)}
+  header, _ = _split(serialization.encode(tree, compression='zlib'))
+  bomb = zlib.compress(b'\0' * (64 << 20), 9)  # 64 MiB of zeros in ~64 KiB.
+  with pytest.raises(serialization.PayloadError, match='does not inflate to the declared 64'):
+    serialization.decode(_seal(header, bomb))
+  header['size'] = header['leaves'][0]['nbytes'] = 1 << 40
+  header['leaves'][0]['shape'] = [1 << 38]
+  with pytest.raises(serialization.PayloadError, match='more than .* compressed bytes'):
+    serialization.decode(_seal(header, bomb))
+
+
+def test_non_bytes_and_forged_dtypes_raise_payload_error():
+  with pytest.raises(serialization.PayloadError, match='is bytes'):
+    serialization.decode_flat(None)
+  header, body = _split(serialization.encode({'x': np.zeros(2, np.int64)}))
+  for dtype in ('object', 'V16', '<i8', 'datetime64[s]', 'i8,i8'):
+    header['leaves'][0]['dtype'] = dtype
+    with pytest.raises(serialization.PayloadError, match='non-numeric dtype'):
+      serialization.decode(_seal(header, body))

@@ -5,7 +5,7 @@ The multi-process tests start 2 worker processes of this file joined by
 LeNet-5 on a tiny generated data set through ``training.train``, and check what they wrote:
 
   * bsp: s = 0 with worker 1 slowed 3x ends with the parameters of synchronous training
-    (computed here, in the test process, by ``trainer.train_epochs``) to float tolerance; every
+    (computed here, in the test process, by ``sync.train_epochs``) to float tolerance; every
     applied update was exactly one clock old; both processes return identical states.
   * kill: s = 2 with worker 1 slowed; worker 1 checkpoints every 4 clocks, SIGKILLs itself after
     publishing clock 9, and is started again: it rejoins at clock 10 from its checkpoint, the
@@ -34,9 +34,14 @@ _KILL_CLOCK = 9
 _HEARTBEAT_S = 2.0
 
 
+def _fixtures():
+  """pdcnno_jax.testing.experiments, imported late: worker processes import JAX after initialising."""
+  from pdcnno_jax.testing import experiments as mode_fixtures  # pylint: disable=g-import-not-at-top
+  return mode_fixtures
+
+
 def _config(**parallel):
-  import test_mapreduce  # pylint: disable=g-import-not-at-top
-  config = test_mapreduce._config()  # pylint: disable=protected-access
+  config = _fixtures().mapreduce_config()
   config.parallel.mode = 'ssp'
   config.parallel.heartbeat_timeout_s = _HEARTBEAT_S
   config.parallel.ssp_timeout_s = 90.0
@@ -44,39 +49,27 @@ def _config(**parallel):
   return config
 
 
-def _experiment(config, workdir, num_devices=None):
-  """(exp, tx, host state) on the generated 4-class data set of test_mapreduce."""
-  import test_mapreduce  # pylint: disable=g-import-not-at-top
-  make = test_mapreduce._experiment  # pylint: disable=protected-access
-  return make(config, workdir, num_devices=num_devices)
-
-
-def _assert_states_close(a, b):
-  import test_mapreduce  # pylint: disable=g-import-not-at-top
-  test_mapreduce._assert_states_close(a, b)  # pylint: disable=protected-access
-
-
 # --- Helpers (in-process) ------------------------------------------------------------------------
 
 
 def test_equal_and_proportional_batch_sizes():
-  from pdcnno_jax.parallel.ssp import training  # pylint: disable=g-import-not-at-top
-  np.testing.assert_array_equal(training.equal_batch_sizes(128, 4, 2), [32] * 4)
-  with pytest.raises(ValueError, match='divisible by the 3 SSP workers'):
-    training.equal_batch_sizes(128, 3)
-  sizes = training.proportional_batch_sizes(128, np.array([4.0, 4.0, 4.0, 1.0]), 2)
+  from pdcnno_jax.loop import batching  # pylint: disable=g-import-not-at-top
+  np.testing.assert_array_equal(batching.equal_batch_sizes(128, 4, 2), [32] * 4)
+  with pytest.raises(ValueError, match='divisible by the 3 workers'):
+    batching.equal_batch_sizes(128, 3)
+  sizes = batching.proportional_batch_sizes(128, np.array([4.0, 4.0, 4.0, 1.0]), 2)
   assert sizes.sum() == 128 and np.all(sizes % 2 == 0)
   np.testing.assert_array_equal(sizes, [40, 40, 38, 10])
-  one_slow = training.proportional_batch_sizes(8, np.array([1.0, 1000.0]))
+  one_slow = batching.proportional_batch_sizes(8, np.array([1.0, 1000.0]))
   np.testing.assert_array_equal(one_slow, [1, 7])  # Never below one unit.
 
 
 def test_worker_rows_partition_each_global_batch():
-  from pdcnno_jax.parallel.ssp import training  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.loop import batching  # pylint: disable=g-import-not-at-top
   order = np.random.default_rng(0).permutation(100)
   sizes = np.array([3, 5, 2])
   for index in range(10):
-    pieces = [training.worker_rows(order, index, sizes, k) for k in range(3)]
+    pieces = [batching.worker_rows(order, index, sizes, k) for k in range(3)]
     assert [len(p) for p in pieces] == [3, 5, 2]
     np.testing.assert_array_equal(np.concatenate(pieces), order[index * 10:(index + 1) * 10])
 
@@ -84,52 +77,65 @@ def test_worker_rows_partition_each_global_batch():
 def test_worker_checkpoint_round_trip_and_mismatch(tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.parallel.ssp import serialization  # pylint: disable=g-import-not-at-top
-  from pdcnno_jax.parallel.ssp import training  # pylint: disable=g-import-not-at-top
-  _, _, state = _experiment(_config(), tmp_path)
+  from pdcnno_jax.parallel.ssp import worker_checkpoints  # pylint: disable=g-import-not-at-top
+  _, _, state = _fixtures().make_experiment(_config(), tmp_path)
   directory = str(tmp_path / 'w0')
-  assert training.load_worker_checkpoint(directory, state) is None
+  assert worker_checkpoints.load_worker_checkpoint(directory, state) is None
   ssp_state = {'next_clock': np.asarray(7, np.int64), 'applied': np.asarray([6, 4], np.int64)}
   for clock in (3, 5, 7):
-    training.save_worker_checkpoint(directory, clock, state, ssp_state)
-  assert [os.path.basename(p) for p in training.list_worker_checkpoints(directory)] == [
+    worker_checkpoints.save_worker_checkpoint(directory, clock, state, ssp_state)
+  assert [os.path.basename(p) for p in worker_checkpoints.list_worker_checkpoints(directory)] == [
       'clock_0000000005.ssp', 'clock_0000000007.ssp']
-  restored, restored_ssp = training.load_worker_checkpoint(directory, state)
+  restored, restored_ssp = worker_checkpoints.load_worker_checkpoint(directory, state)
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   np.testing.assert_array_equal(restored_ssp['applied'], [6, 4])
   with pytest.raises(serialization.PayloadError, match='does not match'):
-    training.load_worker_checkpoint(directory, state.replace(opt_state=()))
+    worker_checkpoints.load_worker_checkpoint(directory, state.replace(opt_state=()))
+
+  # A corrupted newest snapshot is skipped: the worker rejoins from the older intact one.
+  older = {'next_clock': np.asarray(5, np.int64), 'applied': np.asarray([4, 3], np.int64)}
+  worker_checkpoints.save_worker_checkpoint(directory, 5, state, older)
+  newest = worker_checkpoints.list_worker_checkpoints(directory)[-1]
+  with open(newest, 'r+b') as f:
+    f.seek(200)
+    byte = f.read(1)
+    f.seek(200)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  _, fallback_ssp = worker_checkpoints.load_worker_checkpoint(directory, state)
+  np.testing.assert_array_equal(fallback_ssp['applied'], [4, 3])
 
 
 def test_report_figures():
-  from pdcnno_jax.parallel.ssp import training  # pylint: disable=g-import-not-at-top
-  assert training.merge_histograms([{'0': 2, '-1': 1}, {0: 1, 2: 4}]) == {-1: 1, 0: 3, 2: 4}
+  from pdcnno_jax.parallel.ssp import report as ssp_report  # pylint: disable=g-import-not-at-top
+  assert ssp_report.merge_histograms([{'0': 2, '-1': 1}, {0: 1, 2: 4}]) == {-1: 1, 0: 3, 2: 4}
   rows = [dict(loop_s=2.0, examples=100, steps=10, publish_s=0.1, pull_s=0.5, wait_s=0.4,
                busy_s=1.0, applied_staleness={'0': 9}, view_staleness={'0': 10}),
           dict(loop_s=4.0, examples=100, steps=10, publish_s=0.1, pull_s=0.1, wait_s=0.0,
                busy_s=3.0, applied_staleness={'1': 9}, view_staleness={'1': 10})]
-  report = training.job_report(rows, staleness=1, global_batch_size=20)
+  report = ssp_report.job_report(rows, staleness=1, global_batch_size=20)
   assert report['wall_s'] == 4.0 and report['throughput_examples_per_s'] == 50.0
   assert report['coordination_s_per_step'] == pytest.approx(0.4 / 20)
   assert report['coordination_fraction'] == pytest.approx(0.4 / 4.4)
   assert report['max_view_staleness'] == 1
   curve = [{'wall_s': 1.0, 'accuracy': 0.5}, {'wall_s': 2.0, 'accuracy': 0.9}]
-  assert training.time_to_accuracy(curve, 0.85) == 2.0
-  assert training.time_to_accuracy(curve, 0.95) is None
+  assert ssp_report.time_to_accuracy(curve, 0.85) == 2.0
+  assert ssp_report.time_to_accuracy(curve, 0.95) is None
 
 
 def test_one_process_equals_synchronous_training(tmp_path):
   """One worker (in-memory store): SSP is plain training on the global batch."""
   import jax  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.parallel.ssp import training  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.parallel import sync  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from pdcnno_jax.train import trainer  # pylint: disable=g-import-not-at-top
   config = _config(staleness=0, ssp_eval_every_steps=8)
-  exp, tx, host_state = _experiment(config, tmp_path, num_devices=2)
-  plain = trainer.train_epochs(exp, sharding_lib.replicate(host_state, exp.mesh), tx=tx,
+  exp, tx, host_state = _fixtures().make_experiment(config, tmp_path, num_devices=2)
+  plain = sync.train_epochs(exp, sharding_lib.replicate(host_state, exp.mesh), tx=tx,
                                num_epochs=config.num_epochs)
-  state, report = training.train(exp, sharding_lib.replicate(host_state, exp.mesh), tx=tx)
-  _assert_states_close(state.params, plain.params)
+  state, report = training.train(exp, sharding_lib.replicate(host_state, exp.mesh), tx=tx,
+                                 worker_checkpoints=False)
+  _fixtures().assert_states_close(state.params, plain.params)
   assert int(state.step) == 16 and report['clocks'] == 16
   assert [p['clock'] for p in report['accuracy_vs_time']] == [8, 16]
   assert report['accuracy_vs_time'][-1]['accuracy'] > 0.5  # It learned.
@@ -143,9 +149,10 @@ def test_bad_settings_are_clear_errors(tmp_path):
   for parallel, match in ((dict(ssp_batch_balancer='dlbpce'), 'ssp_batch_balancer'),
                           (dict(staleness=-3), 'staleness must be'),
                           (dict(ssp_warmup_steps=0), 'ssp_warmup_steps')):
-    exp, tx, state = _experiment(_config(**parallel), tmp_path, num_devices=1)
+    exp, tx, state = _fixtures().make_experiment(_config(**parallel), tmp_path, num_devices=1)
     with pytest.raises(ValueError, match=match):
-      training.train(exp, sharding_lib.replicate(state, exp.mesh), tx=tx)
+      training.train(exp, sharding_lib.replicate(state, exp.mesh), tx=tx,
+                     worker_checkpoints=False)
 
 
 # --- The worker (runs in each spawned process) ---------------------------------------------------
@@ -180,7 +187,7 @@ def _worker(argv):
     if pid == 1 and not args.restart:
       os.environ['PDCNNO_SSP_FAULT_KILL_AT_CLOCK'] = str(_KILL_CLOCK)
   workdir = os.path.join(args.out_dir, 'workdir')
-  exp, tx, host_state = _experiment(config, workdir)
+  exp, tx, host_state = _fixtures().make_experiment(config, workdir)
   # No orbax checkpointer: creating one runs a collective, which a restarted process cannot
   # join (its gloo context keys already exist); the per-worker checkpoints need none.
   state, report = training.train(exp, sharding_lib.replicate(host_state, exp.mesh), tx=tx,
@@ -241,14 +248,14 @@ def _finish(procs, out_dir, timeout_s=120.0):
 
 def test_bsp_processes_match_synchronous_training(tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.parallel import sync  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from pdcnno_jax.train import trainer  # pylint: disable=g-import-not-at-top
   port, out_dir = _free_port(), str(tmp_path)
   procs = [_spawn(pid, port, out_dir, 'bsp') for pid in range(_NUM)]
   # Meanwhile: the synchronous reference on one device, global batch 32 per step.
   config = _config(staleness=0)
-  exp, tx, host_state = _experiment(config, tmp_path / 'sync', num_devices=1)
-  plain = trainer.train_epochs(exp, sharding_lib.replicate(host_state, exp.mesh), tx=tx,
+  exp, tx, host_state = _fixtures().make_experiment(config, tmp_path / 'sync', num_devices=1)
+  plain = sync.train_epochs(exp, sharding_lib.replicate(host_state, exp.mesh), tx=tx,
                                num_epochs=config.num_epochs)
   reference = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(plain.params))]
   results, params = _finish(procs, out_dir)

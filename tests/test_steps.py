@@ -7,6 +7,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from pdcnno_jax import testing
 from pdcnno_jax.models import factory
 from pdcnno_jax.train import sharding, state as state_lib, steps
 
@@ -24,11 +25,7 @@ def _setup(name, shape, devices):
   return graphdef, sharding.replicate(state, mesh), tx, mesh
 
 
-def _batch(shape, n, mesh, seed=0):
-  rng = np.random.default_rng(seed)
-  batch = {'image': rng.integers(0, 256, (n,) + shape, dtype=np.uint8),
-           'label': rng.integers(0, 10, (n,), dtype=np.int32)}
-  return jax.device_put(batch, sharding.batch_sharded(mesh))
+_batch = testing.random_batch
 
 
 def test_batchnorm_model_trains_and_updates_running_statistics():

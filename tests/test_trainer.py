@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from pdcnno_jax import config_lib, testing
-from pdcnno_jax.train import checkpointing, trainer
+from pdcnno_jax import experiment
+from pdcnno_jax.loop import checks
+from pdcnno_jax.train import checkpointing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +43,7 @@ def tiny_config(data_dir, **overrides):
 
 def test_one_run_end_to_end(data_dir, tmp_path):
   workdir = str(tmp_path / 'run')
-  report = trainer.train_and_evaluate(tiny_config(data_dir, num_epochs=3), workdir)
+  report = experiment.train_and_evaluate(tiny_config(data_dir, num_epochs=3), workdir)
   # Synthetic classes are separable: far above chance (10%) after three short epochs.
   assert report['test']['accuracy'] > 0.6
   assert report['steps'] == 3 * (512 // 32)
@@ -62,8 +64,8 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(data_dir
   config = tiny_config(data_dir, num_epochs=2, log_every_steps=1, checkpoint_every_steps=1)
   config.optimizer.learning_rate = 1e9
   config.optimizer.schedule = 'constant'
-  with pytest.raises(trainer.NonFiniteLossError, match='learning_rate'):
-    trainer.train_and_evaluate(config, workdir)
+  with pytest.raises(checks.DivergedError, match="learning_rate"):
+    experiment.train_and_evaluate(config, workdir)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(
       ckpt_dir) else []
@@ -140,7 +142,7 @@ def test_init_and_pruning_stages_then_resume_rebuilds_compacted_model(data_dir, 
   config.prune.pretrain_fraction = 0.5
   config.prune.selection = 'global_macs'
   config.prune.target_mac_reduction = 4.0
-  report = trainer.train_and_evaluate(config, workdir)
+  report = experiment.train_and_evaluate(config, workdir)
   prune = report['prune']
   assert prune['compacted'] and prune['mac_reduction'] >= 4.0
   assert report['model']['macs'] == prune['macs_after'] < prune['macs_before']
@@ -149,7 +151,7 @@ def test_init_and_pruning_stages_then_resume_rebuilds_compacted_model(data_dir, 
   assert report['wall_time_s']['init'] > 0 and report['wall_time_s']['prune'] > 0
   # A second run in the same workdir resumes: it must rebuild the narrower architecture
   # from the checkpoint metadata (not re-run the stages) and evaluate to the same result.
-  again = trainer.train_and_evaluate(config, workdir)
+  again = experiment.train_and_evaluate(config, workdir)
   assert again['resumed_from_step'] == report['steps']
   assert again['test'] == report['test']
   assert again['model']['macs'] == report['model']['macs']

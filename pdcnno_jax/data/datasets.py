@@ -15,7 +15,7 @@ Split conventions (the names the trainer sees):
   'test' reads TFDS 'validation'.
 
 References:
-  DESIGN.md, "Data flow"; issue #2, part 3 ("Data"). Normalisation constants
+  DESIGN.md, "Data flow". Normalisation constants
   are the per-channel mean and standard deviation of each training set (pixel
   values scaled to [0, 1]) as published with the data sets / torchvision.
 """
@@ -28,6 +28,11 @@ from typing import Optional
 
 class DatasetNotFoundError(FileNotFoundError):
   """A data set is not prepared in `data_dir`; the message gives the fix."""
+
+
+class DatasetCorruptError(OSError):
+  """A prepared data set's record file is truncated or corrupt; the message names the
+  file and the command that rebuilds the data set."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +167,8 @@ def fix_command(name: str, data_dir: str) -> str:
           f'the files in {spec.debian_idx_dir}.)'
       )
     lines.append(
-        f'or, with network access: tfds build {name} --data_dir={data_dir}'
+        f'or, with network access: tfds build {name} --data_dir={data_dir} '
+        '(or --config.data.download=True)'
     )
     return '\n'.join(lines)
   if name == 'imagenet2012':
@@ -173,4 +179,28 @@ def fix_command(name: str, data_dir: str) -> str:
         f'  tfds build imagenet2012 --data_dir={data_dir} '
         '--manual_dir=<manual_dir>'
     )
-  return f'  tfds build {name} --data_dir={data_dir}'
+  return (f'  tfds build {name} --data_dir={data_dir}\n'
+          'or re-run with --config.data.download=True (needs network access).')
+
+
+def rebuild_command(name: str, data_dir: str, prepared_dir: str) -> str:
+  """Returns the instructions that rebuild a corrupt copy of data set `name`.
+
+  Args:
+    name: a supported data set name.
+    data_dir: the TFDS data directory the loader read.
+    prepared_dir: the directory of the prepared copy (`builder.data_dir`).
+
+  Returns:
+    A human-readable, copy-pasteable instruction (one or more lines).
+  """
+  spec = get_spec(name)
+  if spec.idx_files:
+    src = spec.debian_idx_dir or '<directory with the IDX files>'
+    return (
+        'Re-import the IDX files:\n'
+        f'  python -m pdcnno_jax.data.idx_import --dataset={name} --src={src} '
+        f'--data_dir={data_dir} --overwrite\n'
+        f'or delete {prepared_dir} and re-run with --config.data.download=True.'
+    )
+  return f'Delete {prepared_dir}, then prepare it again:\n{fix_command(name, data_dir)}'

@@ -28,7 +28,7 @@ IDX files (transposed relative to MNIST: TFDS does not transpose them either).
 References:
   IDX format: http://yann.lecun.com/exdb/mnist/ ("FILE FORMATS"): big-endian
   magic 0x0000 | dtype code (0x08 = unsigned byte) | number of dimensions, then
-  one big-endian uint32 per dimension, then the data. Issue #2, part 3.
+  one big-endian uint32 per dimension, then the data.
 """
 
 from __future__ import annotations

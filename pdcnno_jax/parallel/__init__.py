@@ -1,1 +1,1 @@
-"""Parallel training: MapReduce with load balancers and stale synchronous parallel."""
+"""Training modes (sync, MapReduce, SSP) and their parallel machinery (balancers, collectives)."""

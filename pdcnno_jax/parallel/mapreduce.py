@@ -1,56 +1,26 @@
-"""MapReduce training: Split / Map / Reduce rounds with balanced block assignment.
+"""MapReduce training: ``config.parallel.mode = 'mapreduce'``, one worker per process.
 
-``config.parallel.mode = 'mapreduce'``. Every process is one worker ("node" in the papers).
-
-Split. Each epoch, the training set is put in the order of
-``input_pipeline.epoch_permutation(N, seed, epoch)`` (the order synchronous training uses) and
-cut into ``parallel.num_blocks`` equal blocks of ``N // num_blocks`` examples (the last
-``N % num_blocks`` examples of the permutation sit out that epoch; the permutation changes every
-epoch, so a different few each time). So block contents are re-shuffled every epoch, and fixed
-within it. An epoch has ``parallel.rounds_per_epoch`` rounds; round r trains the r-th run of
-``num_blocks / rounds_per_epoch`` consecutive blocks.
-
-Map. The balancer's assignment gives worker k ``a_k`` of the round's blocks (worker 0 the first
-``a_0``, worker 1 the next ``a_1``, ...). Each worker trains its own copy of the model on its
-blocks, in block order, with the configured optimizer (any optax transform, or CGMSE in
-mini-batch mode, through ``steps.make_train_step``), in local batches of
-``config.data.batch_size // process_count`` examples, data parallel over the process's own
-devices. The last ``< local batch`` examples of a worker's share in a round are dropped
-(fixed shapes, one compiled step). Under an equal split every worker then makes about
-``steps_per_epoch`` updates per epoch, as synchronous training does, so the learning-rate
-schedule built for ``num_epochs * steps_per_epoch`` steps fits.
-
-Reduce. Parameters, the non-parameter model state (BatchNorm statistics, masks) and the
-floating optimizer state (momentum, Adam moments, CG directions) are averaged over the workers
-weighted by the examples each trained in the round (`collectives.TreeAverager`: one all-reduce
-across processes); integer counters (``step``, the optimizer's schedule counts) become the mean
-over workers, i.e. they advance by (total local steps) / K per round, the synchronous-equivalent
-step. Every worker starts the next round from the same averaged state. Under a very unequal
-assignment a fast worker's local count runs ahead of this mean within a round, so near the end of
-a decaying schedule it may take a few steps at the schedule's floor.
-
-Balance. Each worker's `monitor.WorkerMonitor` measures its busy time (device work plus any
-simulated slowdown, `slowdown.Slowdown`) during Map; the rows are all-gathered (one collective)
-and the configured balancer (`balancers.balancer_from_config`) assigns the next round's blocks
-from the measured speeds. Round 0 uses the equal split.
-
-Checkpoints are written at round boundaries (every ``checkpoint_every_steps`` synchronous-
-equivalent steps and at each epoch end) through the trainer's checkpointer; the next round and
-its assignment go into the checkpoint metadata under ``stage_reports['mapreduce_resume']`` and
-the per-round report so far under ``stage_reports['mapreduce']``, so a killed run resumes at the
-round it stopped after, with the same assignment and data.
-
-Report (returned and stored in ``report.json`` under ``'mapreduce'``): per round the blocks,
-examples, local steps, busy and idle seconds and speed of every worker, the makespan (longest
-busy time), the parallel computing entropy of the busy times and the Reduce time; at the end the
-speed-up ratio T_1 / T_p (see `speedup_report`).
+Split: each epoch the training set, in the epoch's permutation (the order synchronous training
+uses), is cut into ``parallel.num_blocks`` equal blocks; an epoch has ``rounds_per_epoch``
+rounds, each training the next ``num_blocks / rounds_per_epoch`` blocks.
+Map: the balancer gives worker k ``a_k`` consecutive blocks of the round; each worker trains
+its own copy on them with the configured optimizer, in local batches of ``batch_size // K``
+examples, data parallel over its own devices.
+Reduce: parameters, model state and the floating optimizer state are averaged over the workers
+weighted by the examples each trained (`collectives.TreeAverager`, one all-reduce); integer
+counters become the mean, the synchronous-equivalent step.
+Balance: each worker's monitor measures its busy time (device work plus simulated slowdown);
+the rows are all-gathered and the balancer (equal, proportional, LBRLA, DLBPCE) assigns the next
+round's blocks from the measured speeds. Round 0 is the equal split.
+Checkpoints at round boundaries hold the next round and its assignment in ``exp.mode_resume``,
+so a killed run resumes at the round after the last one saved, with the same assignment.
+The report has per-round blocks, examples, busy/idle seconds, makespan, entropy, Reduce time
+and the speed-up T_1 / T_p (`speedup_report`).
 
 References:
+  PDCNNO paper (papers/pdcnno_mapreduce_cgmse.txt): Split / Map / Reduce, LBRLA, speed-up.
+  MR-FPDCNN paper (papers/mr_fpdcnn_taylor_glowworm_zh.txt): DLBPCE, computing entropy.
   DESIGN.md, "MapReduce training", "LBRLA", "DLBPCE".
-  PDCNNO paper (``papers/pdcnno_mapreduce_cgmse.txt``): Split / Map / Reduce phases, LBRLA,
-    speed-up ratio.
-  MR-FPDCNN paper (``papers/mr_fpdcnn_taylor_glowworm_zh.txt``): DLBPCE, parallel computing
-    entropy, speed-up ratio.
 """
 
 from __future__ import annotations
@@ -59,28 +29,34 @@ import dataclasses
 import functools
 import math
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 
 from pdcnno_jax.data import input_pipeline
+from pdcnno_jax.loop import batching
+from pdcnno_jax.loop import checks
+from pdcnno_jax.loop import context
+from pdcnno_jax.loop import evaluation
+from pdcnno_jax.loop import periodic
+from pdcnno_jax.loop import placement
+from pdcnno_jax.loop import saving
 from pdcnno_jax.parallel import balancers
 from pdcnno_jax.parallel import collectives
 from pdcnno_jax.parallel import monitor as monitor_lib
 from pdcnno_jax.parallel import slowdown as slowdown_lib
+from pdcnno_jax.train import checkpointing
 from pdcnno_jax.train import metrics as metrics_lib
 from pdcnno_jax.train import sharding as sharding_lib
 from pdcnno_jax.train import state as state_lib
 from pdcnno_jax.train import steps as steps_lib
 
-if TYPE_CHECKING:
-  from pdcnno_jax.train import trainer  # pylint: disable=g-bad-import-order
-
-RESUME_KEY = 'mapreduce_resume'
-REPORT_KEY = 'mapreduce'
+MESH = 'global'  # Collectives span every process.
+USES_CHECKPOINTER = True
 
 # Per-round figures each worker contributes to the all-gather after Map, after the monitor's
 # `balancers.VECTOR_FIELDS`.
@@ -186,24 +162,6 @@ def local_steps(assignment: np.ndarray, block_size: int, local_batch_size: int) 
   return np.asarray(assignment, np.int64) * block_size // local_batch_size
 
 
-def local_batch_size(global_batch_size: int, num_workers: int, num_local_devices: int) -> int:
-  """Per-worker batch: ``global_batch_size // num_workers``, split over the local devices.
-
-  Raises:
-    ValueError: when it does not divide evenly.
-  """
-  if global_batch_size % num_workers:
-    raise ValueError(
-        f'config.data.batch_size={global_batch_size} must be divisible by the {num_workers} '
-        'worker processes (each worker trains local batches of batch_size // processes).')
-  local = global_batch_size // num_workers
-  if local % num_local_devices:
-    raise ValueError(
-        f'The local batch {local} (config.data.batch_size // {num_workers} processes) must '
-        f'be divisible by the {num_local_devices} devices of each process.')
-  return local
-
-
 # ---------------------------------------------------------------------------------------
 # Report figures (pure numpy).
 # ---------------------------------------------------------------------------------------
@@ -290,52 +248,26 @@ def speedup_report(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------
-# Moving state between the global mesh and a worker's local mesh.
-# ---------------------------------------------------------------------------------------
-
-
-def _local_devices(mesh: jax.sharding.Mesh) -> list[jax.Device]:
-  devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-  if not devices:
-    raise ValueError('The mesh holds no device of this process.')
-  return devices
-
-
-def to_local(tree: Any, local_sharding: jax.sharding.Sharding) -> Any:
-  """A replicated global pytree as this process's own copy, replicated on its local mesh."""
-
-  def put(x):
-    if isinstance(x, jax.Array):
-      if x.sharding == local_sharding:
-        return x
-      x = x.addressable_data(0)
-    return jax.device_put(x, local_sharding)
-
-  return jax.tree.map(put, tree)
-
-
-def to_global(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-  """Inverse of `to_local`: identical per-process copies as one array replicated on ``mesh``.
-
-  No host transfer: every local shard is reused as this process's shard of the global array.
-  """
-  sharding = sharding_lib.replicated(mesh)
-
-  def put(x):
-    shards = sorted(x.addressable_shards, key=lambda s: s.device.id)
-    return jax.make_array_from_single_device_arrays(x.shape, sharding,
-                                                    [s.data for s in shards])
-
-  return jax.tree.map(put, tree)
-
-
-# ---------------------------------------------------------------------------------------
 # The training loop.
 # ---------------------------------------------------------------------------------------
 
 
+def validate(config: ml_collections.ConfigDict, dataset: input_pipeline.Dataset) -> None:
+  """MapReduce needs blocks of an in-memory data set and mini-batch local training."""
+  if not dataset.in_memory:
+    raise ValueError(
+        f'parallel.mode=mapreduce needs an in-memory data set to cut into blocks; '
+        f'{dataset.name} is streamed. Set config.data.in_memory=True (or use '
+        "parallel.mode='sync' for streamed data sets).")
+  if config.optimizer.name == 'cgmse' and config.optimizer.mode == 'full_batch':
+    raise ValueError(
+        "parallel.mode=mapreduce trains in local mini-batches; CGMSE's full_batch mode is not "
+        "supported there. Set config.optimizer.mode='minibatch' (or parallel.mode='sync' "
+        'for full-batch CGMSE).')
+
+
 @dataclasses.dataclass
-class _Worker:
+class Worker:
   """One process's Map machinery."""
   data_sharding: jax.sharding.Sharding
   step_fn: Callable[..., Any]
@@ -355,8 +287,8 @@ class _Worker:
                            self.data_sharding)
 
 
-def _map_phase(worker: _Worker, state: state_lib.TrainState,
-               indices: np.ndarray) -> tuple[state_lib.TrainState, dict[str, float]]:
+def map_phase(worker: Worker, state: state_lib.TrainState,
+              indices: np.ndarray) -> tuple[state_lib.TrainState, dict[str, float]]:
   """Map: local training on ``indices``; returns the state and this worker's round figures."""
   loss_sum, correct_sum, steps = jnp.zeros(()), jnp.zeros(()), 0
   worker.monitor.start()
@@ -373,7 +305,7 @@ def _map_phase(worker: _Worker, state: state_lib.TrainState,
                  'steps': steps}
 
 
-def _warm_up(worker: _Worker, state: state_lib.TrainState, batch: dict[str, jax.Array]) -> None:
+def _warm_up(worker: Worker, state: state_lib.TrainState, batch: dict[str, jax.Array]) -> None:
   """Compiles and runs once every jitted piece (on a copy), so no round times a compile.
 
   Every process calls it at the same point: it runs one Reduce and one all-gather.
@@ -397,91 +329,110 @@ def _averager(out_sharding, process_mesh) -> collectives.TreeAverager:
   return collectives.TreeAverager(out_sharding, process_mesh)
 
 
-def _resume_point(exp: 'trainer.Experiment', num_workers: int, blocks_per_round: int,
+def _make_worker(exp: context.Experiment, tx, local_mesh: jax.sharding.Mesh,
+                 batch: int) -> Worker:
+  parallel = exp.config.parallel
+  split = exp.dataset.host_splits['train']
+  proc_mesh = collectives.process_mesh(list(exp.mesh.devices.flat))
+  return Worker(
+      data_sharding=sharding_lib.batch_sharded(local_mesh),
+      step_fn=_local_train_step(exp.graphdef, tx, exp.preprocess, local_mesh),
+      slow=slowdown_lib.Slowdown.from_config(parallel, jax.process_index(),
+                                             jax.process_count(), seed=exp.config.seed),
+      monitor=monitor_lib.WorkerMonitor(devices=list(local_mesh.devices.flat)),
+      averager=_averager(sharding_lib.replicated(local_mesh), proc_mesh),
+      process_mesh=proc_mesh, images=split.images, labels=split.labels, batch=batch)
+
+
+def _resume_point(exp: context.Experiment, num_workers: int, blocks_per_round: int,
                   total_rounds: int) -> tuple[int, np.ndarray | None, list[dict[str, Any]]]:
   """(next round, its assignment or None for an equal split, rounds reported so far)."""
-  resume = exp.stage_reports.get(RESUME_KEY)
+  resume = exp.mode_resume
   if not resume:
     return 0, None, []
-  rounds = list(exp.stage_reports.get(REPORT_KEY, {}).get('rounds', []))
   next_round = min(int(resume['next_round']), total_rounds)
-  blocks = np.asarray(resume.get('blocks', []), np.int64)
-  if (int(resume.get('num_workers', -1)) != num_workers
-      or int(resume.get('blocks_per_round', -1)) != blocks_per_round
-      or blocks.shape != (num_workers,) or blocks.sum() != blocks_per_round):
+  blocks = np.asarray(resume['blocks'], np.int64)
+  if (int(resume['num_workers']) != num_workers
+      or int(resume['blocks_per_round']) != blocks_per_round):
     logging.warning('MapReduce resume: the checkpoint was written with %s workers and %s '
                     'blocks per round; now %d and %d. Continuing at round %d with an equal '
-                    'split.', resume.get('num_workers'), resume.get('blocks_per_round'),
+                    'split.', resume['num_workers'], resume['blocks_per_round'],
                     num_workers, blocks_per_round, next_round)
     blocks = None
-  return next_round, blocks, rounds
+  return next_round, blocks, list(resume['rounds'])
 
 
-def train(exp: 'trainer.Experiment', state: state_lib.TrainState, *, tx,
-          checkpointer=None) -> tuple[state_lib.TrainState, dict[str, Any]]:
+def _reduce(worker: Worker, state: state_lib.TrainState, figures: dict[str, Any],
+            trained: np.ndarray, round_start: float) -> tuple[state_lib.TrainState, np.ndarray]:
+  """Reduce: the sample-weighted average, then every worker's round figures all-gathered."""
+  start = time.perf_counter()
+  state = worker.averager(state, figures['samples'] / trained.sum())
+  jax.block_until_ready(state)
+  reduce_s = time.perf_counter() - start
+  row = np.concatenate([figures['row'], [
+      figures['loss_sum'], figures['correct_sum'], figures['samples'], figures['steps'],
+      reduce_s, time.perf_counter() - round_start]])
+  return state, collectives.allgather_rows(row, worker.process_mesh).astype(np.float64)
+
+
+def _final_report(exp: context.Experiment, plan: BlockPlan, batch: int,
+                  rounds: list[dict[str, Any]]) -> dict[str, Any]:
+  parallel = exp.config.parallel
+  num_workers = jax.process_count()
+  return {
+      'workers': num_workers, 'balancer': parallel.balancer,
+      'slowdown': [float(f) for f in slowdown_lib.parse_slowdown(parallel.slowdown,
+                                                                  num_workers)],
+      'num_blocks': plan.num_blocks, 'block_size': plan.block_size,
+      'rounds_per_epoch': plan.rounds_per_epoch, 'local_batch_size': batch,
+      'rounds': rounds, 'speedup': speedup_report(rounds),
+      'mean_makespan_s': float(np.mean([r['makespan_s'] for r in rounds])) if rounds else 0.0,
+  }
+
+
+def train(exp: context.Experiment, state: state_lib.TrainState, *, tx,
+          checkpointer: checkpointing.Checkpointer | None = None
+          ) -> tuple[state_lib.TrainState, dict[str, Any]]:
   """MapReduce training for ``config.num_epochs`` epochs (see the module docstring).
 
-  Every process must call this at the same point (it runs collectives).
+  Every process must call this at the same point (it runs collectives). ``config.max_steps``
+  ends training after the first round that reaches it.
 
   Args:
-    exp: the `trainer.Experiment` (config, dataset, global mesh, preprocess, graphdef, timer,
-      writer, stage_reports).
+    exp: the experiment (config, dataset, global mesh, preprocess, graphdef, timer, writer,
+      mode_resume).
     state: the `TrainState`, replicated on ``exp.mesh``.
     tx: the optimizer whose state is ``state.opt_state``.
-    checkpointer: the trainer's `Checkpointer` (None: no checkpoints).
+    checkpointer: saves at round boundaries (None: no checkpoints).
 
   Returns:
     ``(state, report)``: the averaged state replicated on ``exp.mesh`` and the JSON-able report
     (per-round figures, speed-up).
 
   Raises:
-    ValueError: a streaming data set, full-batch CGMSE, or Split settings that do not fit
-      (see `make_block_plan`, `local_batch_size`).
-    trainer.NonFiniteLossError: the averaged loss of a round is NaN/inf.
+    ValueError: a streamed data set, full-batch CGMSE, or Split settings that do not fit.
+    checks.NonFiniteLossError: the averaged loss of a round is NaN/inf.
   """
-  from pdcnno_jax.train import trainer  # pylint: disable=g-import-not-at-top  # Import cycle.
-
   config = exp.config
+  validate(config, exp.dataset)
   parallel = config.parallel
-  if not exp.dataset.in_memory:
-    raise ValueError(
-        f'parallel.mode=mapreduce needs an in-memory data set to cut into blocks; '
-        f'{exp.dataset.name} is streamed. Set config.data.in_memory=True (or use '
-        "parallel.mode='sync' for streamed data sets).")
-  if config.optimizer.name == 'cgmse' and config.optimizer.mode == 'full_batch':
-    raise ValueError(
-        "parallel.mode=mapreduce trains in local mini-batches; CGMSE's full_batch mode is not "
-        "supported there. Set config.optimizer.mode='minibatch' (or parallel.mode='sync' "
-        'for full-batch CGMSE).')
   num_workers, me = jax.process_count(), jax.process_index()
-  devices = _local_devices(exp.mesh)
-  local_mesh = sharding_lib.make_mesh(devices)
-  batch = local_batch_size(config.data.batch_size, num_workers, len(devices))
-  split = exp.dataset.host_splits['train']
-  plan = make_block_plan(len(split.labels), int(parallel.num_blocks),
+  local_mesh = sharding_lib.make_mesh(placement.local_devices(exp.mesh))
+  batch = batching.local_batch_size(config.data.batch_size, num_workers,
+                                    local_mesh.devices.size)
+  plan = make_block_plan(exp.dataset.num_examples['train'], int(parallel.num_blocks),
                          int(parallel.rounds_per_epoch), num_workers=num_workers,
                          local_batch_size=batch)
   total_rounds = int(round(config.num_epochs * plan.rounds_per_epoch))
   assign = balancers.balancer_from_config(parallel)
-  replicated = sharding_lib.replicated(local_mesh)
-  proc_mesh = collectives.process_mesh(list(exp.mesh.devices.flat))
-  worker = _Worker(
-      data_sharding=sharding_lib.batch_sharded(local_mesh),
-      step_fn=_local_train_step(exp.graphdef, tx, exp.preprocess, local_mesh),
-      slow=slowdown_lib.Slowdown.from_config(parallel, me, num_workers, seed=config.seed),
-      monitor=monitor_lib.WorkerMonitor(devices=devices),
-      averager=_averager(replicated, proc_mesh),
-      process_mesh=proc_mesh, images=split.images, labels=split.labels, batch=batch)
-
+  worker = _make_worker(exp, tx, local_mesh, batch)
   next_round, blocks, rounds = _resume_point(exp, num_workers, plan.blocks_per_round,
                                              total_rounds)
   if blocks is None:
     blocks = balancers.equal(plan.blocks_per_round,
                              balancers.WorkerStats(np.ones(num_workers)))
-  local_state = to_local(state, replicated)
-  step = int(jax.device_get(local_state.step))
-  last_saved_step = step
-  eval_split = 'validation' if 'validation' in exp.dataset.splits else 'test'
+  local_state = placement.to_local(state, sharding_lib.replicated(local_mesh))
+  last_saved_step = int(jax.device_get(local_state.step))
   metrics_lib.log_line(
       f'[mapreduce] {num_workers} workers, {plan.num_blocks} blocks of {plan.block_size} '
       f'examples, {plan.rounds_per_epoch} rounds/epoch, local batch {batch}, balancer '
@@ -497,17 +448,11 @@ def train(exp: 'trainer.Experiment', state: state_lib.TrainState, *, tx,
         _warm_up(worker, local_state, next(worker.batches(indices)))
     round_start = time.perf_counter()
     with exp.timer.phase('train'):
-      local_state, figures = _map_phase(worker, local_state, indices)
-    trained = local_steps(blocks, plan.block_size, batch) * batch
+      local_state, figures = map_phase(worker, local_state, indices)
     with exp.timer.phase('reduce'):
-      start = time.perf_counter()
-      local_state = worker.averager(local_state, figures['samples'] / trained.sum())
-      jax.block_until_ready(local_state)
-      reduce_s = time.perf_counter() - start
-      row = np.concatenate([figures['row'], [
-          figures['loss_sum'], figures['correct_sum'], figures['samples'], figures['steps'],
-          reduce_s, time.perf_counter() - round_start]])
-      gathered = collectives.allgather_rows(row, proc_mesh).astype(np.float64)
+      local_state, gathered = _reduce(worker, local_state, figures,
+                                      local_steps(blocks, plan.block_size, batch) * batch,
+                                      round_start)
     figures_round = round_report(round_index, epoch, blocks, gathered)
     stats = balancers.WorkerStats.from_vectors(gathered[:, :len(balancers.VECTOR_FIELDS)])
     blocks = assign(plan.blocks_per_round, stats, blocks)
@@ -515,50 +460,37 @@ def train(exp: 'trainer.Experiment', state: state_lib.TrainState, *, tx,
     rounds.append(figures_round)
     step = int(jax.device_get(local_state.step))
     _log_round(exp, step, figures_round)
-    if not math.isfinite(figures_round['loss']):
-      raise trainer.NonFiniteLossError(
-          f'Training loss is {figures_round["loss"]} in MapReduce round {round_index}; the '
-          f'last good checkpoint is step {checkpointer and checkpointer.latest_step()} in '
-          f'{exp.workdir}. Lower config.optimizer.learning_rate or set '
-          'config.optimizer.grad_clip_norm.')
+    checks.check_finite_loss(
+        figures_round['loss'], where=f'MapReduce round {round_index}',
+        last_good=checkpointer.last_good_step() if checkpointer else None, workdir=exp.workdir)
 
+    stop = 0 < config.max_steps <= step
+    last = round_index == total_rounds - 1 or stop
     epoch_end = round_in_epoch == plan.rounds_per_epoch - 1
-    last = round_index == total_rounds - 1
     global_state = None
-    if epoch_end and ((epoch + 1) % config.eval_every_epochs == 0 or last):
-      global_state = to_global(local_state, exp.mesh)
-      with exp.timer.phase('eval'):
-        result = trainer.evaluate(exp, global_state, eval_split)
-      metrics_lib.log_line(f'[mapreduce] epoch {epoch + 1} {eval_split}: '
-                           f'loss={result["loss"]:.4f} accuracy={result["accuracy"]:.4f}')
-      figures_round[eval_split] = result
-      if exp.writer:
-        exp.writer.write(step, result, prefix=eval_split)
-    due = step // config.checkpoint_every_steps > last_saved_step // config.checkpoint_every_steps
+    if (epoch_end and periodic.every(epoch + 1, config.eval_every_epochs, last=False)) or last:
+      global_state = placement.to_global(local_state, exp.mesh)
+      figures_round[exp.eval_split] = evaluation.evaluate_and_log(
+          exp, global_state, exp.eval_split, step=step, label=f'[mapreduce] epoch {epoch + 1}')
+    due = periodic.crossed(last_saved_step, step, config.checkpoint_every_steps)
     if checkpointer is not None and (due or epoch_end or last):
-      exp.stage_reports[RESUME_KEY] = {
+      exp.mode_resume = {
           'next_round': round_index + 1, 'blocks': [int(b) for b in blocks],
-          'num_workers': num_workers, 'blocks_per_round': plan.blocks_per_round}
-      exp.stage_reports[REPORT_KEY] = {'rounds': rounds}
-      global_state = global_state or to_global(local_state, exp.mesh)
-      # pylint: disable-next=protected-access
-      trainer._save(exp, checkpointer, global_state, phase='mapreduce')
+          'num_workers': num_workers, 'blocks_per_round': plan.blocks_per_round,
+          'rounds': rounds}
+      global_state = global_state or placement.to_global(local_state, exp.mesh)
+      saving.save(exp, checkpointer, global_state, phase='mapreduce',
+                  loss=figures_round['loss'])
       last_saved_step = step
+    if stop:
+      break
 
-  report = {
-      'workers': num_workers, 'balancer': parallel.balancer,
-      'slowdown': [float(f) for f in slowdown_lib.parse_slowdown(parallel.slowdown,
-                                                                  num_workers)],
-      'num_blocks': plan.num_blocks, 'block_size': plan.block_size,
-      'rounds_per_epoch': plan.rounds_per_epoch, 'local_batch_size': batch,
-      'rounds': rounds, 'speedup': speedup_report(rounds),
-      'mean_makespan_s': float(np.mean([r['makespan_s'] for r in rounds])) if rounds else 0.0,
-  }
-  exp.stage_reports.pop(RESUME_KEY, None)
-  return to_global(local_state, exp.mesh), report
+  exp.mode_resume = {}
+  return (placement.to_global(local_state, exp.mesh),
+          _final_report(exp, plan, batch, rounds))
 
 
-def _log_round(exp: 'trainer.Experiment', step: int, figures: dict[str, Any]) -> None:
+def _log_round(exp: context.Experiment, step: int, figures: dict[str, Any]) -> None:
   metrics_lib.log_line(
       f'[mapreduce] round {figures["round"]} (epoch {figures["epoch"]}) step {step} '
       f'blocks={figures["blocks"]} busy_s=[{", ".join(f"{b:.2f}" for b in figures["busy_s"])}] '

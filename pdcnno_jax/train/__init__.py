@@ -1,1 +1,1 @@
-"""Training loop, state, checkpoints, metrics and reports."""
+"""State, steps, sharding, checkpoints, metrics and reports: what every training loop is built on."""

@@ -1,31 +1,13 @@
 """Stale synchronous parallel training over a key-value store.
 
-Modules, one job each:
-  store.py          `Store` interface (write-once keys, blocking get with a
-                    timeout, directory reads, deletes, barriers) and
-                    `InMemoryStore` for tests.
-  coordination.py   `CoordinationStore` over the key-value store of JAX's
-                    distributed runtime; `initialize` (heartbeats,
-                    recoverability) and `shutdown` (process 0 last). The only
-                    module that touches JAX's private client.
-  serialization.py  pytrees of arrays <-> bytes without pickle.
-  liveness.py       heartbeat leases: which workers are alive.
-  protocol.py       `SSPWorker`: the SSP clock protocol (Ho et al. 2013).
-
-Usage (one process per worker; see protocol.py for the full loop):
-
-  from pdcnno_jax.parallel import ssp
-  from pdcnno_jax.parallel.ssp import coordination
-  coordination.initialize(address, num_processes, process_id,
-                          heartbeat_timeout_s=10, recoverable=True)
-  store = coordination.CoordinationStore()
-  worker = ssp.SSPWorker(store, process_id, num_processes, staleness=2,
-                         timeout_s=120, like=params)
-  ...
-  coordination.shutdown(store)
+Modules: ``store`` (the `Store` interface and `InMemoryStore`), ``coordination`` (a `Store`
+over JAX's coordination service, the only module touching JAX's private client),
+``serialization`` (pytrees <-> bytes without pickle), ``liveness`` (heartbeat leases),
+``protocol`` (`SSPWorker`, the SSP clock protocol), ``worker_checkpoints`` and ``report``,
+and ``training`` (the SSP training mode).
 
 References:
-  DESIGN.md, "SSP"; delay_sync_parallel.txt; Ho et al., NIPS 2013.
+  DESIGN.md, "SSP"; papers/delay_sync_parallel.txt; Ho et al., NIPS 2013.
 """
 
 from pdcnno_jax.parallel.ssp.protocol import JoinResult

@@ -1,29 +1,18 @@
 """`Store` over the key-value store of JAX's coordination service.
 
-`jax.distributed.initialize` starts a coordination service in process 0 and a
-client in every process. Its key-value store (write-once keys, blocking gets
-with a timeout, directory reads, deletes, barriers) is what the SSP protocol
-runs on. JAX exposes the client only privately
-(`jax._src.distributed.global_state.client`); this module is the only place in
-the package that touches it, and it checks the installed JAX for the features
-it needs.
+`jax.distributed.initialize` starts a coordination service in process 0 and a client in every
+process; its key-value store (write-once keys, blocking gets, directory reads, deletes,
+barriers) carries the SSP protocol. JAX exposes the client only privately
+(``jax._src.distributed.global_state.client``); this is the only module that touches it.
 
-Fault model (checked on jax 0.10.2):
-  * With recoverability on (`jax_enable_recoverability`, see `initialize`), a
-    worker process that dies does not take the others down, and a restarted
-    process with the same id reconnects and sees the stored keys.
-  * Process 0 hosts the service. Its death is fatal to the whole job: every
-    other process is aborted by JAX's client ("Terminating process because the
-    JAX distributed service detected fatal errors"), and a store call that
-    fails first raises `CoordinatorUnavailableError`. Restart the whole job
-    from the checkpoints.
-  * With recoverability on, JAX's shutdown barrier no longer waits for the
-    other processes, and a process still connected when process 0 exits is
-    aborted: end every process with `shutdown(store)`, which stops process 0
-    last.
+Fault model: with recoverability on (`initialize`), a worker that dies does not take the others
+down, and a restarted process with the same id reconnects and sees the stored keys. Process 0
+hosts the service: its death ends the job (store calls raise `CoordinatorUnavailableError`);
+restart the whole job from the checkpoints. With recoverability on, a process still connected
+when process 0 exits is aborted, so every process ends with `shutdown(store)` (process 0 last).
 
 References:
-  DESIGN.md, "SSP" (engine: the key-value store of JAX's coordination service).
+  DESIGN.md, "SSP".
 """
 
 from __future__ import annotations
@@ -212,7 +201,7 @@ class CoordinationStore(store_lib.Store):
     raise store_lib.StoreError(f'{what}: {error}') from error
 
   def set(self, key: str, value: bytes, *, overwrite: bool = False) -> None:
-    store_lib._check_key(key)  # pylint: disable=protected-access
+    store_lib.check_key(key)
     try:
       self._client.key_value_set_bytes(key, bytes(value),
                                        allow_overwrite=overwrite)
@@ -220,7 +209,7 @@ class CoordinationStore(store_lib.Store):
       self._raise(e, f'set({key!r})')
 
   def get(self, key: str, timeout_s: float) -> bytes:
-    store_lib._check_key(key)  # pylint: disable=protected-access
+    store_lib.check_key(key)
     try:
       return self._client.blocking_key_value_get_bytes(
           key, max(1, int(timeout_s * 1000)))
@@ -228,7 +217,7 @@ class CoordinationStore(store_lib.Store):
       self._raise(e, f'get({key!r}, timeout_s={timeout_s:.3g})')
 
   def try_get(self, key: str) -> bytes | None:
-    store_lib._check_key(key)  # pylint: disable=protected-access
+    store_lib.check_key(key)
     try:
       return self._client.key_value_try_get_bytes(key)
     except self._errors as e:

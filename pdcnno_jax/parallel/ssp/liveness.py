@@ -1,18 +1,13 @@
 """Heartbeat leases in a `Store`: which SSP workers are alive.
 
-JAX's coordination service has its own heartbeats, but its live-node query
-(`get_live_nodes`) is a collective with barrier semantics (every live process
-named must call it), so a worker blocked in an SSP wait cannot use it alone.
-Instead every worker overwrites a heartbeat key from a background thread, and
-a reader declares a worker dead when its key has not changed for
-`timeout_s` of the reader's own monotonic clock (no cross-host clock
-comparison). A worker that never sent a heartbeat is "not yet joined", not
-dead.
+JAX's live-node query is a collective with barrier semantics, so a worker blocked in an SSP
+wait cannot use it alone. Instead every worker overwrites a heartbeat key from a background
+thread, and a reader declares a worker dead when its key has not changed for ``timeout_s`` of
+the reader's own monotonic clock (no cross-host clock comparison). A worker that never sent a
+heartbeat is "not yet joined", not dead; a dead worker leaves the staleness bound.
 
 References:
-  DESIGN.md, "SSP" (live-node query, recoverability); issue #7, item 4
-  (the dead worker is dropped from the staleness bound after the heartbeat
-  timeout).
+  DESIGN.md, "SSP" (a dead worker leaves the bound and may rejoin).
 """
 
 from __future__ import annotations

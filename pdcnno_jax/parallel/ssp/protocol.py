@@ -1,52 +1,28 @@
 """The stale-synchronous-parallel (SSP) clock protocol over a `Store`.
 
-Every worker i keeps a clock c (steps done). Step c of worker i produces an
-update (a pytree, e.g. the change of its params) stamped (i, c) and published
-to the store. Before computing step c a worker must have applied every other
-worker's updates stamped <= c - s - 1 (it blocks until they are published),
-may apply newer ones already published (without blocking), and always sees
-its own. s = 0 is bulk synchronous parallel (BSP); s = None (infinite) is
-asynchronous parallel (ASP).
-
-The training loop of worker i:
+Worker i keeps a clock c (steps done); step c produces an update stamped (i, c), published to
+the store. Before step c a worker must have applied every other worker's updates stamped
+<= c - s - 1 (it blocks until they are published), may apply newer ones, and always sees its
+own: s = 0 is BSP, s = None (infinite) is ASP. The loop of one worker::
 
   worker = SSPWorker(store, i, n, staleness=s, timeout_s=120, like=params)
-  joined = worker.join(checkpointed_ssp_state_or_None)
-  params = apply(params, joined.updates)       # own updates after the ckpt
+  joined = worker.join(checkpointed_ssp_state_or_None)   # own updates after the checkpoint
   for c in range(joined.next_clock, num_steps):
-    params = apply(params, worker.pull(c))     # blocks only past the bound
-    delta = train_step(params)                 # params_new - params
-    params = params + delta                    # read-my-writes
-    worker.publish(c, delta)
-    (checkpoint params and worker.state(), then worker.commit())
-  params = apply(params, worker.drain(num_steps - 1))
-  worker.close()
+    params = apply(params, worker.pull(c))               # blocks only past the bound
+    delta = train_step(params); params = params + delta  # read-my-writes
+    worker.publish(c, delta)                             # then checkpoint + worker.commit()
+  params = apply(params, worker.drain(num_steps - 1)); worker.close()
 
-Store layout under `pdcnno_ssp/<run_id>/`: `u/<worker>/<clock>` the updates
-(write-once), `clock/<worker>` the last published clock, `ack/<worker>` the
-per-source clocks up to which the worker has durably applied updates,
-`hb/<worker>` heartbeats, `gc/<worker>` the clock up to which the worker
-deleted its own updates, `done/<worker>` the final clock of a finished worker.
-
-Each worker deletes its own updates once every other unfinished worker has
-acknowledged them (and, to keep its own restart possible, once it has itself
-committed past them). By default a dead worker still holds back deletion, so
-that it can rejoin exactly; `gc_waits_for_dead=False` trades that for memory.
-
-Faults: a worker whose heartbeat stopped for `heartbeat_timeout_s` is dropped
-from the staleness bound (the others stop waiting for it); when it restarts
-and calls `join` with the SSP state saved in its checkpoint, it re-applies its
-own updates published after that checkpoint, resumes at its last published
-clock + 1, and is part of the bound again. `drain` waits for dead workers too
-(up to `timeout_s`), so that every worker ends with every update. The death of
-the process hosting the store (process 0 for JAX's coordination service) is
-fatal; see coordination.py.
+Store layout under ``pdcnno_ssp/<run_id>/``: ``u/<worker>/<clock>`` updates (write-once),
+``clock/``, ``ack/`` (clocks durably applied per source), ``hb/`` heartbeats, ``gc/``, ``done/``.
+A worker deletes its own updates once every unfinished worker acknowledged them. A worker
+silent for ``heartbeat_timeout_s`` leaves the bound; restarted, it re-applies its own updates
+after its checkpoint and rejoins at its last published clock + 1.
 
 References:
-  Ho et al., "More effective distributed ML via a stale synchronous parallel
-  parameter server", NIPS 2013 (the SSP condition, section 2).
-  delay_sync_parallel.txt, section 4 (delay synchronization = SSP).
-  DESIGN.md, "SSP".
+  Ho et al., "More effective distributed ML via a stale synchronous parallel parameter
+    server", NIPS 2013 (the SSP condition, section 2).
+  papers/delay_sync_parallel.txt, section 4 (delay synchronization = SSP); DESIGN.md, "SSP".
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ class Store(abc.ABC):
     """
 
 
-def _check_key(key: str) -> None:
+def check_key(key: str) -> None:
   if not isinstance(key, str) or not key or key.endswith('/'):
     raise ValueError(
         f'Store keys must be non-empty strings without a trailing "/", got '
@@ -109,7 +109,7 @@ class InMemoryStore(Store):
     self._barriers: dict[str, tuple[tuple[int, ...], int]] = {}
 
   def set(self, key: str, value: bytes, *, overwrite: bool = False) -> None:
-    _check_key(key)
+    check_key(key)
     with self._cond:
       if not overwrite and key in self._data:
         raise KeyExistsError(f'Key {key!r} already exists (write-once).')
@@ -117,7 +117,7 @@ class InMemoryStore(Store):
       self._cond.notify_all()
 
   def get(self, key: str, timeout_s: float) -> bytes:
-    _check_key(key)
+    check_key(key)
     deadline = time.monotonic() + max(timeout_s, 0.0)
     with self._cond:
       while key not in self._data:
@@ -129,7 +129,7 @@ class InMemoryStore(Store):
       return self._data[key]
 
   def try_get(self, key: str) -> bytes | None:
-    _check_key(key)
+    check_key(key)
     with self._cond:
       return self._data.get(key)
 

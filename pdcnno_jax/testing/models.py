@@ -1,5 +1,9 @@
 """Test helpers: synthetic learnable data sets and quickly initialised models.
 
+``random_model`` builds any model of ``models/factory.py`` with random numpy weights (fast:
+no eager initialisers), from a model config that may name only what differs from
+``configs/default.py``.
+
 ``make_idx_dataset`` writes IDX files shaped like MNIST / Fashion-MNIST whose classes are
 easy to tell apart (each class lights a different patch, plus noise), then imports them
 with the real offline importer, so the code under test reads them through the same TFDS
@@ -11,12 +15,15 @@ from __future__ import annotations
 import gzip
 import os
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
 from pdcnno_jax.models import factory
+from pdcnno_jax.testing import config as default_configs
+from pdcnno_jax.train import sharding as sharding_lib
 
 
 def _write_idx(path: str, array: np.ndarray) -> None:
@@ -74,9 +81,11 @@ def random_model(config: ml_collections.ConfigDict, input_shape: tuple[int, int,
                  seed: int = 0, num_classes: int = 10) -> nnx.Module:
   """``factory.build_model`` with random numpy weights, skipping its (slow, eager) initialisers.
 
+  ``config`` holds the ``config.model`` keys that differ from ``configs/default.py``.
   Kernels ~ N(0, 2 / fan_in), biases ~ N(0, 0.1^2), BatchNorm scales ~ U(0.5, 1.5), running
   means ~ N(0, 1) and variances ~ U(0.5, 2) (so inference mode uses non-trivial statistics).
   """
+  config = default_configs.section('model', **config)
   abstract = nnx.eval_shape(lambda: factory.build_model(
       config, num_classes=num_classes, input_shape=input_shape, rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
@@ -101,3 +110,12 @@ def random_model(config: ml_collections.ConfigDict, input_shape: tuple[int, int,
   from pdcnno_jax.pruning import masking  # pylint: disable=g-import-not-at-top
   return nnx.merge(graphdef, masking.map_with_paths(init, params),
                    masking.map_with_paths(init, rest))
+
+
+def random_batch(image_shape: tuple[int, int, int], num: int, mesh: jax.sharding.Mesh,
+                 seed: int = 0, num_classes: int = 10) -> dict[str, jax.Array]:
+  """A random uint8 image batch with int32 labels, sharded over ``mesh``'s data axis."""
+  rng = np.random.default_rng(seed)
+  batch = {'image': rng.integers(0, 256, (num,) + tuple(image_shape), dtype=np.uint8),
+           'label': rng.integers(0, num_classes, (num,), dtype=np.int32)}
+  return jax.device_put(batch, sharding_lib.batch_sharded(mesh))

@@ -108,7 +108,7 @@ HIMMELBLAU_MINIMA = np.array([
 
 
 def suite() -> list[Problem]:
-  """The benchmark suite: the five problems of issue #4 plus three extras."""
+  """The benchmark suite: the five ``CORE_PROBLEMS`` plus two extras."""
   quad_fn, _ = ill_conditioned_quadratic()
   return [
       Problem('rosenbrock', rosenbrock, np.array([-1.2, 1.0]),
