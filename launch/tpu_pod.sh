@@ -7,6 +7,8 @@
 #
 # Every host needs the repository and its requirements (plus jax[tpu]) at ~/pdcnno_jax, and
 # the TFDS data_dir must be readable by all hosts (e.g. --config.data.data_dir=gs://...).
+# Worker 0's JAX coordination service (no authentication) listens on every interface of the
+# VPC network; restrict its port with firewall rules to the pod's hosts.
 set -euo pipefail
 config="${1:?usage: launch/tpu_pod.sh CONFIG WORKDIR [overrides...]}"
 workdir="${2:?usage: launch/tpu_pod.sh CONFIG WORKDIR [overrides...]}"
