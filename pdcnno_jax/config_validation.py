@@ -57,6 +57,8 @@ def _number(low: float, high: float = math.inf, *, low_open: bool = False,
 
 
 _BOOL = ((lambda v: isinstance(v, bool)), 'True or False')
+_OFF_OR_AT_LEAST_ONE = ((lambda v: _is_number(v) and (v == 0 or v >= 1)),
+                        '0 (off) or a number >= 1')
 _POSITIVE = _number(0.0, low_open=True)
 _NON_NEGATIVE = _number(0.0)
 _FRACTION = _number(0.0, 1.0, high_open=True)
@@ -71,8 +73,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'checkpoint_every_steps': _int_at_least(1),
     'keep_checkpoints': _int_at_least(1),
     'max_steps': _int_at_least(0),
-    'checkpoint_max_loss_ratio': _number(1.0),
-    'checkpoint_max_norm_ratio': _number(1.0),
+    'checkpoint_max_loss_ratio': _OFF_OR_AT_LEAST_ONE,
+    'checkpoint_max_norm_ratio': _OFF_OR_AT_LEAST_ONE,
     'data.batch_size': _int_at_least(1),
     'data.eval_batch_size': _int_at_least(1),
     'data.validation_holdout': ((lambda v: _is_int(v)), 'an integer (< 0: the paper holdout)'),
