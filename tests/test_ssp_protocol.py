@@ -214,3 +214,28 @@ def test_restart_fails_clearly_if_its_updates_were_collected():
   workers[1].abandon()
   with pytest.raises(ssp.SSPStateError, match='garbage-collected'):
     ssp.SSPWorker(store, 1, 2, staleness=0).join(state)
+
+
+def test_rejoin_adopts_an_update_written_before_its_clock_key():
+  # A worker killed between writing update (1, 3) and its clock key: the others may already
+  # have applied that update, so the rejoined worker replays it and continues at clock 4.
+  store = ssp.InMemoryStore()
+  workers = [ssp.SSPWorker(store, i, 2, staleness=0, timeout_s=5.0, commit_on_pull=False)
+             for i in range(2)]
+  for w in workers:
+    w.join()
+  for clock in range(3):
+    for w in workers:
+      w.pull(clock)
+      w.publish(clock, {'x': np.full(1, float(clock))})
+  state = workers[1].state()
+  workers[1].commit()
+  workers[1].abandon()
+  key = 'pdcnno_ssp/default/u/1/{:010d}'.format  # The documented store layout.
+  store.set(key(3), store.try_get(key(2)))
+  again = ssp.SSPWorker(store, 1, 2, staleness=0, timeout_s=5.0, commit_on_pull=False)
+  joined = again.join(state)
+  assert joined.next_clock == 4
+  assert len(joined.updates) == 1 and joined.updates[0].clock == 3
+  again.abandon()
+  workers[0].abandon()

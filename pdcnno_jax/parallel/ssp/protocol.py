@@ -274,8 +274,7 @@ class SSPWorker:
     if self._next_clock is not None:
       raise SSPStateError(f'Worker {self.worker_id} already joined.')
     me = self.worker_id
-    raw = self.store.try_get(self._key('clock', me))
-    last_published = -1 if raw is None else int(json.loads(raw))
+    last_published = self._last_written_clock()
     updates = []
     if state is None:
       if last_published >= 0:
@@ -315,6 +314,21 @@ class SSPWorker:
     if state is not None:
       self.commit()
     return JoinResult(next_clock=self._next_clock, updates=updates)
+
+  def _last_written_clock(self) -> int:
+    """This worker's last published clock, counting an update written without its clock key.
+
+    `publish` writes the update, then the clock: a worker killed between the two left an
+    update that others may already have applied, so a rejoin adopts it instead of computing
+    (and failing to write) that clock again.
+    """
+    me = self.worker_id
+    clock = self.published_clock()
+    while self.store.try_get(self._update_key(me, clock + 1)) is not None:
+      clock += 1
+    if clock != self.published_clock():
+      self.store.set(self._key('clock', me), str(clock).encode(), overwrite=True)
+    return clock
 
   def published_clock(self, worker: int | None = None) -> int:
     """The last clock `worker` (default: this one) published in this run, or -1.
