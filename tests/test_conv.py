@@ -46,7 +46,9 @@ def test_gradients_inside_a_loop_match():
 
   def looped(fn):
     grad = jax.grad(lambda k: jnp.sum(fn(x, k, (1, 1), 'SAME', dimension_numbers=_SPEC) ** 2))
-    return jax.jit(lambda k: lax.fori_loop(0, 2, lambda i, acc: acc + grad(k), jnp.zeros_like(k)))(k)
+    def run(k):
+      return lax.fori_loop(0, 2, lambda i, acc: acc + grad(k), jnp.zeros_like(k))
+    return jax.jit(run)(k)
 
   np.testing.assert_allclose(looped(conv.conv_general_dilated),
                              looped(lax.conv_general_dilated), rtol=1e-4, atol=1e-4)
@@ -70,8 +72,8 @@ def test_other_cases_fall_back_to_lax():
 
 
 def test_conv_gradients_choice_reaches_the_model():
-  import ml_collections  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax import testing  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.models import factory  # pylint: disable=g-import-not-at-top
 
   assert conv.resolve_conv_gradients('auto', 'cgmse') == 'loop_friendly'
@@ -82,8 +84,8 @@ def test_conv_gradients_choice_reaches_the_model():
     conv.resolve_conv_gradients('fast', 'sgd')
   for choice, fn in (('lax', lax.conv_general_dilated),
                      ('loop_friendly', conv.conv_general_dilated)):
-    config = ml_collections.ConfigDict(dict(name='lenet5', width_multiplier=0.5,
-                                            conv_gradients=choice))
+    config = testing.section('model', name='lenet5', width_multiplier=0.5,
+                             conv_gradients=choice)
     model = factory.build_model(config, num_classes=10, input_shape=(28, 28, 1),
                                 rngs=nnx.Rngs(0))
     convs = [m for _, m in model.iter_modules() if isinstance(m, nnx.Conv)]

@@ -2,7 +2,6 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -20,8 +19,8 @@ def _preprocess(images):
 
 
 def _setup(name, tx, devices=1, batch_norm=False):
-  config = ml_collections.ConfigDict(dict(name=name, width_multiplier=0.25,
-                                          batch_norm=batch_norm))
+  config = testing.section('model', name=name, width_multiplier=0.25,
+                           batch_norm=batch_norm)
   shape = (32, 32, 3) if name.startswith('resnet') else (28, 28, 1)
   model = factory.build_model(config, num_classes=10, input_shape=shape, rngs=nnx.Rngs(0))
   graphdef, state = state_lib.create_train_state(model, tx)

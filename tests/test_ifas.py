@@ -7,12 +7,12 @@ compiles and runs in seconds.
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 
+from pdcnno_jax import testing
 from pdcnno_jax.init import ifas, lsuv
 from pdcnno_jax.models import factory
 from pdcnno_jax.train import sharding
@@ -27,7 +27,7 @@ def preprocess(images):
 
 @pytest.fixture(scope='module')
 def lenet():
-  model_config = ml_collections.ConfigDict(dict(name='lenet5', width_multiplier=0.5))
+  model_config = testing.section('model', name='lenet5', width_multiplier=0.5)
   abstract = nnx.eval_shape(lambda: factory.build_model(
       model_config, num_classes=10, input_shape=(28, 28, 1), rngs=nnx.Rngs(0)))
   graphdef, params, model_state = state_lib.split_model(abstract)
@@ -46,11 +46,10 @@ def lenet():
 
 
 def init_config(**overrides):
-  config = ml_collections.ConfigDict(dict(
-      method='ifas', swarm_size=4, generations=2, sgd_steps=2, sgd_learning_rate=0.05,
-      search_space='layer_scales', subspace_dim=4, log_scale_range=1.0, swarm_chunk_size=0))
-  config.update(overrides)
-  return config
+  return testing.section('init', **{
+      'method': 'ifas', 'swarm_size': 4, 'generations': 2, 'sgd_steps': 2,
+      'sgd_learning_rate': 0.05, 'search_space': 'layer_scales', 'subspace_dim': 4,
+      'log_scale_range': 1.0, 'swarm_chunk_size': 0, **overrides})
 
 
 def test_he_returns_the_initial_draw_at_no_cost(lenet):

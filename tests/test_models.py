@@ -2,18 +2,18 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
+from pdcnno_jax import testing
 from pdcnno_jax.models import counting, factory, layers
 
 
 def _build(name, input_shape=(32, 32, 3), width=1.0, batch_norm=False, seed=0,
            abstract=False):
-  config = ml_collections.ConfigDict(dict(name=name, width_multiplier=width,
-                                          batch_norm=batch_norm, dropout_rate=0.0))
+  config = testing.section('model', name=name, width_multiplier=width,
+                           batch_norm=batch_norm, dropout_rate=0.0)
   build = lambda: factory.build_model(config, num_classes=10, input_shape=input_shape,
                                       rngs=nnx.Rngs(seed))
   # Abstract models (shapes only) keep the counting tests free of compilation; real ones

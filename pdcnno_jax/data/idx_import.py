@@ -19,11 +19,8 @@ Expected files in `--src` (each optionally gzipped, `.gz`; `-idx` or `.idx`):
   emnist-<config>-train-labels-idx1-ubyte, emnist-<config>-test-images-...,
   emnist-<config>-test-labels-...
 
-Implementation: each builder subclasses TFDS's own (`tfds.image_classification.
-MNIST` / `FashionMNIST` / `EMNIST`) without registering it, keeps its name,
-version and `_info()`, and only replaces `_split_generators` to read the local
-files. Like TFDS's EMNIST builder, EMNIST images are stored as they are in the
-IDX files (transposed relative to MNIST: TFDS does not transpose them either).
+Each builder subclasses TFDS's own (MNIST / FashionMNIST / EMNIST) unregistered and
+replaces only `_split_generators`; EMNIST images stay as stored (as TFDS keeps them).
 
 References:
   IDX format: http://yann.lecun.com/exdb/mnist/ ("FILE FORMATS"): big-endian

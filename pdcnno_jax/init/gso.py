@@ -12,34 +12,11 @@ An ask/tell strategy in the style of evosax, for *minimisation* of any objective
 or ``strategy.run(f, key, generations, params)``, which does the same with ``lax.scan``.
 Every method is a pure, traceable function of pytrees; wrap the caller in ``jax.jit``.
 
-One generation (``tell``), with fitness ``f_i`` (a loss, minimised) of the positions that
-``ask`` returned:
-
-1. Luciferin: ``l_i = (1 - rho) l_i + gamma J_i`` with ``J_i = -f_i``, the fitness to
-   *maximise* is the negated loss (an affine, order-reversing map; it leaves the move
-   probabilities and neighbour sets of GSO exactly as for ``-f``). For a constant fitness
-   ``l`` converges to ``-gamma f / rho``.
-2. Neighbours of ``i``: ``N_i = {j : ||x_j - x_i|| < r_d[i] and l_j > l_i}`` (strictly
-   brighter glowworms inside ``i``'s decision radius; ``i`` itself is never included).
-3. GSO move: pick ``j`` in ``N_i`` with probability ``(l_j - l_i) / sum_{k in N_i}(l_k - l_i)``
-   and step ``s * (x_j - x_i) / ||x_j - x_i||``; no move when ``N_i`` is empty.
-4. ISS move (``information_sharing=True``): add ``p_i * z_i * (x_best - x_i)`` with
-   ``z_i ~ N(0, 1)`` (one scalar per glowworm: the paper's "normally distributed random
-   real"), ``p_i = (f_i - f_best) / sum_k (f_k - f_best)``; ``x_best``/``f_best`` are the
-   best glowworm of the *current* generation, so ``p`` is a distribution over the swarm
-   (``p = 0`` when every fitness is equal) and the best glowworm is never moved by ISS.
-5. Both moves use the positions of step 2; the sum is clipped to the box.
-6. Decision radius: ``r_d = min(r_s, max(0, r_d + beta (n_t - |N_i|)))``.
-
-Lengths (``step_size``, ``sensing_radius``, ``initial_radius``) are measured in *box units*:
-positions are compared in the coordinates ``u = (x - lower) / (upper - lower)``, in which the
-box is the unit cube. ``step_size=0.03`` therefore moves 3% of the box width per step (in
-every dimension's own scale), which is what "s scaled to the box" means here. Positions in
-the state and from ``ask`` are in the problem's coordinates.
-
-Non-finite fitness values (a diverged candidate) are treated as equal to the worst finite
-fitness of the generation (0 if none is finite) for luciferin and ISS, and never become the
-best.
+``tell`` runs one generation: luciferin, neighbours, GSO move, ISS move, decision radius
+(its docstring gives the rules). Lengths are measured in box units ``u = (x - lower) /
+(upper - lower)``: ``step_size=0.03`` moves 3% of the box width per step in every dimension
+("s scaled to the box"); positions in the state and from ``ask`` are in the problem's
+coordinates.
 
 References:
   DESIGN.md, "IFAS" (the authority for this implementation).
@@ -293,6 +270,28 @@ class GlowwormSwarm:
   def tell(self, state: GSOState, fitness: jax.Array,
            params: GSOParams) -> GSOState:
     """One GSO(-ISS) generation from the fitness (loss) of ``ask(state)``.
+
+    With fitness ``f_i`` (a loss, minimised) of the positions that ``ask`` returned:
+
+    1. Luciferin: ``l_i = (1 - rho) l_i + gamma J_i`` with ``J_i = -f_i``, the fitness to
+       *maximise* is the negated loss (an affine, order-reversing map; it leaves the move
+       probabilities and neighbour sets of GSO exactly as for ``-f``). For a constant fitness
+       ``l`` converges to ``-gamma f / rho``.
+    2. Neighbours of ``i``: ``N_i = {j : ||x_j - x_i|| < r_d[i] and l_j > l_i}`` (strictly
+       brighter glowworms inside ``i``'s decision radius; ``i`` itself is never included).
+    3. GSO move: pick ``j`` in ``N_i`` with probability ``(l_j - l_i) / sum_{k in N_i}(l_k - l_i)``
+       and step ``s * (x_j - x_i) / ||x_j - x_i||``; no move when ``N_i`` is empty.
+    4. ISS move (``information_sharing=True``): add ``p_i * z_i * (x_best - x_i)`` with
+       ``z_i ~ N(0, 1)`` (one scalar per glowworm: the paper's "normally distributed random
+       real"), ``p_i = (f_i - f_best) / sum_k (f_k - f_best)``; ``x_best``/``f_best`` are the
+       best glowworm of the *current* generation, so ``p`` is a distribution over the swarm
+       (``p = 0`` when every fitness is equal) and the best glowworm is never moved by ISS.
+    5. Both moves use the positions of step 2; the sum is clipped to the box.
+    6. Decision radius: ``r_d = min(r_s, max(0, r_d + beta (n_t - |N_i|)))``.
+
+    Non-finite fitness values (a diverged candidate) are treated as equal to the worst finite
+    fitness of the generation (0 if none is finite) for luciferin and ISS, and never become the
+    best.
 
     Args:
       state: the state whose positions were evaluated.

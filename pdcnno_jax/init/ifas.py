@@ -1,40 +1,18 @@
 """IFAS: choose a model's starting weights with a glowworm swarm (MR-FPDCNN).
 
-A candidate starting point is a low-dimensional vector ``x``, mapped to full parameters by a
-*search space*:
+A candidate starting point is a low-dimensional vector ``x`` in the box ``[-r, r]^d``
+(``r = init.log_scale_range``), mapped to full parameters by a search space
+(:func:`make_decoder`): ``'layer_scales'`` multiplies each conv/dense kernel of the model's
+own initial draw by ``exp(x_l)``; ``'subspace'`` adds ``sum_j x_j direction_j`` along random
+directions drawn on the fly. ``x = 0`` is the unchanged draw and is always glowworm 0 of the
+first generation, so the result is never worse (by the fitness) than plain He init.
 
-* ``'layer_scales'`` (default): ``x`` has one entry per conv/dense layer of the model
-  (``model.layer_specs()``, ``d = len(specs)``) and multiplies that layer's kernel of the
-  model's own initial draw (He-normal for hidden layers, LeCun-normal for the classifier,
-  see ``models/layers.py``) by ``exp(x_l)``. Biases and BatchNorm parameters are kept.
-* ``'subspace'``: ``params = base + sum_j x_j * direction_j`` for ``j < subspace_dim``. Each
-  direction is drawn on the fly from ``fold_in(key, j)`` (never stored as a dense projection
-  matrix): per kernel an i.i.d. normal tensor scaled by the RMS of the initial kernel and by
-  ``1 / sqrt(subspace_dim)``, so that a uniform ``x`` in ``[-r, r]^d`` perturbs every kernel
-  by about ``r / sqrt(3)`` of its own scale. Biases and BatchNorm parameters are kept.
-
-Both spaces search the box ``[-r, r]^d`` with ``r = init.log_scale_range``; ``x = 0`` is the
-unchanged initial draw and is always glowworm 0 of the first generation, so the result is
-never worse (by the fitness below) than the plain He initialisation.
-
-Fitness of ``x`` (minimised): starting from ``params(x)``, take ``k = init.sgd_steps`` plain
-SGD steps (learning rate ``init.sgd_learning_rate``) on ``k`` fixed training batches, then
-measure the mean cross-entropy on one held-out batch. Every step and the held-out loss use
-the model in training mode (``train=True``): with BatchNorm, running averages after ``k``
-steps still mostly hold their initial values, so an eval-mode loss would rank candidates by
-statistics the trainer never uses; the held-out pass is the loss the optimizer's next step
-sees. The model state (BatchNorm statistics, RNG counters) is threaded through the SGD steps
-of each candidate from the same starting value, so every candidate sees the same dropout
-masks, and is discarded afterwards.
-
-The whole search (``generations`` rounds of ask, evaluate, tell) is one ``jax.jit``: a
-``lax.scan`` over generations, the swarm evaluated with ``lax.map`` over chunks of
-``init.swarm_chunk_size`` candidates (each chunk vmapped; 0 = the whole swarm at once),
-parameters replicated and batches sharded over the mesh's ``'data'`` axis like training.
-
-Cost: ``generations * swarm_size * sgd_steps`` gradient steps (each on one batch) plus
-``generations * swarm_size`` forward passes on the held-out batch; the report says so and
-the trainer should charge them (see ``benchmarks/bench_ifas.py``).
+Fitness of ``x`` (minimised, :func:`make_fitness_fn`): the held-out cross-entropy after
+``k = init.sgd_steps`` plain SGD steps from ``params(x)`` on ``k`` fixed training batches.
+The whole search (``generations`` rounds of ask, evaluate, tell with ``gso.py``) is one
+``jax.jit``. Cost: ``generations * swarm_size * sgd_steps`` gradient steps plus
+``generations * swarm_size`` held-out forward passes; the report says so and the trainer
+charges them (``benchmarks/bench_ifas.py``).
 
 References:
   DESIGN.md, "IFAS" (the authority for this implementation).
@@ -43,7 +21,6 @@ References:
   Li et al., "Measuring the intrinsic dimension of objective landscapes", ICLR 2018 (random
   subspaces generated on the fly).
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -60,6 +37,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from pdcnno_jax.init import gso
+from pdcnno_jax.init.methods import SEARCH_SPACES, SWARM_METHODS
 from pdcnno_jax.train import sharding as sharding_lib
 from pdcnno_jax.train import steps
 from pdcnno_jax.train.state import TrainState
@@ -67,8 +45,7 @@ from pdcnno_jax.train.state import TrainState
 Batch = dict[str, jax.Array]
 Preprocess = Callable[[jax.Array], jax.Array]
 
-METHODS = ('he', 'ifas', 'gso')
-SEARCH_SPACES = ('layer_scales', 'subspace')
+METHODS = ('he',) + SWARM_METHODS  # The methods this module runs (see methods.METHODS).
 
 
 # --------------------------------------------------------------------------------------
@@ -151,7 +128,18 @@ def apply_subspace(params: Any, coords: jax.Array, key: jax.Array,
 
 def make_decoder(search_space: str, layer_index: Sequence[int],
                  subspace_key: jax.Array | None = None) -> Callable[[Any, jax.Array], Any]:
-  """``decode(base_params, x) -> params`` for a search space (see the module docstring).
+  """``decode(base_params, x) -> params`` for a search space.
+
+  * ``'layer_scales'``: ``x`` has one entry per conv/dense layer of the model
+    (``model.layer_specs()``, ``d = len(specs)``) and multiplies that layer's kernel of the
+    model's own initial draw (He-normal for hidden layers, LeCun-normal for the classifier,
+    see ``models/layers.py``) by ``exp(x_l)``. Biases and BatchNorm parameters are kept.
+  * ``'subspace'``: ``params = base + sum_j x_j * direction_j`` for ``j < subspace_dim``. Each
+    direction is drawn on the fly from ``fold_in(key, j)`` (never stored as a dense
+    projection matrix): per kernel an i.i.d. normal tensor scaled by the RMS of the initial
+    kernel and by ``1 / sqrt(subspace_dim)``, so that a uniform ``x`` in ``[-r, r]^d``
+    perturbs every kernel by about ``r / sqrt(3)`` of its own scale. Biases and BatchNorm
+    parameters are kept.
 
   Raises:
     ValueError: for an unknown search space or a subspace without a key.
@@ -179,7 +167,13 @@ def make_fitness_fn(graphdef: nnx.GraphDef, preprocess: Preprocess, learning_rat
   """``fitness(params, model_state, sgd_batches, heldout) -> loss`` (traceable).
 
   ``sgd_batches`` holds the ``k`` SGD batches stacked on a new leading axis. The result is
-  the held-out cross-entropy after ``k`` plain SGD steps from ``params`` (module docstring).
+  the held-out cross-entropy after ``k`` plain SGD steps from ``params``. Every step and the
+  held-out loss use the model in training mode (``train=True``): with BatchNorm, running
+  averages after ``k`` steps still mostly hold their initial values, so an eval-mode loss
+  would rank candidates by statistics the trainer never uses; the held-out pass is the loss
+  the optimizer's next step sees. The model state (BatchNorm statistics, RNG counters) is
+  threaded through the SGD steps of each candidate from the same starting value, so every
+  candidate sees the same dropout masks, and is discarded afterwards.
   """
   loss_fn = functools.partial(steps.batch_loss, graphdef=graphdef, preprocess=preprocess,
                               train=True)
@@ -272,6 +266,10 @@ def swarm_search(base_params: nnx.State, model_state: nnx.State,
                  ) -> tuple[nnx.State, gso.GSOState, dict[str, jax.Array]]:
   """The jitted IFAS / GSO search (compiled once per ``spec``, model and preprocess).
 
+  A ``lax.scan`` over generations; the swarm is evaluated with ``lax.map`` over chunks of
+  ``spec.chunk_size`` candidates (each chunk vmapped), parameters replicated and batches
+  sharded over the mesh's ``'data'`` axis like training.
+
   Args:
     base_params: the initial draw (``x = 0``), replicated.
     model_state: the model's non-parameter state, replicated.
@@ -360,7 +358,7 @@ def initialize(init_config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
       sgd_steps=int(init_config.sgd_steps),
       learning_rate=float(init_config.sgd_learning_rate),
       bound=float(init_config.log_scale_range),
-      chunk_size=int(init_config.get('swarm_chunk_size', 0)) or swarm_size,
+      chunk_size=int(init_config.swarm_chunk_size) or swarm_size,
       information_sharing=(method == 'ifas'))
   k = spec.sgd_steps
   data = sharding_lib.batch_sharded(mesh)

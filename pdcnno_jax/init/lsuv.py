@@ -15,7 +15,6 @@ BatchNorm with its initial running statistics).
 References:
   Mishkin and Matas, "All you need is a good init", ICLR 2016, Algorithm 1
   (Tol_var = 0.1, T_max = 10).
-  Issue #5 (LSUV-style baseline for the IFAS benchmark).
 """
 
 from __future__ import annotations

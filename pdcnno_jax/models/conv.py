@@ -20,13 +20,12 @@ NHWC / HWIO convolutions over transposed operands, the form XLA runs fast everyw
 * input gradient: ``dy`` dilated by the stride, padded, convolved with the spatially flipped
   kernel whose in / out channels are swapped.
 
-The price: at the top level it is 13-22% slower than JAX's rules (the operand transposes),
-so it is chosen per run: ``config.model.conv_gradients`` = ``'lax'``, ``'loop_friendly'`` or
-``'auto'`` (loop-friendly when the optimizer runs a line search or the loss is chunked; see
-:func:`resolve_conv_gradients`). The values are those of JAX's own rules (to float rounding;
-tests/test_conv.py). Only the
-plain case is taken over (4-D NHWC / HWIO, no input or kernel dilation, one feature group,
-default output type); anything else goes to ``lax.conv_general_dilated`` unchanged.
+At the top level it is 13-22% slower than JAX's rules (the operand transposes), so
+``config.model.conv_gradients`` (``CONV_GRADIENTS``) chooses per run; ``'auto'`` is
+loop-friendly for line-search optimizers (:func:`resolve_conv_gradients`). The values are
+those of JAX's rules to float rounding. Only the plain case is taken over (4-D NHWC / HWIO,
+no dilation, one feature group, default output type); anything else goes to
+``lax.conv_general_dilated`` unchanged.
 """
 
 from __future__ import annotations

@@ -132,7 +132,8 @@ def conv_spec(name: str, block: ConvNorm, output_hw: tuple[int, int],
       name=name, kind='conv', param_path=path + ('conv',), kernel_shape=kernel_shape,
       output_hw=output_hw, in_mask=in_mask,
       out_mask_path=path + ('mask',) if isinstance(block, MaskedConv) else None,
-      prunable=prunable and isinstance(block, MaskedConv), norm_path=path + ('norm',) if block.norm is not None else None)
+      prunable=prunable and isinstance(block, MaskedConv),
+      norm_path=path + ('norm',) if block.norm is not None else None)
 
 
 def dense_spec(name: str, layer: nnx.Linear, in_mask: Optional[str],

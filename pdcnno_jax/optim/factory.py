@@ -9,7 +9,8 @@ Names:
     (``pdcnno_jax.optim.cgmse``); ``optimizer.mode`` picks full-batch or mini-batch use.
 
 Schedules: ``constant`` or ``cosine`` (decay to 0 over the run) after a linear warm-up of
-``warmup_epochs``.
+``warmup_epochs``. ``OPTIMIZER_NAMES`` and ``SCHEDULES`` are the lists config validation
+reads; every key read here is set by ``configs/default.py``.
 """
 
 from __future__ import annotations
@@ -19,22 +20,30 @@ import inspect
 import ml_collections
 import optax
 
+# Names with their own construction here; any other name must be an optax alias.
+OPTIMIZER_NAMES = ('cgmse', 'lbfgs', 'momentum')
+SCHEDULES = ('constant', 'cosine')
 # Aliases whose signature already has a weight-decay argument.
 _DECOUPLED_DECAY = ('adamw', 'lamb', 'lion', 'adafactor')
+
+
+def is_optimizer_name(name: str) -> bool:
+  """Whether ``build_optimizer`` accepts ``config.optimizer.name=name``."""
+  return name in OPTIMIZER_NAMES or callable(getattr(optax, name, None))
 
 
 def learning_rate_schedule(opt_config: ml_collections.ConfigDict, *, total_steps: int,
                            steps_per_epoch: int) -> optax.Schedule:
   """Linear warm-up then constant or cosine decay of ``opt_config.learning_rate``."""
   base = opt_config.learning_rate
-  warmup = int(round(opt_config.get('warmup_epochs', 0.0) * steps_per_epoch))
-  name = opt_config.get('schedule', 'constant')
+  warmup = int(round(opt_config.warmup_epochs * steps_per_epoch))
+  name = opt_config.schedule
   if name == 'constant':
     main = optax.constant_schedule(base)
   elif name == 'cosine':
     main = optax.cosine_decay_schedule(base, max(1, total_steps - warmup))
   else:
-    raise ValueError(f"Unknown optimizer.schedule {name!r}; use 'constant' or 'cosine'.")
+    raise ValueError(f'Unknown config.optimizer.schedule={name!r}; use one of {SCHEDULES}.')
   if warmup <= 0:
     return main
   return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), main], [warmup])
@@ -62,23 +71,23 @@ def build_optimizer(opt_config: ml_collections.ConfigDict, *, total_steps: int,
     return optax.lbfgs()
   schedule = learning_rate_schedule(opt_config, total_steps=total_steps,
                                     steps_per_epoch=steps_per_epoch)
-  weight_decay = opt_config.get('weight_decay', 0.0)
+  weight_decay = opt_config.weight_decay
   if name == 'momentum':
     tx = optax.sgd(schedule, momentum=opt_config.momentum,
-                   nesterov=opt_config.get('nesterov', False))
+                   nesterov=opt_config.nesterov)
   else:
-    alias = getattr(optax, name, None)
-    if alias is None or not callable(alias):
+    if not is_optimizer_name(name):
       raise ValueError(
           f'Unknown optimizer {name!r}: config.optimizer.name must be an optax alias '
           "(sgd, momentum, adam, adamw, rmsprop, ...), 'lbfgs' or 'cgmse'.")
+    alias = getattr(optax, name)
     kwargs = {'learning_rate': schedule}
     if name in _DECOUPLED_DECAY and 'weight_decay' in inspect.signature(alias).parameters:
       kwargs['weight_decay'] = weight_decay
       weight_decay = 0.0
     tx = alias(**kwargs)
   parts = []
-  if opt_config.get('grad_clip_norm', 0.0) > 0:
+  if opt_config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(opt_config.grad_clip_norm))
   if weight_decay > 0:
     parts.append(optax.add_decayed_weights(weight_decay))
