@@ -77,7 +77,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- init (pdcnno_jax/init) ---
   config.init = ml_collections.ConfigDict()
-  config.init.method = 'he'  # he | ifas | gso
+  config.init.method = 'he'  # he | ifas | gso | lsuv
   config.init.swarm_size = 16
   config.init.generations = 10
   config.init.sgd_steps = 5  # k SGD steps per fitness evaluation.

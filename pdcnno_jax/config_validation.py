@@ -134,8 +134,10 @@ def choices() -> dict[str, tuple[str, ...]]:
   # pylint: disable=g-import-not-at-top
   from pdcnno_jax import modes
   from pdcnno_jax.data import datasets
-  from pdcnno_jax.init import ifas
+  from pdcnno_jax.init import methods as init_methods
   from pdcnno_jax.models import conv, factory
+  from pdcnno_jax.optim import cgmse
+  from pdcnno_jax.optim import factory as optim_factory
   from pdcnno_jax.parallel import balancers
   from pdcnno_jax.parallel.ssp import training as ssp_training
   from pdcnno_jax.pruning import selection, stage
@@ -144,13 +146,15 @@ def choices() -> dict[str, tuple[str, ...]]:
       'data.name': tuple(datasets.SUPPORTED_DATASETS),
       'model.name': tuple(factory.MODEL_NAMES),
       'model.conv_gradients': tuple(conv.CONV_GRADIENTS),
-      'init.method': tuple(ifas.METHODS),
-      'init.search_space': tuple(ifas.SEARCH_SPACES),
+      'init.method': tuple(init_methods.METHODS),
+      'init.search_space': tuple(init_methods.SEARCH_SPACES),
       'prune.method': tuple(stage.METHODS),
       'prune.selection': tuple(selection.SELECTIONS),
       'parallel.balancer': tuple(balancers.BALANCERS),
       'parallel.ssp_batch_balancer': tuple(ssp_training.BATCH_BALANCERS),
       'parallel.mode': tuple(modes.MODES),
+      'optimizer.schedule': tuple(optim_factory.SCHEDULES),
+      'optimizer.mode': tuple(cgmse.MODES),
   }
   return found
 
@@ -183,7 +187,9 @@ def _check_values(config: ml_collections.ConfigDict) -> list[str]:
       continue
     if not ok(value):
       problems.append(f'config.{key}={value!r} must be {what}.')
-  try:  # The factory is the list of optimizer names, schedules and CGMSE modes.
+  if any(p.startswith('config.optimizer.') for p in problems):
+    return problems  # The optimizer can be built only from valid optimizer values.
+  try:  # The factory knows which optax aliases exist.
     optim_factory.build_optimizer(config.optimizer, total_steps=100, steps_per_epoch=10)
   except (ValueError, TypeError) as e:
     problems.append(f'config.optimizer.name={config.optimizer.name!r}: {e}')

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pdcnno_jax.data import input_pipeline
-from pdcnno_jax.init import ifas, lsuv
+from pdcnno_jax.init import methods as init_methods
 from pdcnno_jax.loop import context
 from pdcnno_jax.loop import evaluation
 from pdcnno_jax.loop import saving
@@ -53,7 +53,7 @@ def initialise(exp: context.Experiment, state: state_lib.TrainState,
                tx) -> state_lib.TrainState:
   """IFAS / GSO / LSUV starting point; its cost in gradient steps goes in the report."""
   method = exp.config.init.method
-  module = lsuv if method == 'lsuv' else ifas
+  module = init_methods.module_for(method)
   batches = first_batches(exp, max(1, module.num_batches_needed(exp.config.init)),
                           seed_offset=1)
   params, init_report = module.initialize(

@@ -45,8 +45,7 @@ _BAD = [
     (dict(num_epochs=0), 'config.num_epochs=0 must be an integer >= 1'),
     (dict(parallel__staleness=-2), 'config.parallel.staleness=-2 must be an integer >= 0, or -1'),
     (dict(optimizer__name='adamm'), "config.optimizer.name='adamm': Unknown optimizer"),
-    (dict(optimizer__schedule='linear'), "config.optimizer.name='momentum': Unknown "
-                                          'optimizer.schedule'),
+    (dict(optimizer__schedule='linear'), "config.optimizer.schedule='linear' is not one of"),
     (dict(model__name='vgg99'), "config.model.name='vgg99' is not one of"),
     (dict(prune__selection='best'), "config.prune.selection='best' is not one of"),
     (dict(parallel__balancer='fair'), "config.parallel.balancer='fair' is not one of"),

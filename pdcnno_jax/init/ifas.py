@@ -37,7 +37,6 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from pdcnno_jax.init import gso
-from pdcnno_jax.init.methods import SEARCH_SPACES, SWARM_METHODS
 from pdcnno_jax.train import sharding as sharding_lib
 from pdcnno_jax.train import steps
 from pdcnno_jax.train.state import TrainState
@@ -45,6 +44,8 @@ from pdcnno_jax.train.state import TrainState
 Batch = dict[str, jax.Array]
 Preprocess = Callable[[jax.Array], jax.Array]
 
+SWARM_METHODS = ('ifas', 'gso')  # Glowworm swarm with / without the information sharing.
+SEARCH_SPACES = ('layer_scales', 'subspace')
 METHODS = ('he',) + SWARM_METHODS  # The methods this module runs (see methods.METHODS).
 
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from types import ModuleType
 
-METHODS = ('he', 'ifas', 'gso', 'lsuv')
-SWARM_METHODS = ('ifas', 'gso')
-SEARCH_SPACES = ('layer_scales', 'subspace')
+from pdcnno_jax.init import ifas
+from pdcnno_jax.init import lsuv
+
+SWARM_METHODS = ifas.SWARM_METHODS
+SEARCH_SPACES = ifas.SEARCH_SPACES
+METHODS = ('he',) + SWARM_METHODS + ('lsuv',)
 
 
 def module_for(method: str) -> ModuleType:
@@ -22,11 +25,6 @@ def module_for(method: str) -> ModuleType:
   Raises:
     ValueError: ``method`` is not one of ``METHODS``.
   """
-  # pylint: disable=g-import-not-at-top
   if method not in METHODS:
     raise ValueError(f'Unknown config.init.method={method!r}; choose from {METHODS}.')
-  if method == 'lsuv':
-    from pdcnno_jax.init import lsuv
-    return lsuv
-  from pdcnno_jax.init import ifas
-  return ifas
+  return lsuv if method == 'lsuv' else ifas
