@@ -43,7 +43,7 @@ def learning_rate_schedule(opt_config: ml_collections.ConfigDict, *, total_steps
   elif name == 'cosine':
     main = optax.cosine_decay_schedule(base, max(1, total_steps - warmup))
   else:
-    raise ValueError(f'Unknown config.optimizer.schedule={name!r}; use one of {SCHEDULES}.')
+    raise ValueError(f'Unknown optimizer.schedule {name!r}; use one of {SCHEDULES}.')
   if warmup <= 0:
     return main
   return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), main], [warmup])
