@@ -52,7 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.nesterov = True
   config.optimizer.weight_decay = 0.0
   config.optimizer.schedule = 'cosine'  # constant | cosine
-  config.optimizer.warmup_epochs = 0.0
+  # Linear warm-up from 0: without it lr 0.05 kills every ReLU in the first steps for some
+  # seeds (loss stuck at ln 10); measured by benchmarks/sweep_recipes.py (module docstring).
+  config.optimizer.warmup_epochs = 1.0
   config.optimizer.grad_clip_norm = 0.0  # 0 disables clipping.
   # CGMSE (PDCNNO), used when name == 'cgmse'.
   config.optimizer.mode = 'minibatch'  # full_batch | minibatch
@@ -90,6 +92,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.prune.iterations = 1  # >1: prune, fine-tune, repeat.
   config.prune.finetune_epochs = 0  # Between iterative rounds (the last round trains num_epochs).
   config.prune.compact = True  # Rebuild a narrower dense model after pruning.
+
+  # --- diagnostics (pdcnno_jax/diagnostics) ---
+  config.diagnostics = ml_collections.ConfigDict()
+  # Stop with TrainingCollapseError when one whole epoch after the warm-up keeps the training
+  # loss within collapse_tolerance * ln(C) of ln(C) at accuracy <= collapse_chance_factor / C.
+  config.diagnostics.collapse_check = True
+  config.diagnostics.collapse_tolerance = 0.02
+  config.diagnostics.collapse_chance_factor = 1.5
+  # Dead maps (zero on every example) and near-dead maps (mean activation < near_dead_ratio x
+  # the layer's mean) of every conv layer, on the first dead_map_examples held-out examples
+  # at the end of training and before pruning scores them; 0 disables.
+  config.diagnostics.dead_map_examples = 1000
+  config.diagnostics.near_dead_ratio = 1e-6
 
   # --- parallel (pdcnno_jax/parallel) ---
   config.parallel = ml_collections.ConfigDict()
