@@ -31,17 +31,9 @@ from typing import Any
 from absl import app
 from absl import flags
 import jax
-from flax import nnx
-import numpy as np
 
 from pdcnno_jax import config_lib
-from pdcnno_jax.data import input_pipeline
 from pdcnno_jax.diagnostics import dead_maps as dead_maps_lib
-from pdcnno_jax.models import factory
-from pdcnno_jax.optim import factory as optim_factory
-from pdcnno_jax.train import checkpointing
-from pdcnno_jax.train import sharding as sharding_lib
-from pdcnno_jax.train import state as state_lib
 from pdcnno_jax.train import trainer
 
 import run_flags  # benchmarks/run_flags.py (this directory)
@@ -104,28 +96,12 @@ def make_config(config_name: str, overrides: tuple[str, ...], seed: int, epochs:
 
 
 def final_dead_maps(config, workdir: str, report: dict[str, Any]) -> dict[str, Any]:
-  """Dead maps of the run's final checkpoint (or the report's, when the trainer wrote them)."""
-  if 'diagnostics' in report and 'dead_maps' in report['diagnostics']:
+  """Dead maps of the run's final model (the report's, when the trainer wrote them)."""
+  if 'dead_maps' in report.get('diagnostics', {}):
     return report['diagnostics']['dead_maps']
-  dataset = input_pipeline.load_dataset(config.data, seed=config.seed)
-  overrides = {}
-  if report.get('prune', {}).get('compacted'):
-    overrides = {k: tuple(v) if isinstance(v, list) else v
-                 for k, v in report['prune']['architecture']['constructor_kwargs'].items()}
-  model = factory.build_model(config.model, num_classes=dataset.num_classes,
-                              input_shape=dataset.image_shape, rngs=nnx.Rngs(0), **overrides)
-  tx = optim_factory.build_optimizer(config.optimizer, total_steps=1, steps_per_epoch=1)
-  graphdef, state = state_lib.create_train_state(model, tx)
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'))
-  state, _ = checkpointer.restore(state)
-  checkpointer.close()
-  mesh = sharding_lib.make_mesh()
-  batches = dead_maps_lib.held_out_batches(
-      dataset, int(config.diagnostics.dead_map_examples),
-      batch_size=int(config.data.eval_batch_size), sharding=sharding_lib.batch_sharded(mesh))
-  preprocess = lambda images: input_pipeline.normalize(images, dataset)
-  return dead_maps_lib.count_dead_maps(graphdef, state, batches, preprocess,
-                                       near_dead_ratio=float(config.diagnostics.near_dead_ratio))
+  prune = report.get('prune', {})
+  overrides = prune['architecture']['constructor_kwargs'] if prune.get('compacted') else None
+  return dead_maps_lib.count_dead_maps_in_checkpoint(config, workdir, model_overrides=overrides)
 
 
 def run_one(config, workdir: str) -> dict[str, Any]:

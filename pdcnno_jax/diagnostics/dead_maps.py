@@ -15,15 +15,21 @@ References:
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
 from pdcnno_jax.data import input_pipeline
+from pdcnno_jax.models import factory
+from pdcnno_jax.optim import factory as optim_factory
 from pdcnno_jax.pruning import masking, scorers
+from pdcnno_jax.train import checkpointing
+from pdcnno_jax.train import sharding as sharding_lib
 from pdcnno_jax.train import state as state_lib
 
 Batch = Mapping[str, Any]
@@ -189,3 +195,33 @@ def scalars(dead_maps: Mapping[str, Any]) -> dict[str, float]:
     out[f'{name}/dead_fraction'] = float(v['dead_fraction'])
     out[f'{name}/near_dead_fraction'] = float(v['near_dead_fraction'])
   return out
+
+
+def count_dead_maps_in_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
+                                  model_overrides: Mapping[str, Any] | None = None
+                                  ) -> dict[str, Any]:
+  """:func:`count_dead_maps` of the latest checkpoint of a finished run (tools, benchmarks).
+
+  Args:
+    config: the run's config (data, model, optimizer and diagnostics sections are read).
+    workdir: the run directory (``<workdir>/checkpoints``).
+    model_overrides: constructor arguments of a compacted model
+      (``report['prune']['architecture']['constructor_kwargs']``); None for the dense one.
+  """
+  dataset = input_pipeline.load_dataset(config.data, seed=config.seed)
+  overrides = {k: tuple(v) if isinstance(v, list) else v
+               for k, v in (model_overrides or {}).items()}
+  model = factory.build_model(config.model, num_classes=dataset.num_classes,
+                              input_shape=dataset.image_shape, rngs=nnx.Rngs(0), **overrides)
+  tx = optim_factory.build_optimizer(config.optimizer, total_steps=1, steps_per_epoch=1)
+  graphdef, state = state_lib.create_train_state(model, tx)
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  state, _ = checkpointer.restore(state)
+  checkpointer.close()
+  mesh = sharding_lib.make_mesh()
+  batches = held_out_batches(dataset, int(config.diagnostics.dead_map_examples),
+                             batch_size=int(config.data.eval_batch_size),
+                             sharding=sharding_lib.batch_sharded(mesh))
+  preprocess = functools.partial(input_pipeline.normalize, dataset=dataset)
+  return count_dead_maps(graphdef, state, batches, preprocess,
+                         near_dead_ratio=float(config.diagnostics.near_dead_ratio))
