@@ -44,7 +44,8 @@ def _jitted_statistics(graphdef: nnx.GraphDef, preprocess: Preprocess) -> Callab
     model = nnx.merge(graphdef, params, model_state)
     _, maps = scorers.feature_maps(model, preprocess(images))
     out = {}
-    for name, value in maps.items():
+    for name in sorted(set(acc) - {'count'}):  # Conv layers (maps may hold masked denses).
+      value = maps[name]
       spatial = tuple(range(1, value.ndim - 1))
       per_example = value.mean(axis=spatial)  # (N, C), >= 0 after the ReLU.
       peak = jnp.max(jnp.abs(value).max(axis=spatial) * (weights[:, None] > 0), axis=0)
@@ -82,16 +83,14 @@ def count_dead_maps(graphdef: nnx.GraphDef, state: state_lib.TrainState,
     A JSON-serialisable dict: ``examples``; ``near_dead_ratio``; ``layers``: ``{name:
     {'channels', 'kept', 'dead', 'dead_fraction', 'near_dead', 'near_dead_fraction',
     'dead_indices'}}`` (fractions of the kept maps; indices into the layer's channels) for
-    every prunable conv layer; ``max_dead_fraction`` over the layers.
+    every prunable conv layer (none: ``layers`` is empty); ``max_dead_fraction`` over the
+    layers (0 without any).
 
   Raises:
-    ValueError: when ``batches`` holds no example or the model has no prunable conv layer.
+    ValueError: when ``batches`` holds no example.
   """
   model = state_lib.merge_model(graphdef, state)
   specs = [s for s in masking.prunable_specs(model) if s.kind == 'conv']
-  if not specs:
-    raise ValueError('count_dead_maps: the model has no prunable conv layer (no feature map '
-                     'to inspect).')
   masks = {s.name: np.asarray(jax.device_get(masking.get_submodule(model, s.out_mask_path)[...]))
            for s in specs}
   acc = {s.name: {'peak': jnp.zeros((s.out_channels,), jnp.float32),
@@ -120,7 +119,8 @@ def count_dead_maps(graphdef: nnx.GraphDef, state: state_lib.TrainState,
         'near_dead': int(near_dead.sum()),
         'near_dead_fraction': float(near_dead.sum()) / max(num_kept, 1),
         'dead_indices': [int(i) for i in np.flatnonzero(dead)]}
-  result['max_dead_fraction'] = max(v['dead_fraction'] for v in result['layers'].values())
+  result['max_dead_fraction'] = max(
+      [v['dead_fraction'] for v in result['layers'].values()], default=0.0)
   return result
 
 
