@@ -7,8 +7,9 @@ Command (after `bash scripts/quickstart.sh` has set up `.venv` and imported the 
 Expected result: ~90.7% test accuracy after 10 epochs (2-12 min on 2 CPU cores, by load).
 Recipe: SGD, Nesterov momentum 0.9, lr 0.05 with a 1-epoch linear warm-up, then cosine decay.
 Measured by `python benchmarks/sweep_recipes.py --table=default` (seeds 0-4, 10 epochs):
-test accuracy 90.57 / 90.60 / 90.90 / 90.75 / 90.79% (median 90.75%, worst 90.57%, spread 0.33 pp),
-no dead conv map on 1000 test examples; `--table=default_screen` (seeds 5-9, 2 epochs): 88.99 / 88.76 / 88.87 / 89.06 / 88.70%, none collapsed, no dead map.
+test accuracy 90.57 / 90.60 / 90.90 / 90.75 / 90.79% (median 90.75%, worst 90.57%, spread
+0.33 pp), no dead conv map on 1000 test examples; `--table=default_screen` (seeds 5-9, 2 epochs):
+88.99 / 88.76 / 88.87 / 89.06 / 88.70%, none collapsed, no dead map.
 Without the warm-up (lr 0.05 from step 0) seed 0 reaches 90.03% with 4 of conv2's 16 maps
 dead, and on MNIST seed 0 collapses to chance (loss ln 10) from the first epoch.
 
