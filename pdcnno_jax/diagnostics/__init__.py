@@ -1,0 +1,1 @@
+"""Training-health diagnostics: dead feature maps and collapse to the class prior."""
