@@ -83,6 +83,7 @@ def _final_report(exp: context.Experiment, state: state_lib.TrainState,
       'model': model_report(final_model),
       'devices': {'count': jax.device_count(), 'processes': jax.process_count(),
                   'platform': jax.default_backend()},
+      'diagnostics': {'dead_maps': evaluation.dead_map_report(exp, state, label='final')},
       **exp.stage_reports,
   }
 

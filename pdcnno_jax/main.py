@@ -128,6 +128,7 @@ def error_lines(error: Exception) -> tuple[int, list[str]]:
   # not imported: an error from a module that was never imported cannot be one of them.
   datasets = sys.modules.get('pdcnno_jax.data.datasets')
   checks = sys.modules.get('pdcnno_jax.loop.checks')
+  collapse = sys.modules.get('pdcnno_jax.diagnostics.collapse')
   checkpointing = sys.modules.get('pdcnno_jax.train.checkpointing')
   if isinstance(error, config_validation.ConfigError):
     return EXIT_CONFIG, [f'Config error: {line}' for line in error.problems]
@@ -137,6 +138,8 @@ def error_lines(error: Exception) -> tuple[int, list[str]]:
     return EXIT_DATA, [f'Data error: {error}']
   if checks and isinstance(error, checks.DivergedError):
     return EXIT_DIVERGED, [f'Training diverged: {error}']
+  if collapse and isinstance(error, collapse.TrainingCollapseError):
+    return EXIT_DIVERGED, [f'Training collapsed: {error}']
   if checkpointing and isinstance(error, (checkpointing.CheckpointWriteError,
                                           checkpointing.NoIntactCheckpointError,
                                           checkpointing.CheckpointMismatchError)):

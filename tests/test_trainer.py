@@ -11,6 +11,7 @@ import pytest
 
 from pdcnno_jax import config_lib, testing
 from pdcnno_jax import experiment
+from pdcnno_jax.diagnostics import collapse
 from pdcnno_jax.loop import checks
 from pdcnno_jax.train import checkpointing
 
@@ -54,9 +55,27 @@ def test_one_run_end_to_end(data_dir, tmp_path):
     assert on_disk['wall_time_s'][phase] > 0
   assert on_disk['model']['params'] == 61706 and on_disk['model']['macs'] == 416520
   assert on_disk['peak_host_rss_bytes'] > 0
+  dead = on_disk['diagnostics']['dead_maps']
+  assert dead['examples'] == 256  # The whole (small) test split, fewer than dead_map_examples.
+  assert sorted(dead['layers']) == ['conv1', 'conv2']
+  for layer in dead['layers'].values():
+    assert 0 <= layer['dead'] == len(layer['dead_indices']) <= layer['kept']
   lines = open(os.path.join(workdir, 'metrics.jsonl')).read().splitlines()
   assert any('train/images_per_s' in json.loads(l) for l in lines)
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
+
+
+def test_collapsed_run_stops_with_clear_error_and_keeps_its_checkpoints(data_dir, tmp_path):
+  # SGD at a step size of 10 kills every ReLU: the network then predicts the class prior.
+  workdir = str(tmp_path / 'collapse')
+  config = tiny_config(data_dir, num_epochs=3)
+  config.optimizer.name = 'sgd'
+  config.optimizer.learning_rate = 10.0
+  config.checkpoint_max_loss_ratio = 0.0  # Leave the stop to the collapse detector.
+  config.checkpoint_max_norm_ratio = 0.0
+  with pytest.raises(collapse.TrainingCollapseError, match='warmup_epochs'):
+    experiment.train_and_evaluate(config, workdir)
+  assert any(d.isdigit() for d in os.listdir(os.path.join(workdir, 'checkpoints')))
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(data_dir, tmp_path):

@@ -1,8 +1,13 @@
-"""Health checks of a running loop: one non-finite-loss check with one message for all modes."""
+"""Health checks of a running loop, the same for every mode: non-finite loss and collapse."""
 
 from __future__ import annotations
 
 import math
+
+import ml_collections
+
+from pdcnno_jax.diagnostics import collapse
+from pdcnno_jax.loop import context
 
 
 class DivergedError(FloatingPointError):
@@ -36,3 +41,36 @@ def check_finite_loss(loss: float, *, where: str, last_good: int | None,
   if not math.isfinite(loss):
     raise NonFiniteLossError(non_finite_message(loss, where=where, last_good=last_good,
                                                 workdir=workdir))
+
+
+class CollapseWatch:
+  """Feeds every log window to the collapse detector; raises when training sat at the prior.
+
+  A collapsed network predicts the class prior (loss ln C, chance accuracy) and never
+  recovers; after a whole post-warm-up epoch of it the run stops with
+  `collapse.TrainingCollapseError`, before the next checkpoint, so the last good one stays.
+  ``config.diagnostics.collapse_check=False`` turns the watch off.
+  """
+
+  def __init__(self, exp: context.Experiment, *, examples_per_epoch: int, warmup_steps: int,
+               phase: str):
+    self.detector = collapse.make_detector(exp.config.diagnostics, exp.dataset.num_classes,
+                                           examples_per_epoch)
+    self.warmup_steps = warmup_steps
+    self.phase = phase
+    self.workdir = exp.workdir
+
+  def observe(self, loss: float, accuracy: float, *, first_step: int, step: int,
+              examples: int, epoch: int, last_good: int | None) -> None:
+    """One window of steps ``first_step .. step`` (0-based first step, ``step`` done)."""
+    if self.detector is None:
+      return
+    if self.detector.update(loss, accuracy, examples, epoch=epoch,
+                            in_warmup=first_step < self.warmup_steps):
+      raise self.detector.error(step=step, phase=self.phase, workdir=self.workdir,
+                                last_checkpoint=last_good)
+
+
+def warmup_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """Steps of the learning-rate warm-up (as `optim.factory` builds it)."""
+  return int(round(config.optimizer.warmup_epochs * steps_per_epoch))

@@ -1,13 +1,14 @@
-"""Exact evaluation over a whole split, and evaluate-and-log, for every mode."""
+"""Exact evaluation over a whole split, evaluate-and-log, and dead-map counts, for every mode."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
 from pdcnno_jax.data import input_pipeline
+from pdcnno_jax.diagnostics import dead_maps
 from pdcnno_jax.loop import context
 from pdcnno_jax.train import metrics as metrics_lib
 from pdcnno_jax.train import sharding as sharding_lib
@@ -42,3 +43,22 @@ def evaluate_and_log(exp: context.Experiment, state: state_lib.TrainState, split
   if exp.writer:
     exp.writer.write(step, result, prefix=split)
   return result
+
+
+def dead_map_report(exp: context.Experiment, state: state_lib.TrainState, *,
+                    label: str) -> dict[str, Any] | None:
+  """Dead and near-dead maps of every conv layer on the fixed held-out examples (logged)."""
+  diagnostics = exp.config.diagnostics
+  if diagnostics.dead_map_examples <= 0:
+    return None
+  batches = dead_maps.held_out_batches(
+      exp.dataset, diagnostics.dead_map_examples, batch_size=exp.config.data.eval_batch_size,
+      sharding=sharding_lib.batch_sharded(exp.mesh))
+  with exp.timer.phase('eval'):
+    counts = dead_maps.count_dead_maps(exp.graphdef, state, batches, exp.preprocess,
+                                       near_dead_ratio=diagnostics.near_dead_ratio)
+  metrics_lib.log_line(f'[{label}] {dead_maps.summary_line(counts)}')
+  if exp.writer:
+    exp.writer.write(int(jax.device_get(state.step)), dead_maps.scalars(counts),
+                     prefix=f'{label}_dead_maps')
+  return counts

@@ -433,6 +433,10 @@ def train(exp: context.Experiment, state: state_lib.TrainState, *, tx,
                              balancers.WorkerStats(np.ones(num_workers)))
   local_state = placement.to_local(state, sharding_lib.replicated(local_mesh))
   last_saved_step = int(jax.device_get(local_state.step))
+  steps_per_epoch = exp.steps_per_epoch
+  watch = checks.CollapseWatch(exp, examples_per_epoch=exp.dataset.num_examples['train'],
+                               warmup_steps=checks.warmup_steps(config, steps_per_epoch),
+                               phase='mapreduce')
   metrics_lib.log_line(
       f'[mapreduce] {num_workers} workers, {plan.num_blocks} blocks of {plan.block_size} '
       f'examples, {plan.rounds_per_epoch} rounds/epoch, local batch {batch}, balancer '
@@ -447,6 +451,7 @@ def train(exp: context.Experiment, state: state_lib.TrainState, *, tx,
       with exp.timer.phase('compile'):
         _warm_up(worker, local_state, next(worker.batches(indices)))
     round_start = time.perf_counter()
+    step_before = int(jax.device_get(local_state.step))
     with exp.timer.phase('train'):
       local_state, figures = map_phase(worker, local_state, indices)
     with exp.timer.phase('reduce'):
@@ -458,11 +463,14 @@ def train(exp: context.Experiment, state: state_lib.TrainState, *, tx,
     blocks = assign(plan.blocks_per_round, stats, blocks)
     figures_round['next_blocks'] = [int(b) for b in blocks]
     rounds.append(figures_round)
-    step = int(jax.device_get(local_state.step))
+    first_step, step = step_before, int(jax.device_get(local_state.step))
     _log_round(exp, step, figures_round)
-    checks.check_finite_loss(
-        figures_round['loss'], where=f'MapReduce round {round_index}',
-        last_good=checkpointer.last_good_step() if checkpointer else None, workdir=exp.workdir)
+    last_good = checkpointer.last_good_step() if checkpointer else None
+    checks.check_finite_loss(figures_round['loss'], where=f'MapReduce round {round_index}',
+                             last_good=last_good, workdir=exp.workdir)
+    watch.observe(figures_round['loss'], figures_round['accuracy'], first_step=first_step,
+                  step=step, examples=int(sum(figures_round['samples'])), epoch=epoch,
+                  last_good=last_good)
 
     stop = 0 < config.max_steps <= step
     last = round_index == total_rounds - 1 or stop

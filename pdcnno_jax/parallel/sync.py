@@ -85,6 +85,7 @@ def train_epochs(exp: context.Experiment, state: state_lib.TrainState, *,
 
   Raises:
     checks.NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+    collapse.TrainingCollapseError: a whole post-warm-up epoch at the class prior.
   """
   config = exp.config
   dataset = dataset or exp.dataset
@@ -99,6 +100,9 @@ def train_epochs(exp: context.Experiment, state: state_lib.TrainState, *,
   eval_step = steps_lib.make_eval_step(exp.graphdef, exp.preprocess, exp.mesh)
   progress = metrics_lib.Progress(total_steps, batch, first_step=step)
   window = windows.MetricWindow()
+  watch = checks.CollapseWatch(exp, examples_per_epoch=steps_per_epoch * batch,
+                               warmup_steps=checks.warmup_steps(config, steps_per_epoch),
+                               phase=log_prefix)
   compiled, loss = None, None
   epoch = step // steps_per_epoch
   while step < total_steps:
@@ -116,11 +120,15 @@ def train_epochs(exp: context.Experiment, state: state_lib.TrainState, *,
       window.add(step_metrics)
       step += 1
       if periodic.every(step, config.log_every_steps, total_steps):
+        window_steps = len(window)
         with exp.timer.phase(phase):
           mean = window.mean()
         loss = mean['loss']
         checks.check_finite_loss(loss, where=f'step {step} ({log_prefix})',
                                  last_good=_last_good(checkpointer), workdir=exp.workdir)
+        watch.observe(loss, mean['accuracy'], first_step=step - window_steps, step=step,
+                      examples=window_steps * batch, epoch=epoch,
+                      last_good=_last_good(checkpointer))
         text, rates = progress.line(step, mean)
         metrics_lib.log_line(f'[{log_prefix}] {text}')
         if exp.writer:

@@ -43,6 +43,7 @@ import optax
 from absl import logging
 
 from pdcnno_jax.data import input_pipeline
+from pdcnno_jax.diagnostics import collapse
 from pdcnno_jax.loop import batching
 from pdcnno_jax.loop import checks
 from pdcnno_jax.loop import context
@@ -264,6 +265,7 @@ class _Run:
   pending: list[protocol.Update] = dataclasses.field(default_factory=list)
   snapshots: list[tuple[float, int, Any]] = dataclasses.field(default_factory=list)
   window: windows.MetricWindow = dataclasses.field(default_factory=windows.MetricWindow)
+  watch: checks.CollapseWatch | None = None
   loop_start: float = 0.0
 
   @property
@@ -375,11 +377,19 @@ def _after_clock(run: _Run, done: int) -> None:
     run.snapshots.append((time.perf_counter() - run.loop_start, done,
                           jax.device_get((run.local.params, run.local.model_state))))
   if periodic.every(done, config.log_every_steps, run.total_steps):
+    window_steps = len(run.window)
     mean = run.window.mean()
     if not math.isfinite(mean['loss']):
       ssp.abandon()
     checks.check_finite_loss(mean['loss'], where=f'SSP worker {worker.me} clock {done}',
                              last_good=None, workdir=exp.workdir)
+    try:
+      run.watch.observe(mean['loss'], mean['accuracy'], first_step=done - window_steps,
+                        step=done, examples=window_steps * worker.global_batch,
+                        epoch=done // worker.steps_per_epoch, last_good=None)
+    except collapse.TrainingCollapseError:
+      ssp.abandon()
+      raise
     stats = ssp.stats()
     elapsed = max(time.perf_counter() - run.loop_start, 1e-9)
     metrics_lib.log_line(
@@ -503,6 +513,9 @@ def train(exp: context.Experiment, state: state_lib.TrainState, *, tx,
   run = _Run(exp=exp, worker=worker, ssp=ssp, store=store, run_id=run_id,
              total_steps=exp.step_limit(int(round(config.num_epochs * worker.steps_per_epoch))),
              eval_every=eval_every, worker_checkpoints=worker_checkpoints, local=local)
+  run.watch = checks.CollapseWatch(
+      exp, examples_per_epoch=worker.steps_per_epoch * worker.global_batch,
+      warmup_steps=checks.warmup_steps(config, worker.steps_per_epoch), phase='ssp')
   _join(run)
   run.loop_start = time.perf_counter()
   for clock in range(run.first_clock, run.total_steps):
