@@ -323,8 +323,15 @@ class LatencyTable:
       except (OSError, ValueError, KeyError) as e:
         logging.warning('Ignoring the unreadable latency cache %s: %s', path, e)
 
+  def _key(self, shape: LayerShape, c_in: int, c_out: int) -> str:
+    return f'{self.context}|{shape.key()}|{int(c_in)}x{int(c_out)}'
+
+  def has(self, shape: LayerShape, c_in: int, c_out: int) -> bool:
+    key = self._key(shape, c_in, c_out)
+    return key in self.entries or key in self._disk
+
   def ms(self, shape: LayerShape, c_in: int, c_out: int) -> float:
-    key = f'{self.context}|{shape.key()}|{int(c_in)}x{int(c_out)}'
+    key = self._key(shape, c_in, c_out)
     if key not in self.entries:
       if key in self._disk:
         self.entries[key] = self._disk[key]
@@ -362,6 +369,10 @@ class LatencyModel:
 
   def layer_sum(self, kept: Mapping[str, int]) -> float:
     return sum(self.table.ms(e.shape, *e.widths(kept)) for e in self.entries)
+
+  def known(self, kept: Mapping[str, int]) -> bool:
+    """Whether the table holds every entry the prediction at ``kept`` needs."""
+    return all(self.table.has(e.shape, *e.widths(kept)) for e in self.entries)
 
   def predict_ms(self, kept: Mapping[str, int]) -> float:
     return max(self.scale * self.layer_sum(kept) + self.rest, 1e-9)
@@ -432,9 +443,12 @@ def _greedy_step(model: LatencyModel, costs: _Costs, kept: Widths, current: floa
 
 
 def _widen(model: LatencyModel, costs: _Costs, kept: Widths, goal: float) -> Widths:
-  """Gives back channels while the prediction stays within ``goal``: first the single channel
-  that regains most score, repeatedly; then, per layer, the widest width within a window that
-  is no slower than the chosen one (so no chosen width is slower than a wider one)."""
+  """Gives back channels while the prediction stays within ``goal``.
+
+  First the single channel that regains most score, repeatedly; then each layer moves to the
+  widest width no slower than its own among the next ``_POLISH_WINDOW`` and those the table
+  already holds, until nothing moves: no chosen width is slower than such a wider one.
+  """
   kept = dict(kept)
   while True:
     best = None
@@ -448,13 +462,18 @@ def _widen(model: LatencyModel, costs: _Costs, kept: Widths, goal: float) -> Wid
     if best is None:
       break
     kept = best[1]
-  for name in kept:
-    current = model.predict_ms(kept)
-    top = min(costs.start[name], kept[name] + _POLISH_WINDOW)
-    for wider in range(top, kept[name], -1):
-      if model.predict_ms({**kept, name: wider}) <= current:
-        kept[name] = wider
-        break
+  moved = True
+  while moved:
+    moved = False
+    for name in kept:
+      current = model.predict_ms(kept)
+      for wider in range(costs.start[name], kept[name], -1):
+        candidate = {**kept, name: wider}
+        if wider > kept[name] + _POLISH_WINDOW and not model.known(candidate):
+          continue
+        if model.predict_ms(candidate) <= current:
+          kept, moved = candidate, True
+          break
   return kept
 
 
