@@ -101,7 +101,7 @@ def test_no_chosen_width_is_slower_than_a_wider_one(seed):
 def test_out_of_reach_target_is_a_clear_error():
   widths = {'a': 8}
   model = _model(_chain(widths), lambda tag, c_in, c_out: 1 + c_out, widths)
-  with pytest.raises(ValueError, match='prune.target_speedup=5.0 is out of reach'):
+  with pytest.raises(ValueError, match=r'prune.target_speedup=5.0 is out of reach.*measured 3x'):
     _select(model, {'a': np.ones(8)}, widths, 5.0, 2)
 
 
@@ -150,6 +150,8 @@ def test_real_layer_timer_runs(target):  # A smoke test: nothing about speed.
   timer = latency.JaxLayerTimer(batch_size=2, target=target, repeats=1)
   conv = latency.LayerShape('conv', True, (6, 6), kernel_size=3, pool=True)
   assert timer(conv, 2, 3) > 0
+  assert timer(conv, 1, 3) > 0  # Timed next to the (2, 3) reference.
+  assert timer.references[conv][:2] == (2, 3)
   assert timer(latency.LayerShape('dense', False, (2, 2)), 3, 4) > 0
 
 

@@ -273,17 +273,41 @@ def _layer_function(shape: LayerShape, c_in: int, c_out: int, train: bool):
 class JaxLayerTimer:
   """:class:`LayerTimer` that times the layer alone with jax (jit, warm-up, median).
 
-  ``batch_size`` is the per-device batch; ``target`` is ``'inference'`` or ``'train_step'``.
+  The first width pair timed for a layer shape is its reference; every later pair is timed
+  interleaved with the reference and scaled by the reference's first time, so that load
+  changes on a shared machine between measurements cancel.
+
+  Attributes:
+    batch_size: per-device batch.
+    target: ``'inference'`` or ``'train_step'``.
+    repeats: timed calls per median.
   """
 
   batch_size: int
   target: str
   repeats: int
+  references: dict[LayerShape, tuple[int, int, float]] = dataclasses.field(
+      default_factory=dict)
+
+  def _call(self, shape: LayerShape, c_in: int, c_out: int):
+    fn, args, x_shape = _compiled_layer(shape, c_in, c_out, self.target == 'train_step')
+    x = jnp.asarray(np.random.default_rng(0).random((self.batch_size,) + x_shape, np.float32))
+    return fn, args + (x,)
 
   def __call__(self, shape: LayerShape, c_in: int, c_out: int) -> float:
-    fn, args, x_shape = _layer_function(shape, c_in, c_out, self.target == 'train_step')
-    x = jnp.asarray(np.random.default_rng(0).random((self.batch_size,) + x_shape, np.float32))
-    return median_ms({0: (fn, args + (x,))}, self.repeats, warmup=2)[0]
+    if shape not in self.references:
+      ms = median_ms({0: self._call(shape, c_in, c_out)}, self.repeats, warmup=2)[0]
+      self.references[shape] = (c_in, c_out, ms)
+      return ms
+    ref_in, ref_out, ref_ms = self.references[shape]
+    times = median_ms({'entry': self._call(shape, c_in, c_out),
+                       'reference': self._call(shape, ref_in, ref_out)}, self.repeats, warmup=2)
+    return ref_ms * times['entry'] / times['reference']
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_layer(shape: LayerShape, c_in: int, c_out: int, train: bool):
+  return _layer_function(shape, c_in, c_out, train)
 
 
 def default_cache_dir() -> str:
@@ -419,10 +443,14 @@ def _costs(scores: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray]) ->
 
 
 def _candidates(width: int, min_channels: int) -> list[int]:
-  """Narrower widths tried for a layer, widest first (steps of 1 to half the width)."""
+  """Narrower widths tried for a layer, widest first: 1 to half the width fewer, then a
+  halving ladder down to ``min_channels`` (small layers can be slow at every nearby width)."""
+  if width <= min_channels:
+    return []
   steps = {1, 2, 4} | {max(1, round(width * f)) for f in (1 / 16, 1 / 8, 1 / 4, 1 / 2)}
-  return sorted({max(min_channels, width - d) for d in steps if width > min_channels},
-                reverse=True)
+  ladder = {width >> k for k in range(2, max(2, width.bit_length()))}
+  widths = {width - d for d in steps} | ladder | {min_channels}
+  return sorted({w for w in widths if min_channels <= w < width}, reverse=True)
 
 
 def _greedy_step(model: LatencyModel, costs: _Costs, kept: Widths, current: float,
@@ -478,11 +506,12 @@ def _widen(model: LatencyModel, costs: _Costs, kept: Widths, goal: float) -> Wid
 
 
 def search_widths(model: LatencyModel, costs: _Costs, kept: Mapping[str, int], *,
-                  target_speedup: float, min_channels: int) -> Widths:
+                  target_speedup: float, min_channels: int) -> tuple[Widths, bool]:
   """Greedy NetAdapt-style removal from ``kept`` until the predicted speed-up is reached.
 
-  Raises:
-    ValueError: when no removal allowed by ``min_channels`` reaches the target.
+  Returns:
+    ``(widths, reached)``; when no removal allowed by ``min_channels`` is predicted to be
+    faster, the widths where the search stopped and False.
   """
   kept = dict(kept)
   goal = model.dense_ms / float(target_speedup)
@@ -490,14 +519,10 @@ def search_widths(model: LatencyModel, costs: _Costs, kept: Mapping[str, int], *
   while current > goal:
     step = _greedy_step(model, costs, kept, current, min_channels)
     if step is None:
-      raise ValueError(
-          f'prune.target_speedup={target_speedup} is out of reach with '
-          f'prune.min_channels={min_channels}: the predicted speed-up stops at '
-          f'{model.dense_ms / current:.3g}x (widths {kept}). Lower the target or '
-          'min_channels.')
+      return kept, False
     name, width, current = step
     kept[name] = width
-  return _widen(model, costs, kept, goal)
+  return _widen(model, costs, kept, goal), True
 
 
 def widths_to_masks(costs: _Costs, masks: Mapping[str, np.ndarray],
@@ -533,6 +558,9 @@ class LatencySelector:
     """New masks whose measured speed-up over the dense model reaches ``target_speedup``.
 
     Stops after ``max_measurements`` measurements even when short of the target (logged).
+
+    Raises:
+      ValueError: when neither the prediction nor the measurement reaches the target.
     """
     if not target_speedup >= 1:
       raise ValueError(f'prune.target_speedup must be >= 1 (dense / pruned latency), got '
@@ -540,8 +568,8 @@ class LatencySelector:
     costs = _costs(scores, masks)
     kept = dict(costs.start)
     for _ in range(max(1, self.max_measurements)):
-      kept = search_widths(self.model, costs, kept, target_speedup=target_speedup,
-                           min_channels=min_channels)
+      kept, reached = search_widths(self.model, costs, kept, target_speedup=target_speedup,
+                                    min_channels=min_channels)
       selected = widths_to_masks(costs, masks, kept)
       predicted = self.model.predicted_speedup(kept)
       dense_ms, compacted_ms = self.measure(selected)
@@ -553,6 +581,11 @@ class LatencySelector:
                    '%.3gx)', kept, predicted, measured, target_speedup)
       if measured >= target_speedup:
         break
+      if not reached:
+        raise ValueError(
+            f'prune.target_speedup={target_speedup} is out of reach with '
+            f'prune.min_channels={min_channels}: no narrower width is predicted to be faster '
+            f'than {kept}, measured {measured:.3g}x. Lower the target or min_channels.')
       self.model.calibrate(kept, self.model.dense_ms / measured)
     else:
       logging.warning('Latency selection stopped at a measured %.3gx after %d measurements, '
