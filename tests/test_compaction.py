@@ -1,6 +1,7 @@
 """Tests for pdcnno_jax.pruning.compaction and the pruning stage (stage.run_pruning)."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -10,11 +11,15 @@ import optax
 import pytest
 from flax import nnx
 
+from pdcnno_jax import config_lib
 from pdcnno_jax.models import counting
 from pdcnno_jax.pruning import compaction, masking, scorers, selection, stage
 from pdcnno_jax.testing import random_model as build_model
 from pdcnno_jax.train import sharding, steps
 from pdcnno_jax.train import state as state_lib
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def preprocess(images):
@@ -142,13 +147,9 @@ def test_residual_stream_channels_cannot_be_compacted():
 
 
 def _prune_config(**overrides):
-  config = ml_collections.ConfigDict({
-      'method': 'fmp', 'pretrain_fraction': 0.1, 'pretrain_epochs': 1,
-      'score_examples': 16, 'norm_order': 1.0, 'selection': 'global_macs',
-      'threshold': 0.5, 'ratio': 0.5, 'target_mac_reduction': 4.0, 'min_channels': 1,
-      'iterations': 1, 'finetune_epochs': 0, 'compact': True, 'target_speedup': 2.0,
-      'latency_target': 'inference', 'latency_cache_dir': '', 'latency_repeats': 0,
-      'latency_measurements': 3})
+  config = config_lib.load_config(os.path.join(REPO, 'configs', 'default.py')).prune
+  config.update(method='fmp', score_examples=16, selection='global_macs', min_channels=1,
+                latency_repeats=0)
   config.update(overrides)
   return config
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -10,10 +11,14 @@ import numpy as np
 import optax
 import pytest
 
+from pdcnno_jax import config_lib
 from pdcnno_jax.models import counting
 from pdcnno_jax.pruning import latency, masking, stage
 from pdcnno_jax.testing import random_model as build_model
 from pdcnno_jax.train import state as state_lib
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _shape(tag):
@@ -98,11 +103,14 @@ def test_no_chosen_width_is_slower_than_a_wider_one(seed):
       assert model.predict_ms({**kept, name: wider}) > here, (name, width, wider)
 
 
-def test_out_of_reach_target_is_a_clear_error():
+def test_an_out_of_reach_target_stops_at_the_fastest_point_and_says_so():
   widths = {'a': 8}
   model = _model(_chain(widths), lambda tag, c_in, c_out: 1 + c_out, widths)
-  with pytest.raises(ValueError, match=r'prune.target_speedup=5.0 is out of reach.*measured 3x'):
-    _select(model, {'a': np.ones(8)}, widths, 5.0, 2)
+  kept, _, selector = _select(model, {'a': np.ones(8)}, widths, 5.0, 2, measurements=3)
+  assert kept == {'a': 2}
+  report = selector.report()
+  assert not report['target_reached'] and report['measured_speedup'] == pytest.approx(3.0)
+  assert len(report['measurements']) == 1  # Stuck: measuring again cannot help.
 
 
 def test_table_cache_hits_on_a_second_call(tmp_path):
@@ -162,13 +170,9 @@ def _fake_layer(shape, c_in, c_out):
 
 
 def _prune_config(**overrides):
-  config = ml_collections.ConfigDict({
-      'method': 'l1', 'score_examples': 8, 'norm_order': 1.0, 'selection': 'latency',
-      'threshold': 0.5, 'ratio': 0.5, 'target_mac_reduction': 4.0, 'min_channels': 2,
-      'iterations': 1, 'finetune_epochs': 0, 'compact': True, 'target_speedup': 1.5,
-      'latency_target': 'inference', 'latency_cache_dir': '', 'latency_repeats': 1,
-      'latency_measurements': 4})
-  config.update(overrides)
+  config = config_lib.load_config(os.path.join(REPO, 'configs', 'default.py')).prune
+  config.update(method='l1', selection='latency', target_speedup=1.5, latency_repeats=1,
+                latency_measurements=4, **overrides)
   return config
 
 
@@ -213,6 +217,7 @@ def test_run_pruning_measures_and_continues_from_the_measured_point(tmp_path):
   assert result['mac_reduction'] == report['mac_reduction'] > 1
   assert result['table_measured'] == result['table_entries'] > 0
   assert result['target_speedup'] == 1.5 and result['latency_target'] == 'inference'
+  assert result['target_reached']
   # Every measurement timed the dense model next to a compacted one (narrower widths).
   assert [name for name, _ in timed] == ['dense'] + ['dense', 'compacted'] * 2
   assert masking.read_masks(compacted) and json.dumps(report)

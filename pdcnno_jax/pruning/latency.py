@@ -552,19 +552,19 @@ class LatencySelector:
   measure: MeasureFn
   max_measurements: int
   history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  target_speedup: float = 1.0
 
   def select(self, scores: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray], *,
              target_speedup: float, min_channels: int) -> Masks:
     """New masks whose measured speed-up over the dense model reaches ``target_speedup``.
 
-    Stops after ``max_measurements`` measurements even when short of the target (logged).
-
-    Raises:
-      ValueError: when neither the prediction nor the measurement reaches the target.
+    Stops short of the target (logged; ``report()['target_reached']`` is False) after
+    ``max_measurements`` measurements, or when no narrower width is predicted to be faster.
     """
     if not target_speedup >= 1:
       raise ValueError(f'prune.target_speedup must be >= 1 (dense / pruned latency), got '
                        f'{target_speedup}.')
+    self.target_speedup = float(target_speedup)
     costs = _costs(scores, masks)
     kept = dict(costs.start)
     for _ in range(max(1, self.max_measurements)):
@@ -581,11 +581,11 @@ class LatencySelector:
                    '%.3gx)', kept, predicted, measured, target_speedup)
       if measured >= target_speedup:
         break
-      if not reached:
-        raise ValueError(
-            f'prune.target_speedup={target_speedup} is out of reach with '
-            f'prune.min_channels={min_channels}: no narrower width is predicted to be faster '
-            f'than {kept}, measured {measured:.3g}x. Lower the target or min_channels.')
+      if not reached:  # No narrower width is predicted faster: recalibrating cannot help.
+        logging.warning('prune.target_speedup=%s is out of reach with prune.min_channels=%d: '
+                        'no narrower width is predicted to be faster than %s, measured '
+                        '%.3gx.', target_speedup, min_channels, kept, measured)
+        break
       self.model.calibrate(kept, self.model.dense_ms / measured)
     else:
       logging.warning('Latency selection stopped at a measured %.3gx after %d measurements, '
@@ -599,6 +599,7 @@ class LatencySelector:
             'measured_speedup': last.get('measured_speedup'),
             'dense_ms': last.get('dense_ms'), 'compacted_ms': last.get('compacted_ms'),
             'widths': last.get('widths'), 'measurements': list(self.history),
+            'target_reached': bool(last) and last['measured_speedup'] >= self.target_speedup,
             'table_entries': len(self.model.table.entries),
             'table_measured': self.model.table.measured,
             'table_seconds': self.model.table.seconds}
