@@ -113,6 +113,21 @@ def test_an_out_of_reach_target_stops_at_the_fastest_point_and_says_so():
   assert len(report['measurements']) == 1  # Stuck: measuring again cannot help.
 
 
+def test_short_of_the_target_the_fastest_measured_point_is_kept():
+  # Measurements that disagree with the table (narrower measures slower) and never reach
+  # the target: the selection is the fastest measured point, not the last one.
+  widths = {'a': 16}
+  model = _model(_chain(widths), lambda tag, c_in, c_out: c_out, widths)
+  measure = lambda m: (16.0, {1: 9.0}.get(int(m['a'].sum()), 10.0 + 1 / m['a'].sum()))
+  kept, masks, selector = _select(model, {'a': np.arange(16.0)}, widths, 2.0, 1,
+                                  measure=measure, measurements=3)
+  report = selector.report()
+  assert len(report['measurements']) == 3 and not report['target_reached']
+  best = max(report['measurements'], key=lambda h: h['measured_speedup'])
+  assert kept == best['widths'] == report['widths']
+  assert report['measured_speedup'] == best['measured_speedup']
+
+
 def test_table_cache_hits_on_a_second_call(tmp_path):
   path = str(tmp_path / 'cache' / 'table.json')
   fn = lambda tag, c_in, c_out: tag + c_in * c_out

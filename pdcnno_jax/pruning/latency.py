@@ -559,7 +559,9 @@ class LatencySelector:
     """New masks whose measured speed-up over the dense model reaches ``target_speedup``.
 
     Stops short of the target (logged; ``report()['target_reached']`` is False) after
-    ``max_measurements`` measurements, or when no narrower width is predicted to be faster.
+    ``max_measurements`` measurements, or when no narrower width is predicted to be faster;
+    it then returns the fastest measured point (repeated last in ``history`` with
+    ``chosen=True``).
     """
     if not target_speedup >= 1:
       raise ValueError(f'prune.target_speedup must be >= 1 (dense / pruned latency), got '
@@ -567,6 +569,7 @@ class LatencySelector:
     self.target_speedup = float(target_speedup)
     costs = _costs(scores, masks)
     kept = dict(costs.start)
+    chosen = []  # (measured speed-up, measurement number, masks).
     for _ in range(max(1, self.max_measurements)):
       kept, reached = search_widths(self.model, costs, kept, target_speedup=target_speedup,
                                     min_channels=min_channels)
@@ -577,6 +580,7 @@ class LatencySelector:
       self.history.append({'widths': dict(kept), 'predicted_speedup': predicted,
                            'measured_speedup': measured, 'dense_ms': dense_ms,
                            'compacted_ms': compacted_ms})
+      chosen.append((measured, len(self.history), selected))
       logging.info('Latency selection: widths %s, predicted %.3gx, measured %.3gx (target '
                    '%.3gx)', kept, predicted, measured, target_speedup)
       if measured >= target_speedup:
@@ -591,6 +595,9 @@ class LatencySelector:
       logging.warning('Latency selection stopped at a measured %.3gx after %d measurements, '
                       'short of prune.target_speedup=%s.', measured, len(self.history),
                       target_speedup)
+    if measured < target_speedup:  # Short of the target: the fastest measured point.
+      _, number, selected = max(chosen, key=lambda c: (c[0], -c[1]))
+      self.history.append(dict(self.history[number - 1], chosen=True))
     return selected
 
   def report(self) -> dict[str, Any]:
@@ -598,7 +605,8 @@ class LatencySelector:
     return {'predicted_speedup': last.get('predicted_speedup'),
             'measured_speedup': last.get('measured_speedup'),
             'dense_ms': last.get('dense_ms'), 'compacted_ms': last.get('compacted_ms'),
-            'widths': last.get('widths'), 'measurements': list(self.history),
+            'widths': last.get('widths'),
+            'measurements': [h for h in self.history if not h.get('chosen')],
             'target_reached': bool(last) and last['measured_speedup'] >= self.target_speedup,
             'table_entries': len(self.model.table.entries),
             'table_measured': self.model.table.measured,
