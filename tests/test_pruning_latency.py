@@ -128,6 +128,17 @@ def test_short_of_the_target_the_fastest_measured_point_is_kept():
   assert report['measured_speedup'] == best['measured_speedup']
 
 
+def test_tables_slower_than_the_network_calibrate_proportionally():
+  widths = {'a': 10, 'b': 10}
+  table = latency.LatencyTable(CountingTimer(lambda tag, c_in, c_out: c_out), None, 'test')
+  model = latency.LatencyModel(_chain(widths), table)
+  model.calibrate(widths, 5.0)  # The tables sum to 20 ms.
+  assert model.predict_ms(widths) == pytest.approx(5.0)
+  assert model.predict_ms({'a': 5, 'b': 5}) == pytest.approx(2.5)  # Never <= 0.
+  model.calibrate({'a': 5, 'b': 5}, 3.0)  # A second point: fitted line, rest >= 0.
+  assert model.rest >= 0 and model.predict_ms({'a': 5, 'b': 5}) > 0
+
+
 def test_table_cache_hits_on_a_second_call(tmp_path):
   path = str(tmp_path / 'cache' / 'table.json')
   fn = lambda tag, c_in, c_out: tag + c_in * c_out

@@ -382,7 +382,8 @@ class LatencyModel:
 
   ``a`` and ``b`` are fitted (least squares) to the end-to-end measurements added by
   :meth:`calibrate`; with one measurement (the dense model) ``a = 1`` and ``b`` is the time
-  of everything outside the tables (classifier, input, dispatch).
+  of everything outside the tables (classifier, input, dispatch). When that would make
+  ``b < 0`` (tables timed under heavier load than the network), ``b = 0`` and ``a`` is fitted.
   """
 
   def __init__(self, entries: tuple[LayerEntry, ...], table: LatencyTable):
@@ -410,11 +411,12 @@ class LatencyModel:
       self.dense_ms = float(measured_ms)
     self.points.append((self.layer_sum(kept), float(measured_ms)))
     sums, times = np.array(self.points).T
-    self.scale, self.rest = 1.0, float(times[-1] - sums[-1])
+    scale, rest = 1.0, float(times[-1] - sums[-1])
     if len(self.points) > 1 and np.ptp(sums) > 0:
       scale, rest = np.polyfit(sums, times, 1)
-      if scale > 0:
-        self.scale, self.rest = float(scale), float(rest)
+    if scale <= 0 or rest < 0:  # Tables slower than the network (e.g. load): proportional.
+      scale, rest = float(np.dot(sums, times) / np.dot(sums, sums)), 0.0
+    self.scale, self.rest = float(scale), float(rest)
 
 
 @dataclasses.dataclass(frozen=True)
