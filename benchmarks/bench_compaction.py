@@ -6,10 +6,10 @@ network with the kept widths. This script measures both side by side in one run:
 1. A VGG-style network on 32x32x3 inputs (default vgg16 at width 0.5), pruned to
    >= 50% fewer MACs (weight-L1 scores, the same fraction of every layer): median time of the jitted
    training step (SGD + momentum + weight decay) for the masked and the compacted model.
-   Issue #3 bar: compacted >= 1.5x faster.
+   Bar: compacted >= 1.5x faster.
 2. LeNet-5 (Caffe variant, conv widths 20-50) on 28x28x1, pruned to 4x fewer MACs, once with
    the global MAC budget and once with the same fraction of every layer: median inference
-   latency (jitted forward pass) at several batch sizes. Issue #3 bar (with the
+   latency (jitted forward pass) at several batch sizes. Bar (with the
    accuracy part measured by the trainer on Fashion-MNIST): >= 2.5x faster.
 
 The weights are random (the timings do not depend on them); the steps alternate between the
@@ -21,8 +21,6 @@ multiply-accumulates per example (models/counting.py).
 """
 
 import os
-import statistics
-import time
 
 from absl import app
 from absl import flags
@@ -34,7 +32,7 @@ import optax
 from flax import nnx
 
 from pdcnno_jax.models import counting, factory
-from pdcnno_jax.pruning import compaction, masking, scorers, selection
+from pdcnno_jax.pruning import compaction, latency, masking, scorers, selection
 from pdcnno_jax.train import sharding, steps
 from pdcnno_jax.train import state as state_lib
 
@@ -101,15 +99,10 @@ def describe(name, graphdef, state):
   return totals
 
 
-def alternate(fns, reps):
+def alternate(fns, reps, warmup=0):
   """Median seconds of each zero-argument function, calling them in turn ``reps`` times."""
-  times = [[] for _ in fns]
-  for _ in range(reps):
-    for i, fn in enumerate(fns):
-      start = time.perf_counter()
-      fn()
-      times[i].append(time.perf_counter() - start)
-  return [statistics.median(t) for t in times]
+  times = latency.median_ms({i: (fn, ()) for i, fn in enumerate(fns)}, reps, warmup=warmup)
+  return [times[i] / 1e3 for i in range(len(fns))]
 
 
 def bench_vgg_training(mesh):
@@ -141,8 +134,7 @@ def bench_vgg_training(mesh):
     return fn
 
   fns = [run('masked'), run('compacted')]
-  alternate(fns, 2)  # Compile and warm up.
-  masked_s, compact_s = alternate(fns, _REPS.value)
+  masked_s, compact_s = alternate(fns, _REPS.value, warmup=2)  # Warm-up compiles.
   print(f'  median step: masked {1e3 * masked_s:8.1f} ms   compacted {1e3 * compact_s:8.1f} ms'
         f'   speed-up {masked_s / compact_s:.2f}x  (bar >= 1.5x)')
   return masked_s / compact_s
@@ -174,9 +166,8 @@ def bench_lenet_inference(mesh, how):
   for size in map(int, _LENET_BATCHES.value):
     images = jax.device_put(rng.integers(0, 256, (size,) + input_shape, dtype=np.uint8))
     fns = [lambda: masked_fwd(images), lambda: compact_fwd(images)]
-    alternate(fns, 3)
     reps = max(_REPS.value, 50 if size <= 64 else _REPS.value)
-    masked_s, compact_s = alternate(fns, reps)
+    masked_s, compact_s = alternate(fns, reps, warmup=3)
     ratios[size] = masked_s / compact_s
     print(f'  batch {size:5d}: masked {1e3 * masked_s:8.3f} ms   compacted '
           f'{1e3 * compact_s:8.3f} ms   speed-up {ratios[size]:.2f}x  (bar >= 2.5x)')

@@ -1,10 +1,11 @@
 """XLA CPU convolution time against channel count: why compacted speed-ups do not track MACs.
 
-Issue #3 asks for >= 2.5x faster CPU inference of LeNet-5 (Caffe) compacted to 4x fewer MACs.
+Pruning aims at >= 2.5x faster CPU inference of LeNet-5 (Caffe) compacted to 4x fewer MACs.
 This script times the two convolutions of that network alone, jitted, at one batch size, for a
 range of widths, and the whole forward pass for several kept-width pairs (conv1, conv2) next to
 the dense (20, 50), so that the measured speed-up of each pruning result can be read against
-what XLA's CPU convolutions deliver for its shapes. Widths alternate inside every repetition so
+what XLA's CPU convolutions deliver for its shapes (``prune.selection='latency'`` measures such
+tables itself: pdcnno_jax/pruning/latency.py). Widths alternate inside every repetition so
 that load changes on a shared machine hit all of them alike. Times are medians in ms.
 
   python benchmarks/bench_conv_widths.py [--batch_size=256 --reps=9]
@@ -12,8 +13,6 @@ that load changes on a shared machine hit all of them alike. Times are medians i
 
 from __future__ import annotations
 
-import statistics
-import time
 
 from absl import app
 from absl import flags
@@ -24,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from pdcnno_jax.models import counting, factory
+from pdcnno_jax.pruning import latency
 
 _BATCH = flags.DEFINE_integer('batch_size', 256, 'Examples per call (single layers).')
 _FORWARD_BATCHES = flags.DEFINE_list('forward_batch_sizes', ['1', '64', '1024'],
@@ -37,20 +37,6 @@ def _conv(x, kernel):
   return jax.lax.conv_general_dilated(x, kernel, (1, 1), 'VALID', dimension_numbers=_DIMENSIONS)
 
 
-def _median_ms(calls: dict, reps: int, inner: int = 1) -> dict:
-  """Median milliseconds per call of each ``name -> (fn, args)``, interleaved."""
-  for fn, args in calls.values():
-    jax.block_until_ready(fn(*args))
-  times = {name: [] for name in calls}
-  for _ in range(reps):
-    for name, (fn, args) in calls.items():
-      start = time.perf_counter()
-      for _ in range(inner):
-        jax.block_until_ready(fn(*args))
-      times[name].append((time.perf_counter() - start) / inner)
-  return {name: 1e3 * statistics.median(t) for name, t in times.items()}
-
-
 def main(argv):
   del argv
   rng = np.random.default_rng(0)
@@ -62,7 +48,7 @@ def main(argv):
     x = jnp.asarray(rng.random((batch,) + in_shape, np.float32))
     calls = {w: (conv, (x, jnp.asarray(rng.random(kernel_shape(w), np.float32))))
              for w in widths}
-    times = _median_ms(calls, reps)
+    times = latency.median_ms(calls, reps)
     print(f'  {title}: ' + '  '.join(f'{w}: {times[w]:.2f}' for w in widths))
 
   layer_row('conv1 5x5, 28x28x1 -> C_out', (28, 28, 1), (4, 8, 12, 16, 20, 24, 32, 50),
@@ -84,8 +70,8 @@ def main(argv):
   print('\nLeNet-5 Caffe forward pass, speed-up over the dense (20, 50) [MAC reduction]:')
   for size in (int(s) for s in _FORWARD_BATCHES.value):
     x = jnp.asarray(rng.random((size, 28, 28, 1), np.float32))
-    times = _median_ms({p: (m[0], (m[1], x)) for p, m in models.items()}, reps,
-                       inner=max(1, 512 // size))
+    times = latency.median_ms({p: (m[0], (m[1], x)) for p, m in models.items()}, reps,
+                              inner=max(1, 512 // size))
     base = times[(20, 50)]
     print(f'  batch {size:5d}: ' + '  '.join(
         f'{p}: {base / times[p]:.2f}x [{dense_macs / models[p][2]:.1f}x]' for p in _PAIRS))

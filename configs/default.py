@@ -103,7 +103,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.prune.pretrain_epochs = 5
   config.prune.score_examples = 1024
   config.prune.norm_order = 1.0
-  config.prune.selection = 'threshold'  # threshold | layer_ratio | global_macs
+  config.prune.selection = 'threshold'  # threshold | layer_ratio | global_macs | latency
   config.prune.threshold = 0.5  # Prune maps scoring below threshold * layer mean.
   config.prune.ratio = 0.5  # layer_ratio: fraction removed per layer.
   config.prune.target_mac_reduction = 4.0  # global_macs: dense MACs / pruned MACs.
@@ -111,6 +111,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.prune.iterations = 1  # >1: prune, fine-tune, repeat.
   config.prune.finetune_epochs = 0  # Between iterative rounds (the last round trains num_epochs).
   config.prune.compact = True  # Rebuild a narrower dense model after pruning.
+  # latency: measured per-layer latency tables, greedy removal until the measured speed-up.
+  config.prune.target_speedup = 2.0  # latency: dense / compacted latency.
+  config.prune.latency_target = 'inference'  # latency: inference | train_step
+  # Latency-table cache ('' = $XDG_CACHE_HOME or ~/.cache, then pdcnno_jax/latency).
+  config.prune.latency_cache_dir = ''
+  # Timed calls per median (tables, end to end); 0 skips the masked vs compacted timing.
+  config.prune.latency_repeats = 10
+  config.prune.latency_measurements = 3  # latency: end-to-end measurements at most.
 
   # --- diagnostics (pdcnno_jax/diagnostics) ---
   config.diagnostics = ml_collections.ConfigDict()

@@ -1,6 +1,7 @@
 """Tests for pdcnno_jax.pruning.compaction and the pruning stage (stage.run_pruning)."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -10,11 +11,15 @@ import optax
 import pytest
 from flax import nnx
 
+from pdcnno_jax import config_lib
 from pdcnno_jax.models import counting
 from pdcnno_jax.pruning import compaction, masking, scorers, selection, stage
 from pdcnno_jax.testing import random_model as build_model
 from pdcnno_jax.train import sharding, steps
 from pdcnno_jax.train import state as state_lib
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def preprocess(images):
@@ -142,11 +147,9 @@ def test_residual_stream_channels_cannot_be_compacted():
 
 
 def _prune_config(**overrides):
-  config = ml_collections.ConfigDict({
-      'method': 'fmp', 'pretrain_fraction': 0.1, 'pretrain_epochs': 1,
-      'score_examples': 16, 'norm_order': 1.0, 'selection': 'global_macs',
-      'threshold': 0.5, 'ratio': 0.5, 'target_mac_reduction': 4.0, 'min_channels': 1,
-      'iterations': 1, 'finetune_epochs': 0, 'compact': True})
+  config = config_lib.load_config(os.path.join(REPO, 'configs', 'default.py')).prune
+  config.update(method='fmp', score_examples=16, selection='global_macs', min_channels=1,
+                latency_repeats=0)
   config.update(overrides)
   return config
 
@@ -177,11 +180,13 @@ def test_run_pruning_iterative_with_compaction(method):
       yield batch
 
   timed = method == 'fmp'  # Latency of masked vs compacted: once is enough.
+  target = stage.PruningTarget(graphdef, state, model_config, 10, input_shape, preprocess,
+                               sharding.make_mesh(jax.devices()[:1]),
+                               tx=_tx() if timed else None)
   new_graphdef, new_state, report = stage.run_pruning(
-      _prune_config(method=method, iterations=3, finetune_epochs=2, target_mac_reduction=2.0),
-      graphdef, state, batches, preprocess, sharding.make_mesh(jax.devices()[:1]),
-      model_config, 10, input_shape, finetune_fn=finetune_fn, tx=_tx() if timed else None,
-      latency_reps=2 if timed else 0)
+      target, _prune_config(method=method, iterations=3, finetune_epochs=2,
+                            target_mac_reduction=2.0, latency_repeats=2 if timed else 0),
+      scoring_batches=batches, finetune_fn=finetune_fn)
 
   assert len(consumed) == 2  # 16 examples = two batches of 8, reused by every round.
   assert report['scored_examples'] == 16
@@ -219,20 +224,18 @@ def test_run_pruning_none_and_bad_config():
   model_config, input_shape = CASES['lenet5_caffe_28']
   model = build_model(model_config, input_shape)
   graphdef, state = state_lib.create_train_state(model, _tx())
-  same_graphdef, same_state, report = stage.run_pruning(
-      _prune_config(method='none'), graphdef, state, [], preprocess, None, model_config, 10,
-      input_shape)
+  target = stage.PruningTarget(graphdef, state, model_config, 10, input_shape, preprocess)
+  _, same_state, report = stage.run_pruning(target, _prune_config(method='none'))
   assert same_state is state and report['mac_reduction'] == 1.0
   with pytest.raises(ValueError, match='prune.method'):
-    stage.run_pruning(_prune_config(method='taylor'), graphdef, state, [], preprocess, None,
-                      model_config, 10, input_shape)
+    stage.run_pruning(target, _prune_config(method='taylor'))
+  with pytest.raises(ValueError, match='prune.latency_target'):
+    stage.run_pruning(target, _prune_config(selection='latency', latency_target='train'))
   with pytest.raises(ValueError, match='scoring set is empty'):
-    stage.run_pruning(_prune_config(), graphdef, state, [], preprocess, None, model_config,
-                      10, input_shape)
+    stage.run_pruning(target, _prune_config())
   # Data-free baselines need no batches; threshold selection without compaction.
   _, masked, report = stage.run_pruning(
-      _prune_config(method='l1', selection='threshold', threshold=1.0, compact=False),
-      graphdef, state, [], preprocess, None, model_config, 10, input_shape)
+      target, _prune_config(method='l1', selection='threshold', threshold=1.0, compact=False))
   assert 'latency' not in report
   assert not report['compacted'] and report['macs_after'] < report['macs_before']
   assert masking.read_state_masks(graphdef, masked) != {}

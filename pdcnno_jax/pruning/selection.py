@@ -1,4 +1,4 @@
-"""Which channels to prune, given importance scores: threshold, per-layer ratio, MAC budget.
+"""Which channels to prune, given importance scores: threshold, ratio, MAC or latency budget.
 
 All rules take ``scores`` and the current ``masks`` (both ``{layer name: (C,)}`` over the
 prunable layers) and return new 0/1 masks with these guarantees:
@@ -10,24 +10,27 @@ prunable layers) and return new 0/1 masks with these guarantees:
   residual-stream channels are never pruned.
 
 Statistics (layer means, L2 normalisation) are over the layer's currently kept channels.
+:data:`SELECTIONS` is the registry of rules (``prune.selection``); the ``latency`` rule is
+:class:`latency.LatencySelector` (measured per-layer tables, NetAdapt-style search).
 
 References:
   PDCNNO paper (papers/pdcnno_mapreduce_cgmse.txt), FMP (prune maps whose score is below a
   threshold); DESIGN.md, "FMP" (threshold * layer mean, per-layer or global ratio,
-  ``min_channels``), "Masks and compaction" (MACs).
+  ``min_channels``), "Masks and compaction" (MACs), "Latency-aware selection".
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+import dataclasses
+from typing import Callable, Mapping
 
 import numpy as np
 from flax import nnx
 
 from pdcnno_jax.models import counting
+from pdcnno_jax.pruning import latency
 
 Masks = dict[str, np.ndarray]
-SELECTIONS = ('threshold', 'layer_ratio', 'global_macs')
 
 
 def _check(scores: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray],
@@ -198,18 +201,55 @@ def select_by_macs(scores: Mapping[str, np.ndarray], masks: Mapping[str, np.ndar
   return masks
 
 
+@dataclasses.dataclass(frozen=True)
+class SelectionOptions:
+  """The ``prune`` settings a rule reads (each rule reads its own), for one round."""
+
+  min_channels: int
+  threshold: float = 0.5
+  ratio: float = 0.5
+  target_reduction: float = 1.0
+  target_speedup: float = 1.0
+  reference_macs: int | None = None
+  latency: latency.LatencySelector | None = None
+
+
+def _by_latency(scores, masks, model, options: SelectionOptions) -> Masks:
+  del model
+  if options.latency is None:
+    raise ValueError("prune.selection='latency' needs a latency selector (built by "
+                     'stage.run_pruning from the latency tables).')
+  _check(scores, masks, options.min_channels)
+  return options.latency.select(scores, masks, target_speedup=options.target_speedup,
+                                min_channels=options.min_channels)
+
+
+Rule = Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray], nnx.Module,
+                 SelectionOptions], Masks]
+SELECTIONS: dict[str, Rule] = {
+    'threshold': lambda scores, masks, model, o: select_by_threshold(
+        scores, masks, threshold=o.threshold, min_channels=o.min_channels),
+    'layer_ratio': lambda scores, masks, model, o: select_by_layer_ratio(
+        scores, masks, ratio=o.ratio, min_channels=o.min_channels),
+    'global_macs': lambda scores, masks, model, o: select_by_macs(
+        scores, masks, model, target_reduction=o.target_reduction,
+        min_channels=o.min_channels, reference_macs=o.reference_macs),
+    'latency': _by_latency,
+}
+
+
 def select(selection: str, scores: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray],
-           model: nnx.Module, *, threshold: float, ratio: float, target_reduction: float,
-           min_channels: int, reference_macs: int | None = None) -> Masks:
-  """Dispatches on ``prune.selection`` (threshold | layer_ratio | global_macs)."""
-  if selection == 'threshold':
-    return select_by_threshold(scores, masks, threshold=threshold, min_channels=min_channels)
-  if selection == 'layer_ratio':
-    return select_by_layer_ratio(scores, masks, ratio=ratio, min_channels=min_channels)
-  if selection == 'global_macs':
-    return select_by_macs(scores, masks, model, target_reduction=target_reduction,
-                          min_channels=min_channels, reference_macs=reference_macs)
-  raise ValueError(f'Unknown prune.selection {selection!r}; choose from {SELECTIONS}.')
+           model: nnx.Module, options: SelectionOptions | None = None,
+           **settings) -> Masks:
+  """Applies the rule ``SELECTIONS[selection]`` (``prune.selection``).
+
+  ``options`` or keyword ``settings`` (the fields of :class:`SelectionOptions`).
+  """
+  if selection not in SELECTIONS:
+    raise ValueError(f'Unknown prune.selection {selection!r}; choose from '
+                     f'{tuple(SELECTIONS)}.')
+  options = options or SelectionOptions(**settings)
+  return SELECTIONS[selection](scores, masks, model, options)
 
 
 def round_schedule(round_index: int, rounds: int, ratio: float,
@@ -217,7 +257,8 @@ def round_schedule(round_index: int, rounds: int, ratio: float,
   """Per-round targets of an iterative schedule that ends at the final targets.
 
   Round i of k (1-based) removes a fraction ``1 - (1 - ratio)^(i/k)`` of each layer and
-  reduces MACs by ``target_reduction^(i/k)``: a geometric schedule, every round removing the
+  reduces MACs (or latency: pass the target speed-up) by ``target_reduction^(i/k)``: a
+  geometric schedule, every round removing the
   same fraction of what is left. The threshold rule needs no schedule (it is re-applied to
   the fine-tuned model's new scores every round).
 

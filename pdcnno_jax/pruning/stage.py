@@ -1,23 +1,24 @@
 """The pruning stage of the pipeline: score -> select -> mask, one-shot or iterative, compact.
 
-``run_pruning`` is a plain function of (config.prune, state) -> state like every stage: the
-trainer pre-trains the dense model (``prune.pretrain_fraction`` / ``prune.pretrain_epochs``),
-calls it, then trains the returned model for ``config.num_epochs``. With
+``run_pruning(target, config.prune, ...)`` is a plain function like every stage: the trainer
+pre-trains the dense model (``prune.pretrain_fraction`` / ``prune.pretrain_epochs``), calls it
+on a :class:`PruningTarget`, then trains the returned model for ``config.num_epochs``. With
 ``prune.iterations = k > 1`` the stage runs k rounds of (score, select, mask) and calls the
 trainer's ``finetune_fn`` for ``prune.finetune_epochs`` between rounds; the per-round targets
-follow :func:`selection.round_schedule`. With ``prune.compact`` the masked model is finally
-rebuilt as a narrower dense model (new graphdef: compile new steps for it).
+follow :func:`selection.round_schedule`. ``prune.selection = 'latency'`` selects by measured
+latency (:mod:`latency`). With ``prune.compact`` the masked model is finally rebuilt as a
+narrower dense model (new graphdef: compile new steps for it).
 
 References:
   PDCNNO paper (papers/pdcnno_mapreduce_cgmse.txt), model compression phase (pre-train on
   random data, FMP, "this pruning strategy can be repeated"); MR-FPDCNN paper, FMPTL;
-  DESIGN.md, "FMP", "FMPTL", "Masks and compaction".
+  Yang et al. 2018 (NetAdapt); DESIGN.md, "FMP", "FMPTL", "Masks and compaction",
+  "Latency-aware selection".
 """
 
 from __future__ import annotations
 
-import functools
-import statistics
+import dataclasses
 import time
 from typing import Any, Callable, Iterable, Mapping
 
@@ -28,18 +29,52 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from pdcnno_jax.models import counting
-from pdcnno_jax.pruning import compaction, masking, scorers, selection
-from pdcnno_jax.train import sharding as sharding_lib
+from pdcnno_jax.pruning import compaction, latency, masking, scorers, selection
 from pdcnno_jax.train import state as state_lib
-from pdcnno_jax.train import steps
 
 Batch = Mapping[str, Any]
+Batches = Iterable[Batch] | Callable[[], Iterable[Batch]]
 FinetuneFn = Callable[[nnx.GraphDef, state_lib.TrainState, int], state_lib.TrainState]
 METHODS = ('none',) + tuple(sorted(scorers.SCORERS))
 _DATA_METHODS = ('fmp', 'fmptl')
+
+
+@dataclasses.dataclass(frozen=True)
+class PruningTarget:
+  """The model to prune and what is needed to run, rebuild and time it.
+
+  Attributes:
+    graphdef: the model's graph definition.
+    state: the (pre-trained) TrainState.
+    model_config: the ``config.model`` section (its ``name`` names the compacted model).
+    num_classes: classifier outputs.
+    input_shape: ``(H, W, C)`` of the images.
+    preprocess: uint8 images -> model input, traced inside jit.
+    mesh: device mesh with a ``'data'`` axis (None: every device).
+    tx: the training optimizer; needed to time training steps (the masked vs compacted
+      comparison, ``prune.latency_target='train_step'``).
+  """
+
+  graphdef: nnx.GraphDef
+  state: state_lib.TrainState
+  model_config: ml_collections.ConfigDict
+  num_classes: int
+  input_shape: tuple[int, int, int]
+  preprocess: Callable[[Any], Any]
+  mesh: Mesh | None = None
+  tx: optax.GradientTransformation | None = None
+
+  def model(self, state: state_lib.TrainState | None = None) -> nnx.Module:
+    return state_lib.merge_model(self.graphdef, self.state if state is None else state)
+
+  def compact(self, graphdef: nnx.GraphDef, state: state_lib.TrainState
+              ) -> tuple[nnx.GraphDef, state_lib.TrainState]:
+    return compaction.compact(graphdef, state, self.model_config, self.num_classes,
+                              self.input_shape)
 
 
 def _batch_examples(batch: Batch) -> int:
@@ -49,8 +84,7 @@ def _batch_examples(batch: Batch) -> int:
   return int(np.shape(batch['label'])[0])
 
 
-def take_scoring_batches(batches: Iterable[Batch] | Callable[[], Iterable[Batch]],
-                         num_examples: int) -> list[Batch]:
+def take_scoring_batches(batches: Batches, num_examples: int) -> list[Batch]:
   """Whole batches from ``batches`` until at least ``num_examples`` real examples.
 
   Args:
@@ -81,115 +115,204 @@ def _counts(model: nnx.Module) -> dict[str, Any]:
           'params': int(totals['params']), 'macs': int(totals['macs'])}
 
 
-def compare_latency(models: Mapping[str, tuple[nnx.GraphDef, state_lib.TrainState]],
-                    batch: Batch, preprocess: Callable[[Any], Any], mesh: Mesh | None, *,
-                    tx: optax.GradientTransformation | None = None,
-                    reps: int = 10) -> dict[str, Any]:
-  """Median latency of the jitted inference pass (and training step) of several models.
-
-  The models are timed in turn, ``reps`` times each after two warm-up calls, so that load
-  changes on a shared machine affect them alike.
-
-  Args:
-    models: name -> ``(graphdef, state)``, e.g. ``{'masked': ..., 'compacted': ...}``.
-    batch: one batch ``{'image', 'label'}`` with a size divisible by the mesh's devices.
-    preprocess: uint8 images -> model input.
-    mesh: device mesh (None: every device).
-    tx: when given, also time ``steps.make_train_step(graphdef, tx, ...)`` (not donating,
-      the states are left unchanged).
-    reps: timed calls per model.
-
-  Returns:
-    ``{'batch_size', 'inference_ms': {name: ms}, 'train_step_ms': {name: ms}}`` (the last only
-    with ``tx``).
-  """
-  mesh = sharding_lib.make_mesh() if mesh is None else mesh
-  data = sharding_lib.batch_sharded(mesh)
-  batch = {k: batch[k] for k in ('image', 'label')}
-  batch = {k: jax.make_array_from_callback(np.shape(v), data, lambda i, v=v: np.asarray(v)[i])
-           if not isinstance(v, jax.Array) else v for k, v in batch.items()}
-  calls = {'inference_ms': {}, 'train_step_ms': {}}
-  for name, (graphdef, state) in models.items():
-    eval_step = steps.make_eval_step(graphdef, preprocess, mesh)
-    calls['inference_ms'][name] = functools.partial(eval_step, state, batch)
-    if tx is not None:
-      train_step = steps.make_train_step(graphdef, tx, preprocess, mesh, donate=False)
-      calls['train_step_ms'][name] = functools.partial(train_step, state, batch)
-  result: dict[str, Any] = {'batch_size': int(np.shape(batch['label'])[0])}
-  for kind, fns in calls.items():
-    if not fns:
-      continue
-    times = {name: [] for name in fns}
-    for rep in range(reps + 2):
-      for name, fn in fns.items():
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        if rep >= 2:
-          times[name].append(time.perf_counter() - start)
-    result[kind] = {name: 1e3 * statistics.median(t) for name, t in times.items()}
-  return result
-
-
 def _validate(prune_config: ml_collections.ConfigDict) -> None:
   if prune_config.method not in METHODS:
     raise ValueError(f'Unknown prune.method {prune_config.method!r}; choose from {METHODS}.')
   if prune_config.selection not in selection.SELECTIONS:
     raise ValueError(f'Unknown prune.selection {prune_config.selection!r}; choose from '
-                     f'{selection.SELECTIONS}.')
+                     f'{tuple(selection.SELECTIONS)}.')
   if int(prune_config.iterations) < 1:
     raise ValueError(f'prune.iterations must be >= 1, got {prune_config.iterations}.')
   if int(prune_config.finetune_epochs) < 0:
     raise ValueError(f'prune.finetune_epochs must be >= 0, got {prune_config.finetune_epochs}.')
+  if prune_config.selection == 'latency':
+    if prune_config.latency_target not in latency.TARGETS:
+      raise ValueError(f'Unknown prune.latency_target {prune_config.latency_target!r}; '
+                       f'choose from {latency.TARGETS}.')
+    if not float(prune_config.target_speedup) >= 1:
+      raise ValueError(f'prune.target_speedup must be >= 1 (dense / pruned latency), got '
+                       f'{prune_config.target_speedup}.')
+    if int(prune_config.latency_repeats) < 1 or int(prune_config.latency_measurements) < 1:
+      raise ValueError('prune.latency_repeats and prune.latency_measurements must be >= 1 '
+                       "with prune.selection='latency'.")
 
 
-def run_pruning(prune_config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
-                state: state_lib.TrainState,
-                scoring_batches: Iterable[Batch] | Callable[[], Iterable[Batch]],
+@dataclasses.dataclass(frozen=True)
+class LatencyTimers:
+  """Injectable timers of latency selection (None: measure with jax on this backend)."""
+
+  layer: latency.LayerTimer | None = None
+  end_to_end: latency.EndToEndTimer | None = None
+
+
+def _timing_batch(batches: list[Batch], scoring_batches: Batches) -> Batch | None:
+  if batches:
+    return batches[0]
+  return next(iter(scoring_batches() if callable(scoring_batches) else scoring_batches), None)
+
+
+def _latency_selector(target: PruningTarget, state: state_lib.TrainState,
+                      prune_config: ml_collections.ConfigDict, batch: Batch | None,
+                      timers: LatencyTimers) -> latency.LatencySelector:
+  """Latency tables and an end-to-end timer at the batch's size, calibrated on ``state``."""
+  if batch is None and (timers.layer is None or timers.end_to_end is None):
+    raise ValueError("prune.selection='latency' times the model on a training batch: pass "
+                     'scoring batches to run_pruning.')
+  mesh = target.mesh
+  devices = 1 if mesh is None else mesh.devices.size
+  batch_size = int(np.shape(batch['label'])[0]) if batch is not None else 0
+  reps = int(prune_config.latency_repeats)
+  layer_timer = timers.layer or latency.JaxLayerTimer(max(1, batch_size // devices),
+                                                      prune_config.latency_target, reps)
+  end_to_end = timers.end_to_end or latency.end_to_end_timer(
+      batch, target.preprocess, mesh, prune_config.latency_target, tx=target.tx, reps=reps)
+  return latency.build_selector(
+      target.graphdef, state, layer_timer=layer_timer, end_to_end=end_to_end,
+      compact=target.compact, cache_path=latency.cache_file(prune_config.latency_cache_dir),
+      context=f'batch={batch_size}/{devices}|{prune_config.latency_target}',
+      max_measurements=int(prune_config.latency_measurements))
+
+
+def _prune_round(target: PruningTarget, state: state_lib.TrainState,
+                 prune_config: ml_collections.ConfigDict, batches: list[Batch], *,
+                 round_index: int, seed: int, reference_macs: int,
+                 selector: latency.LatencySelector | None
+                 ) -> tuple[state_lib.TrainState, dict[str, Any]]:
+  """One (score, select, mask) round; returns the masked state and the round's record."""
+  rounds = int(prune_config.iterations)
+  ratio, reduction = selection.round_schedule(
+      round_index, rounds, float(prune_config.ratio), float(prune_config.target_mac_reduction))
+  _, speedup = selection.round_schedule(round_index, rounds, 0.0,
+                                        float(prune_config.target_speedup))
+  start = time.perf_counter()
+  scores = scorers.get_scorer(prune_config.method)(
+      target.graphdef, state, batches, target.preprocess, mesh=target.mesh,
+      norm_order=float(prune_config.norm_order), seed=seed + round_index)
+  scoring_seconds = time.perf_counter() - start
+  model = target.model(state)
+  options = selection.SelectionOptions(
+      min_channels=int(prune_config.min_channels), threshold=float(prune_config.threshold),
+      ratio=ratio, target_reduction=reduction, target_speedup=speedup,
+      reference_macs=reference_macs, latency=selector)
+  masks = selection.select(prune_config.selection, scores, masking.read_masks(model), model,
+                           options)
+  if jax.process_count() > 1:  # Every process applies process 0's choice.
+    masks = multihost_utils.broadcast_one_to_all(masks)
+  state = masking.apply_masks(target.graphdef, state, masks)
+  record = {'round': round_index, 'scoring_seconds': scoring_seconds,
+            **_counts(target.model(state))}
+  if selector is not None:
+    record['latency'] = selector.report()
+  logging.info('Pruning round %d/%d (%s, %s): %d MACs, channels %s', round_index, rounds,
+               prune_config.method, prune_config.selection, record['macs'],
+               record['channels'])
+  return state, record
+
+
+def _prune_rounds(target: PruningTarget, prune_config: ml_collections.ConfigDict,
+                  batches: list[Batch], timing_batch: Batch | None, report: dict[str, Any], *,
+                  finetune_fn: FinetuneFn | None, seed: int,
+                  timers: LatencyTimers) -> state_lib.TrainState:
+  """Every round of the schedule, fine-tuning between rounds; fills ``report``."""
+  state = target.state
+  reference_macs = selection.dense_macs(target.model())
+  rounds = int(prune_config.iterations)
+  for round_index in range(1, rounds + 1):
+    selector = None
+    if prune_config.selection == 'latency':
+      selector = _latency_selector(target, state, prune_config, timing_batch, timers)
+    state, record = _prune_round(target, state, prune_config, batches,
+                                 round_index=round_index, seed=seed,
+                                 reference_macs=reference_macs, selector=selector)
+    report['scoring_seconds'] += record['scoring_seconds']
+    report['rounds'].append(record)
+    if selector is not None:
+      report['latency'] = {**record['latency'], 'target_speedup': float(
+          prune_config.target_speedup), 'latency_target': prune_config.latency_target,
+                           'batch_size': (int(np.shape(timing_batch['label'])[0])
+                                          if timing_batch is not None else None)}
+    if (round_index < rounds and finetune_fn is not None
+        and int(prune_config.finetune_epochs) > 0):
+      start = time.perf_counter()
+      state = finetune_fn(target.graphdef, state, int(prune_config.finetune_epochs))
+      report['finetune_seconds'] += time.perf_counter() - start
+  return state
+
+
+def _compact_and_time(target: PruningTarget, state: state_lib.TrainState,
+                      prune_config: ml_collections.ConfigDict, timing_batch: Batch | None,
+                      report: dict[str, Any]) -> tuple[nnx.GraphDef, state_lib.TrainState]:
+  """Compaction (counts checked); without latency selection, masked vs compacted timing."""
+  after = _counts(target.model(state))
+  start = time.perf_counter()
+  graphdef, compacted = target.compact(target.graphdef, state)
+  report['compaction_seconds'] = time.perf_counter() - start
+  report['compacted'] = True
+  counts = _counts(state_lib.merge_model(graphdef, compacted))
+  if (counts['params'], counts['macs']) != (after['params'], after['macs']):
+    raise AssertionError(f'Compaction changed the counts: {after} -> {counts}.')
+  reps = int(prune_config.latency_repeats)
+  if prune_config.selection != 'latency' and reps > 0 and timing_batch is not None:
+    timed = latency.compare_latency(
+        {'masked': (target.graphdef, state), 'compacted': (graphdef, compacted)},
+        timing_batch, target.preprocess, target.mesh, tx=target.tx, reps=reps)
+    for kind in ('inference_ms', 'train_step_ms'):
+      if kind in timed:
+        timed[kind.replace('_ms', '_speedup')] = (timed[kind]['masked']
+                                                  / timed[kind]['compacted'])
+    report['latency'] = timed
+  return graphdef, compacted
+
+
+def _positional(prune_config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
+                state: state_lib.TrainState, scoring_batches: Batches,
                 preprocess: Callable[[Any], Any], mesh: Mesh | None,
                 model_config: ml_collections.ConfigDict, num_classes: int,
-                input_shape: tuple[int, int, int], finetune_fn: FinetuneFn | None = None, *,
-                seed: int = 0, tx: optax.GradientTransformation | None = None,
-                latency_reps: int = 10
+                input_shape: tuple[int, int, int]) -> tuple[PruningTarget, Batches]:
+  return PruningTarget(graphdef, state, model_config, num_classes, tuple(input_shape),
+                       preprocess, mesh), scoring_batches
+
+
+def run_pruning(target: PruningTarget | ml_collections.ConfigDict,
+                prune_config: ml_collections.ConfigDict | Any, *positional: Any,
+                scoring_batches: Batches = (), finetune_fn: FinetuneFn | None = None,
+                seed: int = 0, timers: LatencyTimers = LatencyTimers()
                 ) -> tuple[nnx.GraphDef, state_lib.TrainState, dict[str, Any]]:
   """Prunes feature maps of a (pre-trained) model; optionally compacts it.
 
+  The positional form ``run_pruning(prune_config, graphdef, state, scoring_batches,
+  preprocess, mesh, model_config, num_classes, input_shape, ...)`` is accepted too.
+
   Args:
-    prune_config: the ``config.prune`` section (method, score_examples, norm_order,
-      selection, threshold, ratio, target_mac_reduction, min_channels, iterations,
-      finetune_epochs, compact).
-    graphdef: the model's graph definition.
-    state: the pre-trained TrainState.
+    target: the model and what is needed to rebuild and time it.
+    prune_config: the ``config.prune`` section.
     scoring_batches: training batches ``{'image', 'label'[, 'mask']}`` (an iterable or a
       callable returning one); the first ``prune.score_examples`` examples are scored, the
-      same ones in every round. Unused by ``random`` and ``l1``.
-    preprocess: uint8 images -> model input, traced inside jit.
-    mesh: device mesh with a ``'data'`` axis (None: every device).
-    model_config: the ``config.model`` section (its ``name`` names the compacted model).
-    num_classes: classifier outputs.
-    input_shape: ``(H, W, C)`` of the images.
+      same ones in every round; the first batch also times the model. Unused by ``random``
+      and ``l1`` except for timing.
     finetune_fn: ``finetune_fn(graphdef, state, epochs) -> state``, called between the rounds
       of an iterative schedule (not after the last round: the trainer then trains for
       ``config.num_epochs``).
     seed: seed of the ``random`` scorer (round i uses ``seed + i``).
-    tx: the training optimizer; with compaction, the masked and compacted training steps are
-      timed too.
-    latency_reps: with compaction, time the masked and compacted models this many times on
-      the first scoring batch (:func:`compare_latency`); 0 skips the measurement.
+    timers: injected latency timers (tests); by default layers and networks are timed.
 
   Returns:
     ``(graphdef, state, report)``: the pruned (and, with ``prune.compact``, compacted) model
-    and a JSON-serialisable report: method, selection, channels kept per layer before/after,
-    params and MACs (multiply-accumulates per example) before/after and their ratios, the
-    per-round figures, the scored example count, scoring / fine-tuning / compaction seconds,
-    the compacted ``architecture`` (model name and constructor arguments: see
-    ``compaction.build_architecture``) and, with compaction, ``latency`` (masked vs
-    compacted inference and training-step milliseconds, and their ratios).
+    and a JSON-serialisable report: method, selection, channels, params and MACs
+    before/after and their ratios, the per-round figures, the scored example count, scoring /
+    fine-tuning / compaction seconds, the compacted ``architecture`` (see
+    ``compaction.build_architecture``) and ``latency``: with latency selection the predicted
+    and measured (dense vs compacted) speed-ups, chosen widths and table statistics; else,
+    with compaction, masked vs compacted inference and training-step milliseconds.
 
   Raises:
-    ValueError: for an invalid config, an empty scoring set, or an unreachable MAC target.
+    ValueError: for an invalid config, an empty scoring set, or an unreachable target.
   """
+  if isinstance(target, ml_collections.ConfigDict):
+    prune_config, (target, scoring_batches) = target, _positional(
+        target, prune_config, *positional)
   _validate(prune_config)
-  before = _counts(state_lib.merge_model(graphdef, state))
+  before = _counts(target.model())
   report: dict[str, Any] = {
       'method': prune_config.method, 'selection': prune_config.selection,
       'iterations': int(prune_config.iterations), 'min_channels': int(prune_config.min_channels),
@@ -200,68 +323,25 @@ def run_pruning(prune_config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   if prune_config.method == 'none':
     report.update(channels_after=before['channels'], params_after=before['params'],
                   macs_after=before['macs'], mac_reduction=1.0, param_reduction=1.0)
-    return graphdef, state, report
-
-  scorer = scorers.get_scorer(prune_config.method)
+    return target.graphdef, target.state, report
   batches: list[Batch] = []
   if prune_config.method in _DATA_METHODS:
     batches = take_scoring_batches(scoring_batches, int(prune_config.score_examples))
     report['scored_examples'] = sum(_batch_examples(b) for b in batches)
-  reference_macs = selection.dense_macs(state_lib.merge_model(graphdef, state))
-  rounds = int(prune_config.iterations)
-  for round_index in range(1, rounds + 1):
-    ratio, reduction = selection.round_schedule(
-        round_index, rounds, float(prune_config.ratio),
-        float(prune_config.target_mac_reduction))
-    start = time.perf_counter()
-    scores = scorer(graphdef, state, batches, preprocess, mesh=mesh,
-                    norm_order=float(prune_config.norm_order), seed=seed + round_index)
-    scoring_seconds = time.perf_counter() - start
-    model = state_lib.merge_model(graphdef, state)
-    masks = selection.select(
-        prune_config.selection, scores, masking.read_masks(model), model,
-        threshold=float(prune_config.threshold), ratio=ratio, target_reduction=reduction,
-        min_channels=int(prune_config.min_channels), reference_macs=reference_macs)
-    state = masking.apply_masks(graphdef, state, masks)
-    counts = _counts(state_lib.merge_model(graphdef, state))
-    report['scoring_seconds'] += scoring_seconds
-    report['rounds'].append({'round': round_index, 'scoring_seconds': scoring_seconds,
-                             **counts})
-    logging.info('Pruning round %d/%d (%s, %s): %d -> %d MACs, channels %s', round_index,
-                 rounds, prune_config.method, prune_config.selection, before['macs'],
-                 counts['macs'], counts['channels'])
-    if (round_index < rounds and finetune_fn is not None
-        and int(prune_config.finetune_epochs) > 0):
-      start = time.perf_counter()
-      state = finetune_fn(graphdef, state, int(prune_config.finetune_epochs))
-      report['finetune_seconds'] += time.perf_counter() - start
-
-  after = _counts(state_lib.merge_model(graphdef, state))
+  timing_batch = _timing_batch(batches, scoring_batches)
+  state = _prune_rounds(target, prune_config, batches, timing_batch, report,
+                        finetune_fn=finetune_fn, seed=seed, timers=timers)
+  after = _counts(target.model(state))
+  graphdef = target.graphdef
   if prune_config.compact:
-    masked = (graphdef, state)
-    start = time.perf_counter()
-    graphdef, state = compaction.compact(graphdef, state, model_config, num_classes,
-                                         input_shape)
-    report['compaction_seconds'] = time.perf_counter() - start
-    report['compacted'] = True
-    compacted = _counts(state_lib.merge_model(graphdef, state))
-    if (compacted['params'], compacted['macs']) != (after['params'], after['macs']):
-      raise AssertionError(f'Compaction changed the counts: {after} -> {compacted}.')
-    batch = batches[0] if batches else next(
-        iter(scoring_batches() if callable(scoring_batches) else scoring_batches), None)
-    if latency_reps > 0 and batch is not None:
-      latency = compare_latency({'masked': masked, 'compacted': (graphdef, state)}, batch,
-                                preprocess, mesh, tx=tx, reps=latency_reps)
-      for kind in ('inference_ms', 'train_step_ms'):
-        if kind in latency:
-          times = latency[kind]
-          latency[kind.replace('_ms', '_speedup')] = times['masked'] / times['compacted']
-      report['latency'] = latency
+    graphdef, state = _compact_and_time(target, state, prune_config, timing_batch, report)
   model = state_lib.merge_model(graphdef, state)
   report.update(
       channels_after=after['channels'], params_after=after['params'],
       macs_after=after['macs'], mac_reduction=before['macs'] / after['macs'],
       param_reduction=before['params'] / after['params'],
-      architecture={'model_name': model_config.name,
+      architecture={'model_name': target.model_config.name,
                     'constructor_kwargs': compaction.architecture_kwargs(model)})
+  if 'widths' in report.get('latency', {}):
+    report['latency']['mac_reduction'] = report['mac_reduction']
   return graphdef, state, report
