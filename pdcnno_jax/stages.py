@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pdcnno_jax.data import input_pipeline
+from pdcnno_jax.diagnostics import dead_maps
 from pdcnno_jax.init import methods as init_methods
 from pdcnno_jax.loop import context
 from pdcnno_jax.loop import evaluation
@@ -113,7 +114,12 @@ def _finetune_fn(exp: context.Experiment):
 
 
 def prune(exp: context.Experiment, state: state_lib.TrainState) -> state_lib.TrainState:
-  """Pre-train on a random subset, score, mask, optionally compact (FMP / FMPTL / l1 / random)."""
+  """Pre-train on a random subset, score, mask, optionally compact (FMP / FMPTL / l1 / random).
+
+  The dead maps of the pre-trained model are counted before scoring, and the report says how
+  many of the removed maps were dead (a criterion that removes only dead maps changes no
+  prediction).
+  """
   config = exp.config
   eval_split = exp.eval_split
   subset = pretraining_subset(exp)
@@ -121,12 +127,15 @@ def prune(exp: context.Experiment, state: state_lib.TrainState) -> state_lib.Tra
   state = _pretrain(exp, state, subset)
   pretrain_seconds = time.perf_counter() - start
   dense_eval = evaluation.evaluate(exp, state, eval_split)
+  dead_before = evaluation.dead_map_report(exp, state, label='prune')
   scoring = lambda: input_pipeline.train_batches(
       exp.dataset, global_batch_size=exp.global_batch_size, epoch=0, seed=config.seed + 2,
       sharding=sharding_lib.batch_sharded(exp.mesh))
+  target = stage.PruningTarget(exp.graphdef, state, config.model, exp.dataset.num_classes,
+                               exp.dataset.image_shape, exp.preprocess, exp.mesh,
+                               tx=exp.build_optimizer())
   graphdef, state, prune_report = stage.run_pruning(
-      config.prune, exp.graphdef, state, scoring, exp.preprocess, exp.mesh, config.model,
-      exp.dataset.num_classes, exp.dataset.image_shape, finetune_fn=_finetune_fn(exp),
+      target, config.prune, scoring_batches=scoring, finetune_fn=_finetune_fn(exp),
       seed=config.seed)
   exp.graphdef = graphdef
   state = sharding_lib.replicate(state, exp.mesh)
@@ -140,12 +149,28 @@ def prune(exp: context.Experiment, state: state_lib.TrainState) -> state_lib.Tra
       f'{eval_split}_before_pruning': dense_eval,
       f'{eval_split}_after_pruning_before_finetuning': pruned_eval,
   })
+  if dead_before is not None:
+    prune_report['dead_maps_before_scoring'] = dead_before
+    prune_report['removed_dead'] = dead_maps.removed_dead(
+        dead_before, _kept_masks(prune_report['kept_indices'], dead_before))
   exp.stage_reports['prune'] = prune_report
+  removed = prune_report.get('removed_dead', {})
   metrics_lib.log_line(
       f'[prune] {config.prune.method}: MACs {prune_report["macs_before"]} -> '
       f'{prune_report["macs_after"]}; {eval_split} accuracy {dense_eval["accuracy"]:.4f}'
-      f' -> {pruned_eval["accuracy"]:.4f} before fine-tuning.')
+      f' -> {pruned_eval["accuracy"]:.4f} before fine-tuning; removed (dead of them): '
+      + ', '.join(f'{k} {v["removed"]} ({v["removed_dead"]})' for k, v in removed.items()))
   return state
+
+
+def _kept_masks(kept_indices: dict[str, list[int]],
+                dead_before: dict[str, Any]) -> dict[str, np.ndarray]:
+  """0/1 masks over each conv layer's unpruned channels, from the kept indices."""
+  masks = {}
+  for name, layer in dead_before['layers'].items():
+    masks[name] = np.zeros(layer['channels'], np.int8)
+    masks[name][kept_indices[name]] = 1
+  return masks
 
 
 def run_stages(exp: context.Experiment, state: state_lib.TrainState, tx, checkpointer):

@@ -264,24 +264,11 @@ def _compact_and_time(target: PruningTarget, state: state_lib.TrainState,
   return graphdef, compacted
 
 
-def _positional(prune_config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
-                state: state_lib.TrainState, scoring_batches: Batches,
-                preprocess: Callable[[Any], Any], mesh: Mesh | None,
-                model_config: ml_collections.ConfigDict, num_classes: int,
-                input_shape: tuple[int, int, int]) -> tuple[PruningTarget, Batches]:
-  return PruningTarget(graphdef, state, model_config, num_classes, tuple(input_shape),
-                       preprocess, mesh), scoring_batches
-
-
-def run_pruning(target: PruningTarget | ml_collections.ConfigDict,
-                prune_config: ml_collections.ConfigDict | Any, *positional: Any,
+def run_pruning(target: PruningTarget, prune_config: ml_collections.ConfigDict, *,
                 scoring_batches: Batches = (), finetune_fn: FinetuneFn | None = None,
                 seed: int = 0, timers: LatencyTimers = LatencyTimers()
                 ) -> tuple[nnx.GraphDef, state_lib.TrainState, dict[str, Any]]:
   """Prunes feature maps of a (pre-trained) model; optionally compacts it.
-
-  The positional form ``run_pruning(prune_config, graphdef, state, scoring_batches,
-  preprocess, mesh, model_config, num_classes, input_shape, ...)`` is accepted too.
 
   Args:
     target: the model and what is needed to rebuild and time it.
@@ -300,7 +287,8 @@ def run_pruning(target: PruningTarget | ml_collections.ConfigDict,
     ``(graphdef, state, report)``: the pruned (and, with ``prune.compact``, compacted) model
     and a JSON-serialisable report: method, selection, channels, params and MACs
     before/after and their ratios, the per-round figures, the scored example count, scoring /
-    fine-tuning / compaction seconds, the compacted ``architecture`` (see
+    fine-tuning / compaction seconds, ``kept_indices`` (per layer, indices of the kept channels
+    in the unpruned layer), the compacted ``architecture`` (see
     ``compaction.build_architecture``) and ``latency``: with latency selection the predicted
     and measured (dense vs compacted) speed-ups, chosen widths and table statistics; else,
     with compaction, masked vs compacted inference and training-step milliseconds.
@@ -308,9 +296,6 @@ def run_pruning(target: PruningTarget | ml_collections.ConfigDict,
   Raises:
     ValueError: for an invalid config, an empty scoring set, or an unreachable target.
   """
-  if isinstance(target, ml_collections.ConfigDict):
-    prune_config, (target, scoring_batches) = target, _positional(
-        target, prune_config, *positional)
   _validate(prune_config)
   before = _counts(target.model())
   report: dict[str, Any] = {
@@ -332,6 +317,8 @@ def run_pruning(target: PruningTarget | ml_collections.ConfigDict,
   state = _prune_rounds(target, prune_config, batches, timing_batch, report,
                         finetune_fn=finetune_fn, seed=seed, timers=timers)
   after = _counts(target.model(state))
+  report['kept_indices'] = {name: np.flatnonzero(mask).tolist() for name, mask in
+                            masking.read_masks(target.model(state)).items()}
   graphdef = target.graphdef
   if prune_config.compact:
     graphdef, state = _compact_and_time(target, state, prune_config, timing_batch, report)
