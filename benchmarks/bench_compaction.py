@@ -26,11 +26,11 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 
+from pdcnno_jax import testing
 from pdcnno_jax.models import counting, factory
 from pdcnno_jax.pruning import compaction, latency, masking, scorers, selection
 from pdcnno_jax.train import sharding, steps
@@ -106,7 +106,7 @@ def alternate(fns, reps, warmup=0):
 
 
 def bench_vgg_training(mesh):
-  config = ml_collections.ConfigDict({'name': _VGG.value, 'width_multiplier': _VGG_WIDTH.value})
+  config = testing.section('model', name=_VGG.value, width_multiplier=_VGG_WIDTH.value)
   input_shape = (32, 32, 3)
   tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.01, momentum=0.9))
   (graphdef, state), (c_graphdef, c_state) = prune_and_compact(
@@ -141,7 +141,7 @@ def bench_vgg_training(mesh):
 
 
 def bench_lenet_inference(mesh, how):
-  config = ml_collections.ConfigDict({'name': 'lenet5_caffe', 'width_multiplier': 1.0})
+  config = testing.section('model', name='lenet5_caffe', width_multiplier=1.0)
   input_shape = (28, 28, 1)
   ratio = 'auto' if how == 'uniform' else None
   (graphdef, state), (c_graphdef, c_state) = prune_and_compact(

@@ -21,11 +21,11 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 from jax import lax
 
+from pdcnno_jax import testing
 from pdcnno_jax.models import factory
 from pdcnno_jax.optim import cgmse
 from pdcnno_jax.train import sharding, state as state_lib, steps
@@ -36,8 +36,8 @@ _REPS = flags.DEFINE_integer('reps', 5, 'Timed repetitions after one warm-up cal
 
 
 def _model(use_lax: bool) -> nnx.Module:
-  config = ml_collections.ConfigDict(dict(name=_MODEL.value, width_multiplier=1.0,
-                                          batch_norm=False))
+  config = testing.section('model', name=_MODEL.value, width_multiplier=1.0,
+                           batch_norm=False)
   shape = (32, 32, 3) if _MODEL.value.startswith(('resnet', 'vgg')) else (28, 28, 1)
   model = factory.build_model(config, num_classes=10, input_shape=shape, rngs=nnx.Rngs(0))
   if use_lax:

@@ -18,10 +18,10 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
+from pdcnno_jax import testing
 from pdcnno_jax.models import counting, factory
 from pdcnno_jax.pruning import latency
 
@@ -57,8 +57,8 @@ def main(argv):
     layer_row(f'conv2 5x5, 12x12x{c_in} -> C_out', (12, 12, c_in), (4, 7, 8, 16, 32, 50),
               lambda w, c_in=c_in: (5, 5, c_in, w))
 
-  config = ml_collections.ConfigDict(dict(name='lenet5_caffe', width_multiplier=1.0,
-                                          batch_norm=False))
+  config = testing.section('model', name='lenet5_caffe', width_multiplier=1.0,
+                           batch_norm=False)
   models = {}
   for pair in _PAIRS:
     model = factory.build_model(config, num_classes=10, input_shape=(28, 28, 1),

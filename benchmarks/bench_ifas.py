@@ -39,12 +39,12 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 
 from configs import default as default_config
+from pdcnno_jax import testing
 from pdcnno_jax.init import ifas, lsuv
 from pdcnno_jax.models import factory
 from pdcnno_jax.train import sharding as sharding_lib
@@ -118,8 +118,8 @@ def epoch_batches(data: Data, batch_size: int, seed: int, epoch: int):
 @functools.lru_cache(maxsize=None)
 def _builder(model_name: str, width: float):
   """A jitted model constructor (one compilation for every seed)."""
-  model_config = ml_collections.ConfigDict(dict(
-      name=model_name, width_multiplier=width, batch_norm=False, dropout_rate=0.0))
+  model_config = testing.section('model', name=model_name, width_multiplier=width,
+                                 batch_norm=False, dropout_rate=0.0)
   return nnx.jit(lambda key: factory.build_model(
       model_config, num_classes=10, input_shape=(28, 28, 1), rngs=nnx.Rngs(key)))
 

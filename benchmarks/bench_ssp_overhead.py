@@ -47,12 +47,12 @@ def _param_delta(name, width, input_shape):
   """A float32 tree shaped like the model's params, filled like an SGD delta."""
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax import testing  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.models import factory  # pylint: disable=g-import-not-at-top
 
-  config = ml_collections.ConfigDict(dict(
-      name=name, width_multiplier=width, batch_norm=False, dropout_rate=0.0))
+  config = testing.section('model', name=name, width_multiplier=width, batch_norm=False,
+                           dropout_rate=0.0)
   model = factory.build_model(config, num_classes=10, input_shape=input_shape,
                               rngs=nnx.Rngs(0))
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))

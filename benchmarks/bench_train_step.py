@@ -21,11 +21,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 
+from pdcnno_jax import testing
 from pdcnno_jax.models import factory
 from pdcnno_jax.train import sharding as sharding_lib
 from pdcnno_jax.train import state as state_lib
@@ -39,7 +39,7 @@ def _preprocess(images):
 
 
 def _model(seed=0):
-  config = ml_collections.ConfigDict(dict(name='lenet5', width_multiplier=1.0))
+  config = testing.section('model', name='lenet5', width_multiplier=1.0)
   return factory.build_model(config, num_classes=10, input_shape=(28, 28, 1),
                              rngs=nnx.Rngs(seed))
 

@@ -113,6 +113,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'prune.iterations': _int_at_least(1),
     'prune.finetune_epochs': _int_at_least(0),
     'prune.compact': _BOOL,
+    'prune.target_speedup': _number(1.0),
+    'prune.latency_repeats': _int_at_least(0),
+    'prune.latency_measurements': _int_at_least(1),
     'parallel.straggler_probability': _number(0.0, 1.0),
     'parallel.straggler_factor': _number(1.0),
     'parallel.num_blocks': _int_at_least(1),
@@ -140,7 +143,7 @@ def choices() -> dict[str, tuple[str, ...]]:
   from pdcnno_jax.optim import factory as optim_factory
   from pdcnno_jax.parallel import balancers
   from pdcnno_jax.parallel.ssp import training as ssp_training
-  from pdcnno_jax.pruning import selection, stage
+  from pdcnno_jax.pruning import latency, selection, stage
   # pylint: enable=g-import-not-at-top
   found = {
       'data.name': tuple(datasets.SUPPORTED_DATASETS),
@@ -150,6 +153,7 @@ def choices() -> dict[str, tuple[str, ...]]:
       'init.search_space': tuple(init_methods.SEARCH_SPACES),
       'prune.method': tuple(stage.METHODS),
       'prune.selection': tuple(selection.SELECTIONS),
+      'prune.latency_target': tuple(latency.TARGETS),
       'parallel.balancer': tuple(balancers.BALANCERS),
       'parallel.ssp_batch_balancer': tuple(ssp_training.BATCH_BALANCERS),
       'parallel.mode': tuple(modes.MODES),

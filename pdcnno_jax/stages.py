@@ -150,7 +150,7 @@ def prune(exp: context.Experiment, state: state_lib.TrainState) -> state_lib.Tra
       f'{eval_split}_after_pruning_before_finetuning': pruned_eval,
   })
   if dead_before is not None:
-    prune_report['dead_maps_before_scoring'] = dead_before
+    prune_report['dead_maps_before'] = dead_before
     prune_report['removed_dead'] = dead_maps.removed_dead(
         dead_before, _kept_masks(prune_report['kept_indices'], dead_before))
   exp.stage_reports['prune'] = prune_report

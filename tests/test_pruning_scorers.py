@@ -8,6 +8,7 @@ import optax
 import pytest
 from flax import nnx
 
+from pdcnno_jax import testing
 from pdcnno_jax.models import factory, layers
 from pdcnno_jax.pruning import masking, scorers
 from pdcnno_jax.testing import random_model as build_model
@@ -309,7 +310,7 @@ def test_only_prunable_layers_are_scored():
   graphdef, state = _lenet()
   for scorer in (scorers.l1, scorers.random):  # fmp / fmptl: see the reference tests.
     assert set(scorer(graphdef, state)) == {'conv1', 'conv2'}  # Not the fc layers.
-  config = ml_collections.ConfigDict({'name': 'resnet20', 'width_multiplier': 0.25})
+  config = testing.section('model', name='resnet20', width_multiplier=0.25)
   resnet = nnx.eval_shape(lambda: factory.build_model(
       config, num_classes=10, input_shape=(32, 32, 3), rngs=nnx.Rngs(0)))
   # Not the stem, the residual stream (conv2, shortcut) or the classifier.

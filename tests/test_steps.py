@@ -2,7 +2,6 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -17,7 +16,7 @@ def _preprocess(images):
 
 
 def _setup(name, shape, devices):
-  config = ml_collections.ConfigDict(dict(name=name, width_multiplier=0.25, batch_norm=True))
+  config = testing.section('model', name=name, width_multiplier=0.25, batch_norm=True)
   model = factory.build_model(config, num_classes=10, input_shape=shape, rngs=nnx.Rngs(0))
   tx = optax.sgd(0.1, momentum=0.9)
   graphdef, state = state_lib.create_train_state(model, tx)

@@ -8,6 +8,7 @@ import ml_collections
 
 from pdcnno_jax.diagnostics import collapse
 from pdcnno_jax.loop import context
+from pdcnno_jax.optim import factory as optim_factory
 
 
 class DivergedError(FloatingPointError):
@@ -72,5 +73,5 @@ class CollapseWatch:
 
 
 def warmup_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
-  """Steps of the learning-rate warm-up (as `optim.factory` builds it)."""
-  return int(round(config.optimizer.warmup_epochs * steps_per_epoch))
+  """Steps of the learning-rate warm-up, as `optim.factory` builds the schedule."""
+  return optim_factory.warmup_steps(config.optimizer, steps_per_epoch)

@@ -24,6 +24,7 @@ import optax
 OPTIMIZER_NAMES = ('cgmse', 'lbfgs', 'momentum')
 SCHEDULES = ('constant', 'cosine')
 # Aliases whose signature already has a weight-decay argument.
+_LINE_SEARCH = ('cgmse', 'lbfgs')  # Step sizes from a line search: no schedule.
 _DECOUPLED_DECAY = ('adamw', 'lamb', 'lion', 'adafactor')
 
 
@@ -36,7 +37,7 @@ def learning_rate_schedule(opt_config: ml_collections.ConfigDict, *, total_steps
                            steps_per_epoch: int) -> optax.Schedule:
   """Linear warm-up then constant or cosine decay of ``opt_config.learning_rate``."""
   base = opt_config.learning_rate
-  warmup = int(round(opt_config.warmup_epochs * steps_per_epoch))
+  warmup = warmup_steps(opt_config, steps_per_epoch)
   name = opt_config.schedule
   if name == 'constant':
     main = optax.constant_schedule(base)
@@ -47,6 +48,13 @@ def learning_rate_schedule(opt_config: ml_collections.ConfigDict, *, total_steps
   if warmup <= 0:
     return main
   return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), main], [warmup])
+
+
+def warmup_steps(opt_config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """Steps of the linear learning-rate warm-up; 0 for line-search optimizers (no schedule)."""
+  if opt_config.name in _LINE_SEARCH:
+    return 0
+  return int(round(opt_config.warmup_epochs * steps_per_epoch))
 
 
 def build_optimizer(opt_config: ml_collections.ConfigDict, *, total_steps: int,

@@ -109,9 +109,8 @@ def _model_name(model_config: ml_collections.ConfigDict | str) -> str:
 def build_narrow_abstract(model_name: str, kwargs: Mapping[str, Any], num_classes: int,
                           input_shape: tuple[int, int, int]) -> nnx.Module:
   """The architecture ``model_name(**kwargs)`` as an abstract model (shapes only)."""
-  config = ml_collections.ConfigDict({'name': model_name})
-  return nnx.eval_shape(lambda: factory.build_model(
-      config, num_classes=num_classes, input_shape=tuple(input_shape), rngs=nnx.Rngs(0),
+  return nnx.eval_shape(lambda: factory.build_architecture(
+      model_name, num_classes=num_classes, input_shape=tuple(input_shape), rngs=nnx.Rngs(0),
       **kwargs))
 
 
@@ -271,9 +270,9 @@ def build_architecture(model_name: str, constructor_kwargs: Mapping[str, Any],
   TrainState: pass ``report['architecture']`` of :func:`stage.run_pruning`.
   """
   kwargs = _from_json(dict(constructor_kwargs))
-  return factory.build_model(
-      ml_collections.ConfigDict({'name': model_name}), num_classes=int(num_classes),
-      input_shape=tuple(input_shape), rngs=nnx.Rngs(seed), **kwargs)
+  return factory.build_architecture(
+      model_name, num_classes=int(num_classes), input_shape=tuple(input_shape),
+      rngs=nnx.Rngs(seed), **kwargs)
 
 
 def load_compacted(path: str | os.PathLike, *, seed: int = 0) -> nnx.Module:
