@@ -1,0 +1,179 @@
+"""Tests of the cluster model on cases with known answers (pure NumPy, no JAX)."""
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pdcnno_jax.parallel import balancers
+from pdcnno_jax.perfmodel import engine
+from pdcnno_jax.perfmodel import model
+from pdcnno_jax.perfmodel import predict
+
+COST = model.StepCost(per_example_s=1e-3, fixed_s=2e-3, host_s=1e-3)
+NET = model.Network(latency_s=1e-4, bandwidth_bytes_per_s=1e8)
+
+
+def test_engine_processor_sharing():
+  # Two workers of 1 s of CPU on one core finish together at 2 s; a sleeper frees the core.
+  def cpu(work):
+    yield ('cpu', work)
+
+  traces = engine.run([cpu(1.0), cpu(1.0)], [0, 0], [1.0])
+  assert [t.finish_s for t in traces] == pytest.approx([2.0, 2.0])
+
+  def sleeper():
+    yield ('sleep', 1.0)
+    yield ('cpu', 1.0)
+
+  traces = engine.run([cpu(1.0), sleeper()], [0, 0], [1.0])
+  assert [t.finish_s for t in traces] == pytest.approx([1.0, 2.0])
+
+
+def test_engine_deadlock_is_an_error():
+  def stuck():
+    yield ('until', lambda: False)
+
+  with pytest.raises(RuntimeError, match='Deadlock'):
+    engine.run([stuck()], [0], [1.0])
+
+
+@pytest.mark.parametrize('topology', model.TOPOLOGIES)
+@pytest.mark.parametrize('n', [1, 2, 5])
+def test_homogeneous_bsp_is_compute_plus_communication(topology, n):
+  network = model.Network(NET.latency_s, NET.bandwidth_bytes_per_s, topology)
+  cluster = model.Cluster((1.0,) * n, network)
+  kwargs = dict(local_batch=16, steps=7, param_bytes=4e5, overhead_s=3e-4)
+  sim = model.simulate_sync(COST, cluster, **kwargs)
+  if topology == 'ring':
+    comm = 2 * (n - 1) * (1e-4 + 4e5 / n / 1e8)
+  else:  # One server: n pushes and n pulls of 4e5 bytes through its link.
+    comm = 2 * (1e-4 + n * 4e5 / 1e8)
+  expected = 7 * (COST.host_s + COST.device_s(16) + (comm if n > 1 else 0.0) + 3e-4)
+  assert sim.wall_s == pytest.approx(expected)
+  assert model.sync_closed_form(COST, cluster, **kwargs) == pytest.approx(sim.wall_s)
+
+
+def test_ssp_s0_equals_sync_with_the_same_communication():
+  cluster = model.Cluster((1.0, 0.5, 2.0), NET,
+                          model.Stragglers((1.0, 1.0, 1.0), 0.2, 4.0, seed=3))
+  ssp = model.simulate_ssp(COST, cluster, local_batch=8, clocks=20, staleness=0,
+                           param_bytes=1e5)
+  sync = model.simulate_sync(COST, cluster, local_batch=8, steps=20, param_bytes=1e5)
+  assert ssp.wall_s == pytest.approx(sync.wall_s)
+
+
+def test_asp_without_communication_runs_at_the_fastest_pace():
+  speeds = (1.0, 0.5, 0.25)
+  cluster = model.Cluster(speeds, model.Network(0.0, 1e30))
+  result = model.simulate_ssp(COST, cluster, local_batch=8, clocks=50, staleness=None,
+                              param_bytes=0.0)
+  per_step = COST.host_s + COST.device_s(8)
+  assert result.wall_s == pytest.approx(50 * per_step / min(speeds))
+  assert result.wait_s == pytest.approx([0.0, 0.0, 0.0])
+  # The fastest worker never waits: its 50 clocks take 50 of its own steps.
+  assert result.busy_s[0] == pytest.approx(50 * per_step)
+
+
+@pytest.mark.parametrize('staleness', [0, 1, 3])
+def test_persistent_straggler_sets_the_ssp_pace(staleness):
+  # A worker 4x slower than the others: the fast ones block, so every worker ends within s
+  # clocks of it, and the job's time is the straggler's own time (the SSP bound).
+  per_step = COST.host_s + COST.device_s(8)
+  factors = (1.0, 1.0, 1.0, 4.0)
+  cluster = model.Cluster((1.0,) * 4, model.Network(0.0, 1e30), model.Stragglers(factors))
+  clocks = 40
+  result = model.simulate_ssp(COST, cluster, local_batch=8, clocks=clocks,
+                              staleness=staleness, param_bytes=0.0)
+  slow_step = COST.host_s + 4 * COST.device_s(8)
+  assert result.wall_s == pytest.approx(clocks * slow_step)
+  # The fast workers spend the difference waiting, minus at most s clocks of slack.
+  fast_wait = result.wait_s[0]
+  assert fast_wait == pytest.approx(clocks * slow_step - clocks * per_step, rel=0, abs=(
+      (staleness + 1) * slow_step + 1e-9))
+  assert fast_wait > 0
+
+
+def test_transient_stragglers_follow_slowdown_draws():
+  # Same generator and one draw per step as parallel/slowdown.py's Slowdown.next_factor.
+  strag = model.Stragglers((1.0, 2.0), 0.3, 4.0, seed=7)
+  rng = np.random.default_rng(np.random.SeedSequence([7, 1]))
+  expected = [2.0 * (4.0 if rng.random() < 0.3 else 1.0) for _ in range(50)]
+  draws = strag.draws(1)
+  assert [next(draws) for _ in range(50)] == expected
+
+
+@pytest.mark.parametrize('name', sorted(balancers.BALANCERS))
+def test_mapreduce_makespan_is_the_balancers_own_figure(name):
+  # Device work only: a worker's busy time for b blocks is b * block_time_k, so each round's
+  # simulated makespan must equal balancers.makespan(blocks, speed in blocks per second).
+  cost = model.StepCost(per_example_s=1e-3)
+  speeds = (1.0, 1.0, 0.5, 0.25)
+  cluster = model.Cluster(speeds, model.Network(0.0, 1e30))
+  result = model.simulate_mapreduce(cost, cluster, num_examples=64 * 32, num_blocks=64,
+                                    rounds_per_epoch=2, epochs=2, local_batch=16,
+                                    param_bytes=0.0, balancer=name)
+  block_speed = np.asarray(speeds) / (32 * 1e-3)  # blocks per second
+  for r in result.rounds:
+    assert r['makespan_s'] == pytest.approx(balancers.makespan(r['blocks'], block_speed))
+    assert r['map_s'] == pytest.approx(r['makespan_s'])
+  assert result.wall_s == pytest.approx(sum(r['round_s'] for r in result.rounds))
+  # From round 1 on the balancer sees the true speeds; the proportional optimum is the bar.
+  if name != 'equal':
+    best = balancers.makespan(balancers.proportional(32, balancers.WorkerStats(block_speed)),
+                              block_speed)
+    assert result.rounds[-1]['makespan_s'] <= 1.1 * best
+
+
+def test_mapreduce_reduce_is_one_transfer_per_round():
+  cluster = model.Cluster((1.0, 1.0), NET)
+  kw = dict(num_examples=1024, num_blocks=8, rounds_per_epoch=4, epochs=1, local_batch=32)
+  with_net = model.simulate_mapreduce(COST, cluster, param_bytes=1e6, overhead_s=0.01, **kw)
+  without = model.simulate_mapreduce(COST, model.Cluster((1.0, 1.0), model.Network(0.0, 1e30)),
+                                     param_bytes=0.0, **kw)
+  assert with_net.wall_s - without.wall_s == pytest.approx(
+      4 * (NET.allreduce_s(1e6, 2) + 0.01))
+
+
+def test_time_shared_cores_halve_the_speed():
+  cost = model.StepCost(per_example_s=1e-3)
+  shared = model.Cluster((1.0,) * 4, model.Network(0.0, 1e30), groups=(0, 1, 0, 1),
+                         cores=(1.0, 1.0))
+  own = model.Cluster((1.0,) * 4, model.Network(0.0, 1e30))
+  kw = dict(local_batch=8, steps=10, param_bytes=0.0)
+  assert model.simulate_sync(cost, shared, **kw).wall_s == pytest.approx(
+      2 * model.simulate_sync(cost, own, **kw).wall_s)
+
+
+def test_speedup_above_n_needs_a_heavier_baseline():
+  # Same compute per example on both sides: the speed-up never exceeds N.
+  curve = predict.speedup_curve('sync', COST, COST, speeds=lambda n: (1.0,) * n,
+                                network=NET, nodes=(1, 2, 4, 8), param_bytes=1e5,
+                                num_examples=4096, local_batch=32)
+  assert all(s <= n + 1e-9 for n, s in zip((1, 2, 4, 8), curve))
+  assert curve[0] == pytest.approx(1.0)
+  # A serial baseline twice as expensive per example (unpruned vs pruned) allows up to 2N.
+  heavy = model.StepCost(2 * COST.per_example_s, 2 * COST.fixed_s, 2 * COST.host_s)
+  curve = predict.speedup_curve('sync', heavy, COST, speeds=lambda n: (1.0,) * n,
+                                network=model.Network(0.0, 1e30), nodes=(1, 2, 4),
+                                param_bytes=0.0, num_examples=4096, local_batch=32)
+  assert curve == pytest.approx([2.0, 4.0, 8.0])
+
+
+def test_perfmodel_imports_no_jax():
+  code = ('import sys; import pdcnno_jax.perfmodel.model, pdcnno_jax.perfmodel.predict, '
+          'pdcnno_jax.perfmodel.calibration, pdcnno_jax.perfmodel.cli; '
+          'assert "jax" not in sys.modules, sorted(m for m in sys.modules if "jax" in m)')
+  subprocess.run([sys.executable, '-c', code], check=True)
+
+
+def test_bad_inputs_are_clear_errors():
+  with pytest.raises(ValueError, match='topology'):
+    model.Network(topology='mesh')
+  with pytest.raises(ValueError, match='speeds'):
+    model.Cluster(())
+  with pytest.raises(ValueError, match='slowdown factors'):
+    model.Cluster((1.0, 1.0), stragglers=model.Stragglers((1.0,)))
+  assert math.isfinite(NET.allreduce_s(1.0, 3))
