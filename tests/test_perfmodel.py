@@ -147,19 +147,22 @@ def test_time_shared_cores_halve_the_speed():
       2 * model.simulate_sync(cost, own, **kw).wall_s)
 
 
-def test_speedup_above_n_needs_a_heavier_baseline():
-  # Same compute per example on both sides: the speed-up never exceeds N.
-  curve = predict.speedup_curve('sync', COST, COST, speeds=lambda n: (1.0,) * n,
-                                network=NET, nodes=(1, 2, 4, 8), param_bytes=1e5,
-                                num_examples=4096, local_batch=32)
-  assert all(s <= n + 1e-9 for n, s in zip((1, 2, 4, 8), curve))
-  assert curve[0] == pytest.approx(1.0)
+@pytest.mark.parametrize('mode', model.MODES)
+def test_speedup_above_n_needs_a_heavier_baseline(mode):
+  nodes = (1, 2, 4, 8)
+  free = model.Network(0.0, 1e30)
+  kw = dict(speeds=lambda n: (1.0,) * n, nodes=nodes, num_examples=8192, local_batch=32,
+            balancer='proportional', staleness=2)
+  # Same model on both sides, free network: exactly N; a real network: at most N.
+  assert predict.speedup_curve(mode, COST, COST, network=free, param_bytes=0.0,
+                               **kw) == pytest.approx(nodes)
+  curve = predict.speedup_curve(mode, COST, COST, network=NET, param_bytes=1e5, **kw)
+  assert all(s <= n + 1e-9 for n, s in zip(nodes, curve))
+  assert curve[-1] < nodes[-1]
   # A serial baseline twice as expensive per example (unpruned vs pruned) allows up to 2N.
   heavy = model.StepCost(2 * COST.per_example_s, 2 * COST.fixed_s, 2 * COST.host_s)
-  curve = predict.speedup_curve('sync', heavy, COST, speeds=lambda n: (1.0,) * n,
-                                network=model.Network(0.0, 1e30), nodes=(1, 2, 4),
-                                param_bytes=0.0, num_examples=4096, local_batch=32)
-  assert curve == pytest.approx([2.0, 4.0, 8.0])
+  assert predict.speedup_curve(mode, heavy, COST, network=free, param_bytes=0.0,
+                               **kw) == pytest.approx([2 * n for n in nodes])
 
 
 def test_perfmodel_imports_no_jax():

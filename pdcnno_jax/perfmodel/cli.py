@@ -33,7 +33,8 @@ def _load() -> str:
   return '/'.join(f'{v:.2f}' for v in os.getloadavg())
 
 
-def run_jobs(specs: list[dict[str, Any]], *, data_dir: str, timeout_s: float) -> list[dict]:
+def run_jobs(specs: list[dict[str, Any]], *, data_dir: str, timeout_s: float,
+             cache_dir: str = '') -> list[dict]:
   """Runs the specs as local jobs, one per (process count, collective or SSP); results in order."""
   groups: dict[tuple[int, bool], list[dict]] = {}
   for spec in specs:
@@ -49,7 +50,8 @@ def run_jobs(specs: list[dict[str, Any]], *, data_dir: str, timeout_s: float) ->
         json.dump(group, f)
       log = io.StringIO()
       before, start = _load(), time.perf_counter()
-      args = [f'--spec={spec_path}', f'--out={out}', f'--data_dir={data_dir}']
+      args = [f'--spec={spec_path}', f'--out={out}', f'--data_dir={data_dir}',
+              f'--cache_dir={cache_dir}']
       code = launch_local.launch(processes, args + (['--recoverable'] if ssp else []),
                                  module='pdcnno_jax.perfmodel.runs', timeout_s=timeout_s,
                                  stdout=log, cores_per_process=1)
@@ -67,7 +69,8 @@ def run_jobs(specs: list[dict[str, Any]], *, data_dir: str, timeout_s: float) ->
 
 def calibrate(args) -> None:
   specs = calibration.calibration_runs(args.quick)
-  results = run_jobs(specs, data_dir=args.data_dir, timeout_s=args.timeout_s)
+  results = run_jobs(specs, data_dir=args.data_dir, timeout_s=args.timeout_s,
+                     cache_dir=os.path.abspath(os.path.join(args.workdir, 'jax_cache')))
   calib = calibration.fit(results, len(os.sched_getaffinity(0)))
   calib['runs'] = [{k: r[k] for k in ('name', 'mode', 'measured_s', 'param_bytes')}
                    for r in results]
@@ -83,7 +86,8 @@ def calibrate(args) -> None:
 def validate(args) -> float:
   calib = calibration.load(args.calibration_file)
   specs = calibration.validation_runs(args.quick)
-  results = run_jobs(specs, data_dir=args.data_dir, timeout_s=args.timeout_s)
+  results = run_jobs(specs, data_dir=args.data_dir, timeout_s=args.timeout_s,
+                     cache_dir=os.path.abspath(os.path.join(args.workdir, 'jax_cache')))
   worst = 0.0
   print(f'{"run":40s} {"predicted_s":>11s} {"measured_s":>10s} {"rel_err":>8s}')
   for spec, result in zip(specs, results):

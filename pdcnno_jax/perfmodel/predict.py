@@ -1,7 +1,8 @@
 """Speed-up curves on 1-16 nodes under the three papers' settings, pruning on and off.
 
-S(N) = T_1 / T_N, T_1 = one node (the fastest of the setting) training the same examples alone,
-with no communication; T_N from `model` with the paper's node speeds and 1 Gb/s Ethernet.
+S(N) = T_1 / T_N: T_1 = one node (the fastest of the setting) training the examples the N-node
+run trained, alone, with no communication; T_N from `model` with the paper's node speeds and
+1 Gb/s Ethernet.
 
 Settings (hardware tables of papers/):
   pdcnno       7 TaskTracker nodes, AMD Ryzen 7 + RTX 2070, 1 Gb/s (PDCNNO, "Experimental
@@ -23,6 +24,8 @@ with the same model, the same node and the same examples S(N) <= N in every mode
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
+
+import numpy as np
 
 from pdcnno_jax.perfmodel import model
 
@@ -48,23 +51,34 @@ def paper_speeds(setting: str) -> Callable[[int], tuple[float, ...]]:
 def parallel_time(mode: str, cost: model.StepCost, cluster: model.Cluster, *,
                   num_examples: int, local_batch: int, param_bytes: float, epochs: float = 1.0,
                   staleness: int | None = 3, balancer: str = 'equal', rounds_per_epoch: int = 4,
-                  blocks_per_worker: int = 16, overhead_s: float = 0.0) -> float:
-  """Simulated wall time of `epochs` over `num_examples` in `mode` on `cluster`."""
+                  blocks_per_worker: int = 16,
+                  overhead_s: float = 0.0) -> tuple[float, int]:
+  """Simulated wall time of `epochs` over `num_examples` in `mode` on `cluster`.
+
+  Returns:
+    (wall seconds, examples trained): whole local batches only, so a MapReduce block that does
+    not divide into local batches trains fewer examples than it holds.
+  """
   n = cluster.size
   steps = int(round(epochs * num_examples / (n * local_batch)))
   if mode == 'sync':
     return model.simulate_sync(cost, cluster, local_batch=local_batch, steps=steps,
-                               param_bytes=param_bytes, overhead_s=overhead_s).wall_s
+                               param_bytes=param_bytes,
+                               overhead_s=overhead_s).wall_s, steps * n * local_batch
   if mode == 'ssp':
     return model.simulate_ssp(cost, cluster, local_batch=local_batch, clocks=steps,
                               staleness=staleness, param_bytes=param_bytes,
-                              overhead_s=overhead_s).wall_s
+                              overhead_s=overhead_s).wall_s, steps * n * local_batch
   if mode == 'mapreduce':
     num_blocks = blocks_per_worker * n * rounds_per_epoch
-    return model.simulate_mapreduce(
+    result = model.simulate_mapreduce(
         cost, cluster, num_examples=num_examples, num_blocks=num_blocks,
         rounds_per_epoch=rounds_per_epoch, epochs=epochs, local_batch=local_batch,
-        param_bytes=param_bytes, balancer=balancer, overhead_s=overhead_s).wall_s
+        param_bytes=param_bytes, balancer=balancer, overhead_s=overhead_s)
+    block_size = num_examples // num_blocks
+    trained = sum(int(np.sum(np.asarray(r['blocks']) * block_size // local_batch))
+                  for r in result.rounds) * local_batch
+    return result.wall_s, trained
   raise ValueError(f'Unknown mode {mode!r}; expected one of {model.MODES}.')
 
 
@@ -88,9 +102,6 @@ def speedup_curve(mode: str, serial_cost: model.StepCost, parallel_cost: model.S
     stragglers: transient stragglers (slowdown.py process) on every node; None: none.
     **mode_options: forwarded to `parallel_time` (staleness, balancer, overhead_s, ...).
   """
-  t1 = model.serial_time(serial_cost, num_examples=num_examples,
-                         epochs=mode_options.get('epochs', 1.0), batch=local_batch,
-                         speed=max(speeds(1)))
   curve = []
   for n in nodes:
     strag = model.Stragglers((), 0.0, 1.0)
@@ -98,9 +109,12 @@ def speedup_curve(mode: str, serial_cost: model.StepCost, parallel_cost: model.S
       strag = model.Stragglers((1.0,) * n, stragglers.straggler_probability,
                                stragglers.straggler_factor, stragglers.seed)
     cluster = model.Cluster(speeds(n), network, strag)
-    curve.append(t1 / parallel_time(mode, parallel_cost, cluster, num_examples=num_examples,
-                                    local_batch=local_batch, param_bytes=param_bytes,
-                                    **mode_options))
+    tn, trained = parallel_time(mode, parallel_cost, cluster, num_examples=num_examples,
+                                local_batch=local_batch, param_bytes=param_bytes,
+                                **mode_options)
+    t1 = model.serial_time(serial_cost, num_examples=trained, epochs=1.0, batch=local_batch,
+                           speed=max(speeds(1)))
+    curve.append(t1 / tn)
   return curve
 
 

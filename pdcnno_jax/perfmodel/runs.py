@@ -59,7 +59,8 @@ def train_ssp_once(exp, config, *, workdir: str, run_id: str, dataset=None) -> d
   """Fresh model, SSP training in its own workdir and store namespace; the SSP report."""
   from pdcnno_jax.parallel.ssp import training  # pylint: disable=g-import-not-at-top
   run = dataclasses.replace(exp, config=config, workdir=workdir,
-                            dataset=dataset or exp.dataset, graphdef=None, writer=None,
+                            dataset=exp.dataset if dataset is None else dataset,
+                            graphdef=None, writer=None,
                             stage_reports={})
   tx, state = _fresh_state(run)
   _, report = training.train(run, state, tx=tx, run_id=run_id)
@@ -132,7 +133,13 @@ def main(argv=None) -> None:
   parser.add_argument('--process_id', type=int, required=True)
   parser.add_argument('--data_dir', default=os.path.join(_REPO, 'data', 'tfds'))
   parser.add_argument('--recoverable', action='store_true', help='SSP runs: recoverable runtime')
+  parser.add_argument('--cache_dir', default='',
+                      help='persistent compilation cache (runs of one shape compile once)')
   args = parser.parse_args(argv)
+  if args.cache_dir:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update('jax_compilation_cache_dir', args.cache_dir)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   from pdcnno_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
                          recoverable=args.recoverable, heartbeat_timeout_s=60)
