@@ -180,3 +180,12 @@ def test_bad_inputs_are_clear_errors():
   with pytest.raises(ValueError, match='slowdown factors'):
     model.Cluster((1.0, 1.0), stragglers=model.Stragglers((1.0,)))
   assert math.isfinite(NET.allreduce_s(1.0, 3))
+
+
+def test_superlinear_check_uses_the_cost_ratio():
+  pruned = model.StepCost(per_example_s=1e-3)
+  fits = predict.superlinear_conditions(model.StepCost(per_example_s=1.5e-3), pruned, 32)
+  assert fits['measured_cost_ratio_dense_over_pruned'] == pytest.approx(1.5)
+  assert fits['fits']  # 7 task nodes x 1.5 = 10.5 >= 9.3.
+  same = predict.superlinear_conditions(pruned, pruned, 32)
+  assert not same['fits'] and same['bound_with_pruned_parallel'] == pytest.approx(8.0)

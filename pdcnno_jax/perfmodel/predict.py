@@ -119,18 +119,22 @@ def speedup_curve(mode: str, serial_cost: model.StepCost, parallel_cost: model.S
 
 
 def superlinear_conditions(dense: model.StepCost, pruned: model.StepCost, batch: int,
-                           n: int = 8, reported: float = 9.3) -> dict[str, Any]:
+                           n: int = 8, reported: float = 9.3,
+                           task_nodes: int = 7) -> dict[str, Any]:
   """Whether a reported S(n) > n fits "unpruned serial baseline vs pruned parallel run".
 
-  S(n) <= n x efficiency x (dense cost / pruned cost) per example; the reported figure fits
-  when the measured cost ratio reaches reported / n (at efficiency 1, the most favourable).
+  S(n) <= workers x efficiency x (dense cost / pruned cost) per example; the reported figure
+  fits when the measured cost ratio reaches reported / workers (at efficiency 1, the most
+  favourable). MR-FPDCNN's 8 nodes are 1 management node and 7 task nodes, so only 7 train.
   """
   ratio = (dense.host_s + dense.device_s(batch)) / (pruned.host_s + pruned.device_s(batch))
   return {
-      'n': n, 'reported_speedup': reported, 'needed_cost_ratio': reported / n,
+      'n': n, 'task_nodes': task_nodes, 'reported_speedup': reported,
+      'needed_cost_ratio': reported / n, 'needed_cost_ratio_task_nodes': reported / task_nodes,
       'measured_cost_ratio_dense_over_pruned': ratio,
       'bound_with_pruned_parallel': n * ratio,
-      'fits': bool(n * ratio >= reported),
+      'bound_with_pruned_parallel_task_nodes': task_nodes * ratio,
+      'fits': bool(task_nodes * ratio >= reported),
       'conditions': [
           'serial baseline unpruned, parallel run pruned: S(n) <= n x cost_dense / cost_pruned',
           'serial baseline on a slower node than the parallel nodes: S(n) <= n x v_fast / v_base',
@@ -138,5 +142,7 @@ def superlinear_conditions(dense: model.StepCost, pruned: model.StepCost, batch:
           "node's 1/n share fits: not modelled (no measured spill cost)",
           'time to a target accuracy when the parallel run needs fewer epochs: not a speed '
           'effect; not modelled',
+          'same model, same node type, same examples (T_s = the algorithm run serially, as '
+          'both papers define it): S(n) <= n in every mode; 9.3 at 8 nodes does not fit',
       ],
   }
