@@ -97,7 +97,9 @@ def _affine(points: list[tuple[int, float]]) -> tuple[float, float]:
   b = np.array([p[0] for p in points], np.float64)
   t = np.array([p[1] for p in points], np.float64)
   per_example, fixed = np.polyfit(b, t, 1)
-  return max(float(fixed), 0.0), max(float(per_example), 1e-12)
+  if fixed < 0 or per_example <= 0:  # Noise: least squares through the origin instead.
+    return 0.0, max(float(np.dot(b, t) / np.dot(b, b)), 1e-12)
+  return float(fixed), float(per_example)
 
 
 def _step_seconds(result: dict[str, Any]) -> tuple[int, float]:
@@ -123,16 +125,36 @@ def units(result: dict[str, Any]) -> int:
   return report['clocks']
 
 
+def capacity(result: dict[str, Any], num_cores: int) -> float:
+  """Cores' worth of one core this run had: process 0's `core_share` times the processes
+  pinned with it (they probed at the same moment and split the core), at most 1."""
+  share = result.get('core_share')
+  if share is None:
+    return 1.0
+  on_core = len(range(0, result['spec']['processes'], num_cores))
+  return float(min(1.0, max(share * on_core, 1e-3)))
+
+
+def _normalised_step(result: dict[str, Any], num_cores: int) -> tuple[int, float]:
+  batch, seconds = _step_seconds(result)
+  return batch, seconds * capacity(result, num_cores)
+
+
 def fit(results: list[dict[str, Any]], num_cores: int) -> dict[str, Any]:
-  """Calibration figures from the results of `calibration_runs`."""
+  """Calibration figures from the results of `calibration_runs`.
+
+  Seconds are normalised to a whole core: a run that had a share c of its core (`capacity`)
+  counts its step and framework seconds times c; `predict_run` divides by the share of the run
+  it predicts.
+  """
   by_name = {r['name']: r for r in results}
   costs = {}
   for mode in ('sync', 'mapreduce', 'ssp'):
-    fixed, per_example = _affine([_step_seconds(by_name[f'cal_{mode}_p1_b{b}'])
+    fixed, per_example = _affine([_normalised_step(by_name[f'cal_{mode}_p1_b{b}'], num_cores)
                                   for b in (32, 128)])
     costs[mode] = {'per_example_s': per_example, 'fixed_s': fixed, 'host_s': 0.0}
-  fixed, per_example = _affine([_step_seconds(by_name[f'cal_sync_p1_b{b}_pruned'])
-                                for b in (32, 128)])
+  fixed, per_example = _affine([_normalised_step(by_name[f'cal_sync_p1_b{b}_pruned'],
+                                                 num_cores) for b in (32, 128)])
   calib = {'num_cores': num_cores, 'costs': costs,
            'pruned_sync_cost': {'per_example_s': per_example, 'fixed_s': fixed, 'host_s': 0.0},
            'param_bytes': by_name['cal_sync_p1_b128']['param_bytes'],
@@ -143,9 +165,11 @@ def fit(results: list[dict[str, Any]], num_cores: int) -> dict[str, Any]:
     for p in (1, 2, 4):
       name = f'cal_{mode}_p{p}' if p > 1 else f'cal_{mode}_p1_b128'
       result = by_name[name]
-      bare = predict_run(result['spec'], {**calib, 'overhead_s': {}}, overhead=False)
+      share = capacity(result, num_cores)
+      bare = predict_run(result['spec'], {**calib, 'overhead_s': {}}, overhead=False,
+                         capacity=share)
       calib['overhead_s'][mode][str(p)] = max(
-          (result['measured_s'] - bare) / max(units(result), 1), 0.0)
+          (result['measured_s'] - bare) / max(units(result), 1), 0.0) * share
   return calib
 
 
@@ -157,8 +181,10 @@ def cost_of(calib: dict[str, Any], mode: str) -> model.StepCost:
   return model.StepCost(**calib['costs'][mode])
 
 
-def local_cluster(spec: dict[str, Any], num_cores: int) -> model.Cluster:
-  """The cluster a local run stands for: pinned processes, slowdown.py's stragglers."""
+def local_cluster(spec: dict[str, Any], num_cores: int,
+                  share: float = 1.0) -> model.Cluster:
+  """The cluster a local run stands for: pinned processes, slowdown.py's stragglers, and
+  `share` of every core (the rest taken by other jobs on a shared machine)."""
   o = spec['overrides']
   p = spec['processes']
   spec_text = o.get('parallel.slowdown', '')
@@ -166,16 +192,25 @@ def local_cluster(spec: dict[str, Any], num_cores: int) -> model.Cluster:
   strag = model.Stragglers(factors, o.get('parallel.straggler_probability', 0.0),
                            o.get('parallel.straggler_factor', 1.0), seed=0)
   groups, cores = engine.pinned(p, num_cores)
-  return model.Cluster((1.0,) * p, LOCAL_NETWORK, strag, tuple(groups), tuple(cores))
+  return model.Cluster((1.0,) * p, LOCAL_NETWORK, strag, tuple(groups),
+                       tuple(c * share for c in cores))
 
 
-def predict_run(spec: dict[str, Any], calib: dict[str, Any], *, overhead: bool = True) -> float:
-  """The model's wall time of one local run (calibration or validation spec)."""
+def predict_run(spec: dict[str, Any], calib: dict[str, Any], *, overhead: bool = True,
+                capacity: float = 1.0) -> float:
+  """The model's wall time of one local run (calibration or validation spec).
+
+  Args:
+    spec: the run.
+    calib: `fit`'s figures.
+    overhead: add the per-mode framework constant.
+    capacity: share of each core the run had (`capacity`; 1 on a quiet machine).
+  """
   o = spec['overrides']
   p, mode = spec['processes'], spec['mode']
-  cluster = local_cluster(spec, calib['num_cores'])
+  cluster = local_cluster(spec, calib['num_cores'], capacity)
   cost = cost_of(calib, mode)
-  extra = calib['overhead_s'].get(mode, {}).get(str(p), 0.0) if overhead else 0.0
+  extra = calib['overhead_s'].get(mode, {}).get(str(p), 0.0) / capacity if overhead else 0.0
   local = o['data.batch_size'] // p
   n = spec['train_subset']
   steps = int(round(o['num_epochs'] * (n // o['data.batch_size'])))

@@ -4,6 +4,8 @@
                one core each) and writes the fitted inputs to --calibration_file.
   --validate   runs `calibration.validation_runs` and prints predicted vs measured wall time
                per run, then `max relative error: X`.
+  --from_saved re-uses the raw runs a previous --calibrate / --validate saved in --workdir
+               (calibration_runs.json, validation_runs.json) instead of running them again.
   --predict    speed-up tables (2, 4, 8, 16 nodes; 1-16 in the JSON) for each paper's setting
                and mode, pruned and dense, from the calibration; written to --predictions_file.
 
@@ -67,10 +69,23 @@ def run_jobs(specs: list[dict[str, Any]], *, data_dir: str, timeout_s: float,
   return [results[s['name']] for s in specs]
 
 
-def calibrate(args) -> None:
-  specs = calibration.calibration_runs(args.quick)
+def _results(args, phase: str, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Runs the specs, or with --from_saved reads the results a previous run saved."""
+  path = os.path.join(args.workdir, f'{phase}_runs.json')
+  if args.from_saved:
+    with open(path) as f:
+      return json.load(f)
   results = run_jobs(specs, data_dir=args.data_dir, timeout_s=args.timeout_s,
                      cache_dir=os.path.abspath(os.path.join(args.workdir, 'jax_cache')))
+  os.makedirs(args.workdir, exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(results, f)
+  return results
+
+
+def calibrate(args) -> None:
+  specs = calibration.calibration_runs(args.quick)
+  results = _results(args, 'calibration', specs)
   calib = calibration.fit(results, len(os.sched_getaffinity(0)))
   calib['runs'] = [{k: r[k] for k in ('name', 'mode', 'measured_s', 'param_bytes')}
                    for r in results]
@@ -86,15 +101,18 @@ def calibrate(args) -> None:
 def validate(args) -> float:
   calib = calibration.load(args.calibration_file)
   specs = calibration.validation_runs(args.quick)
-  results = run_jobs(specs, data_dir=args.data_dir, timeout_s=args.timeout_s,
-                     cache_dir=os.path.abspath(os.path.join(args.workdir, 'jax_cache')))
+  results = _results(args, 'validation', specs)
   worst = 0.0
-  print(f'{"run":40s} {"predicted_s":>11s} {"measured_s":>10s} {"rel_err":>8s}')
-  for spec, result in zip(specs, results):
-    predicted = calibration.predict_run(spec, calib)
+  print(f'{"run":40s} {"predicted_s":>11s} {"measured_s":>10s} {"rel_err":>8s} '
+        f'{"core_share":>10s}')
+  for result in results:
+    spec = result['spec']
+    share = calibration.capacity(result, calib['num_cores'])
+    predicted = calibration.predict_run(spec, calib, capacity=share)
     error = abs(predicted - result['measured_s']) / result['measured_s']
     worst = max(worst, error)
-    print(f'{spec["name"]:40s} {predicted:11.2f} {result["measured_s"]:10.2f} {error:8.3f}')
+    print(f'{spec["name"]:40s} {predicted:11.2f} {result["measured_s"]:10.2f} {error:8.3f} '
+          f'{share:10.2f}')
   print(f'framework constants (calibrated, per step or round): {calib["overhead_s"]}')
   print(f'max relative error: {worst:.3f}')
   return worst
@@ -162,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help='default: <workdir>/predictions.json')
   parser.add_argument('--data_dir', default=os.path.join('data', 'tfds'))
   parser.add_argument('--timeout_s', type=float, default=1800)
+  parser.add_argument('--from_saved', action='store_true',
+                      help='refit / re-predict from the runs a previous call saved in --workdir')
   args = parser.parse_args(argv)
   if not (args.calibrate or args.validate or args.predict):
     parser.error('give at least one of --calibrate, --validate, --predict')

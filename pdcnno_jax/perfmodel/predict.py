@@ -1,7 +1,7 @@
 """Speed-up curves on 1-16 nodes under the three papers' settings, pruning on and off.
 
-S(N) = T_1 / T_N: T_1 = one node (the fastest of the setting) training the examples the N-node
-run trained, alone, with no communication; T_N from `model` with the paper's node speeds and
+S(N) = T_1 / T_N: T_1 = one node (the first of the setting's table) training the examples the
+N-node run trained, alone, with no communication; T_N from `model` with the paper's node speeds and
 1 Gb/s Ethernet.
 
 Settings (hardware tables of papers/):
@@ -93,7 +93,7 @@ def speedup_curve(mode: str, serial_cost: model.StepCost, parallel_cost: model.S
     mode: 'sync', 'mapreduce' or 'ssp'.
     serial_cost: step cost of the single-node baseline (dense or pruned model).
     parallel_cost: step cost of the parallel run's model.
-    speeds: n -> the speeds of n nodes; T_1 runs on the fastest of speeds(1).
+    speeds: n -> the speeds of n nodes; T_1 runs on the node of speeds(1).
     network: links between nodes.
     nodes: node counts.
     param_bytes: bytes of the parallel run's parameters.
@@ -113,7 +113,7 @@ def speedup_curve(mode: str, serial_cost: model.StepCost, parallel_cost: model.S
                                 local_batch=local_batch, param_bytes=param_bytes,
                                 **mode_options)
     t1 = model.serial_time(serial_cost, num_examples=trained, epochs=1.0, batch=local_batch,
-                           speed=max(speeds(1)))
+                           speed=speeds(1)[0])
     curve.append(t1 / tn)
   return curve
 

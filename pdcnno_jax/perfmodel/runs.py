@@ -8,7 +8,8 @@ One process of a local multi-process job (`launch_local`), run as
 where runs.json lists runs {name, mode: sync | mapreduce | ssp, overrides: {config key: value},
 train_subset, conv_widths}; every run starts from a fresh model and reports its training wall
 time without compilation and evaluation (`measured_s`), its parameter bytes and the mode's
-report. `train_mapreduce_once`, `train_ssp_once` and `subset_train` are shared with
+report, and the share of its core the process got right after it (`core_share`: the machine
+may be shared). `train_mapreduce_once`, `train_ssp_once` and `subset_train` are shared with
 benchmarks/bench_mapreduce.py and bench_ssp_training.py. This module imports JAX (inside its
 functions); the rest of `perfmodel` does not.
 """
@@ -96,6 +97,19 @@ def _configure(base, overrides: dict[str, Any]):
   return config
 
 
+def core_share(seconds: float = 0.3) -> float:
+  """Share of a core this process gets now: CPU seconds of a busy loop per wall second.
+
+  On a shared machine other jobs take part of every core; the model charges its CPU work at
+  this rate. Called in every process of a job at the same moment (right after a run, which
+  ends in step), so processes pinned to one core split it between them.
+  """
+  wall, cpu = time.perf_counter(), time.process_time()
+  while time.perf_counter() - wall < seconds:
+    pass
+  return (time.process_time() - cpu) / (time.perf_counter() - wall)
+
+
 def run_one(exp, base, spec: dict[str, Any], out_dir: str) -> dict[str, Any]:
   """Runs one entry of the spec list; returns its figures."""
   config = _configure(base, spec.get('overrides', {}))
@@ -122,7 +136,8 @@ def run_one(exp, base, spec: dict[str, Any], out_dir: str) -> dict[str, Any]:
   else:
     measured = report['train_wall_s'] - spent.get('compile', 0.0) - spent.get('eval', 0.0)
   return {'name': spec['name'], 'mode': spec['mode'], 'measured_s': measured,
-          'param_bytes': _param_bytes(exp), 'report': report, 'spec': spec}
+          'core_share': core_share(), 'param_bytes': _param_bytes(exp), 'report': report,
+          'spec': spec}
 
 
 def main(argv=None) -> None:
