@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pdcnno_jax.parallel import balancers
+from pdcnno_jax.perfmodel import calibration
 from pdcnno_jax.perfmodel import engine
 from pdcnno_jax.perfmodel import model
 from pdcnno_jax.perfmodel import predict
@@ -189,3 +190,48 @@ def test_superlinear_check_uses_the_cost_ratio():
   assert fits['fits']  # 7 task nodes x 1.5 = 10.5 >= 9.3.
   same = predict.superlinear_conditions(pruned, pruned, 32)
   assert not same['fits'] and same['bound_with_pruned_parallel'] == pytest.approx(8.0)
+
+
+def _synthetic_results(truth, share):
+  """What calibration_runs would measure if the machine were exactly the model `truth`."""
+  results = []
+  for spec in calibration.calibration_runs(quick=True):
+    o, p = spec['overrides'], spec['processes']
+    steps = int(o['num_epochs'] * (spec['train_subset'] // o['data.batch_size']))
+    cost = model.StepCost(**(truth['pruned_sync_cost'] if spec.get('conv_widths')
+                             else truth['costs'][spec['mode']]))
+    busy = cost.device_s(o['data.batch_size'] // p) / share
+    report = {'steps': steps, 'clocks': steps,
+              'per_worker': [{'busy_s': steps * busy, 'steps': steps}]}
+    if spec['mode'] == 'mapreduce':
+      rounds = int(o['num_epochs'] * o['parallel.rounds_per_epoch'])
+      report['rounds'] = [{'busy_s': [busy * steps / rounds], 'steps': [steps / rounds]}
+                          for _ in range(rounds)]
+    if spec.get('conv_widths'):
+      measured = steps * busy
+    else:
+      measured = calibration.predict_run(spec, truth, capacity=share)
+    results.append({'name': spec['name'], 'mode': spec['mode'], 'spec': spec,
+                    'measured_s': measured, 'report': report, 'param_bytes': 1000,
+                    # Process 0's probe: the processes pinned to its core split the share.
+                    'core_share': share / len(range(0, p, 2))})
+  return results
+
+
+@pytest.mark.parametrize('share', [1.0, 0.5])
+def test_calibration_fit_recovers_the_model_it_was_measured_on(share):
+  cost = {'per_example_s': 4e-4, 'fixed_s': 5e-3, 'host_s': 0.0}
+  truth = {'num_cores': 2, 'costs': {m: cost for m in model.MODES},
+           'pruned_sync_cost': {'per_example_s': 2e-4, 'fixed_s': 3e-3, 'host_s': 0.0},
+           'overhead_s': {m: {'1': 0.0, '2': 0.01, '4': 0.03} for m in model.MODES}}
+  calib = calibration.fit(_synthetic_results(truth, share), num_cores=2)
+  for mode in model.MODES:
+    assert calib['costs'][mode]['per_example_s'] == pytest.approx(4e-4)
+    assert calib['costs'][mode]['fixed_s'] == pytest.approx(5e-3)
+    for p in ('2', '4'):
+      assert calib['overhead_s'][mode][p] == pytest.approx(truth['overhead_s'][mode][p],
+                                                           abs=1e-9)
+  assert calib['pruned_sync_cost']['per_example_s'] == pytest.approx(2e-4)
+  for spec in calibration.validation_runs(quick=True):
+    assert calibration.predict_run(spec, calib, capacity=share) == pytest.approx(
+        calibration.predict_run(spec, truth, capacity=share))
