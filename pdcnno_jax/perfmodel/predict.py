@@ -13,7 +13,9 @@ Settings (hardware tables of papers/):
                Ethernet, one of the first and three of the second in the scalability test;
                relative speed = cores x GHz (1 : 1.65, an assumption: the paper gives no
                throughput); parameter server; SSP with s = 3 and synchronous data parallel.
-Beyond the papers' node counts the table repeats (more of the same nodes).
+Beyond the papers' node counts the table repeats (more of the same nodes). Every setting uses
+the 'ps' topology: Hadoop's Reduce gathers every Map's weights at one reducer and sends the
+result back, and the delay-synchronisation paper uses one parameter server.
 
 When S(N) > N can occur (`superlinear_conditions`): only if T_1 does more work per example
 than a parallel node, e.g. an unpruned serial baseline against a pruned parallel run (bound
@@ -30,9 +32,9 @@ import numpy as np
 from pdcnno_jax.perfmodel import model
 
 SETTINGS: dict[str, dict[str, Any]] = {
-    'pdcnno': dict(table=(1.0,) * 7, topology='ring', modes=('mapreduce', 'sync'),
+    'pdcnno': dict(table=(1.0,) * 7, topology='ps', modes=('mapreduce', 'sync'),
                    balancer='lbrla', hardware='7 x (Ryzen 7, RTX 2070), 1 Gb/s'),
-    'mr_fpdcnn': dict(table=(1.0,) * 7, topology='ring', modes=('mapreduce', 'sync'),
+    'mr_fpdcnn': dict(table=(1.0,) * 7, topology='ps', modes=('mapreduce', 'sync'),
                       balancer='dlbpce', hardware='7 x (Ryzen 9, RTX 2080 Ti), 1 Gb/s'),
     'delay_sync': dict(table=(1.0, 32 * 2.6 / (24 * 2.1), 32 * 2.6 / (24 * 2.1),
                               32 * 2.6 / (24 * 2.1)), topology='ps', modes=('ssp', 'sync'),
