@@ -19,8 +19,8 @@ import io
 import json
 import os
 import sys
-import tempfile
 import time
+import zlib
 from typing import Any, Sequence
 
 from pdcnno_jax import launch_local
@@ -36,18 +36,26 @@ def _load() -> str:
 
 
 def run_jobs(specs: list[dict[str, Any]], *, data_dir: str, timeout_s: float,
-             cache_dir: str = '') -> list[dict]:
-  """Runs the specs as local jobs, one per (process count, collective or SSP); results in order."""
+             jobs_dir: str, cache_dir: str = '') -> list[dict]:
+  """Runs the specs as local jobs, one per (process count, collective or SSP); results in order.
+
+  Each job's results go to `jobs_dir`; a job whose results are already there (all of its runs)
+  is not run again, so a job that fails does not cost the ones before it.
+  """
   groups: dict[tuple[int, bool], list[dict]] = {}
   for spec in specs:
     groups.setdefault((spec['processes'], spec['mode'] == 'ssp'), []).append(spec)
   results = {}
-  env_path = os.pathsep.join(p for p in (_REPO, os.environ.get('PYTHONPATH')) if p)
-  os.environ['PYTHONPATH'] = env_path
-  with tempfile.TemporaryDirectory() as tmp:
-    for (processes, ssp), group in sorted(groups.items()):
-      spec_path = os.path.join(tmp, f'spec_{processes}_{int(ssp)}.json')
-      out = os.path.join(tmp, f'out_{processes}_{int(ssp)}.json')
+  os.environ['PYTHONPATH'] = os.pathsep.join(
+      p for p in (_REPO, os.environ.get('PYTHONPATH')) if p)
+  os.makedirs(jobs_dir, exist_ok=True)
+  for (processes, ssp), group in sorted(groups.items()):
+    names = [s['name'] for s in group]
+    tag = f'{processes}_{"ssp" if ssp else "collective"}_{zlib.crc32(",".join(names).encode())}'
+    spec_path = os.path.join(jobs_dir, f'spec_{tag}.json')
+    out = os.path.join(jobs_dir, f'out_{tag}.json')
+    done = _read(out)
+    if sorted(r['name'] for r in done) != sorted(names):
       with open(spec_path, 'w') as f:
         json.dump(group, f)
       log = io.StringIO()
@@ -57,16 +65,25 @@ def run_jobs(specs: list[dict[str, Any]], *, data_dir: str, timeout_s: float,
       code = launch_local.launch(processes, args + (['--recoverable'] if ssp else []),
                                  module='pdcnno_jax.perfmodel.runs', timeout_s=timeout_s,
                                  stdout=log, cores_per_process=1)
+      done = _read(out)
+      complete = sorted(r['name'] for r in done) == sorted(names)
       print(f'  job: {processes} process(es), {"SSP" if ssp else "sync/MapReduce"}, '
-            f'{len(group)} runs, {time.perf_counter() - start:.0f} s; load average {before} -> '
-            f'{_load()}', flush=True)
-      if code:
+            f'{len(group)} runs, {time.perf_counter() - start:.0f} s, exit {code}; load average '
+            f'{before} -> {_load()}', flush=True)
+      if not complete:
         sys.stdout.write(log.getvalue()[-6000:])
-        raise SystemExit(f'Job with {processes} processes failed (exit {code}).')
-      with open(out) as f:
-        for result in json.load(f):
-          results[result['name']] = result
+        raise SystemExit(f'Job with {processes} processes failed (exit {code}); its runs so '
+                         f'far are in {out}.')
+    for result in done:
+      results[result['name']] = result
   return [results[s['name']] for s in specs]
+
+
+def _read(path: str) -> list[dict[str, Any]]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return json.load(f)
 
 
 def _results(args, phase: str, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -76,6 +93,7 @@ def _results(args, phase: str, specs: list[dict[str, Any]]) -> list[dict[str, An
     with open(path) as f:
       return json.load(f)
   results = run_jobs(specs, data_dir=args.data_dir, timeout_s=args.timeout_s,
+                     jobs_dir=os.path.abspath(os.path.join(args.workdir, 'jobs')),
                      cache_dir=os.path.abspath(os.path.join(args.workdir, 'jax_cache')))
   os.makedirs(args.workdir, exist_ok=True)
   with open(path, 'w') as f:

@@ -182,6 +182,9 @@ def main(argv=None) -> None:
   if args.recoverable:
     from pdcnno_jax.parallel.ssp import coordination  # pylint: disable=g-import-not-at-top
     coordination.shutdown(coordination.CoordinationStore(), timeout_s=120)
+  elif jax.process_count() > 1:  # Reach the runtime's shutdown barrier together.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices('perfmodel_runs_done')
 
 
 if __name__ == '__main__':
