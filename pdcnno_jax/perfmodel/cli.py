@@ -70,6 +70,8 @@ def run_jobs(specs: list[dict[str, Any]], *, data_dir: str, timeout_s: float,
       print(f'  job: {processes} process(es), {"SSP" if ssp else "sync/MapReduce"}, '
             f'{len(group)} runs, {time.perf_counter() - start:.0f} s, exit {code}; load average '
             f'{before} -> {_load()}', flush=True)
+      with open(os.path.join(jobs_dir, f'log_{tag}.txt'), 'w') as f:
+        f.write(log.getvalue())
       if not complete:
         sys.stdout.write(log.getvalue()[-6000:])
         raise SystemExit(f'Job with {processes} processes failed (exit {code}); its runs so '
