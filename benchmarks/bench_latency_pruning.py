@@ -46,7 +46,7 @@ from pdcnno_jax import config_lib
 from pdcnno_jax.pruning import stage
 from pdcnno_jax.testing import random_model
 from pdcnno_jax.train import state as state_lib
-from pdcnno_jax.train import trainer
+from pdcnno_jax import experiment
 
 import run_flags  # benchmarks/run_flags.py (this directory)
 
@@ -129,7 +129,7 @@ def run_lenet(root: str) -> list[dict[str, Any]]:
   rows = []
   for seed in seeds:
     for name, selection, target, run_epochs in runs:
-      report = trainer.train_and_evaluate(lenet_config(seed, selection, target, run_epochs),
+      report = experiment.train_and_evaluate(lenet_config(seed, selection, target, run_epochs),
                                           os.path.join(root, f'{name}_seed{seed}'))
       rows.append(lenet_row(name, seed, report))
       print(f'[bench] lenet {name} seed {seed}: {rows[-1]}; loadavg {os.getloadavg()}',

@@ -57,23 +57,6 @@ def _config(args):
 # --- Worker (one per process) -------------------------------------------------------------------
 
 
-def _train_once(exp, config):
-  """Fresh model, MapReduce training, test accuracy; returns the figures of the run."""
-  from pdcnno_jax.parallel import mapreduce  # pylint: disable=g-import-not-at-top
-  from pdcnno_jax.train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from pdcnno_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-  exp.config = config
-  exp.stage_reports = {}
-  tx = exp.build_optimizer()
-  exp.graphdef, state = state_lib.create_train_state(exp.build_model(), tx)
-  state = sharding_lib.replicate(state, exp.mesh)
-  start = time.perf_counter()
-  _, report = mapreduce.train(exp, state, tx=tx)
-  report['train_wall_s'] = time.perf_counter() - start
-  report['test'] = report['rounds'][-1]['test']
-  return report
-
-
 def _worker(argv):
   parser = argparse.ArgumentParser()
   for name in ('mode', 'out', 'data_dir', 'coordinator_address'):
@@ -85,6 +68,7 @@ def _worker(argv):
   from pdcnno_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
   import jax  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.perfmodel import runs  # pylint: disable=g-import-not-at-top
   from pdcnno_jax import experiment  # pylint: disable=g-import-not-at-top
 
   config = _config(args)
@@ -96,12 +80,12 @@ def _worker(argv):
       for balancer in _BALANCERS:
         run = config.copy_and_resolve_references()
         run.parallel.balancer = balancer
-        results[balancer] = _train_once(exp, run)
+        results[balancer] = runs.train_mapreduce_once(exp, run)
     else:
       config.parallel.slowdown = ''
       config.parallel.balancer = 'equal'
       exp = experiment.setup(config, workdir)
-      results['equal'] = _train_once(exp, config)
+      results['equal'] = runs.train_mapreduce_once(exp, config)
     if exp.writer:
       exp.writer.close()
   if jax.process_index() == 0:

@@ -40,7 +40,6 @@ Sequential single runs under a drifting load of 18-23 gave ratios from 0.55 to 1
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import socket
@@ -88,14 +87,6 @@ def _scenarios(curves: bool, repeats: int = 1, only: str = 'abc') -> list[tuple[
 # --- Worker (one process of the job) ------------------------------------------------------------
 
 
-def _subset(dataset, num_train: int):
-  from pdcnno_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  split = dataset.host_splits['train']
-  small = input_pipeline.HostSplit(split.images[:num_train], split.labels[:num_train])
-  return dataclasses.replace(dataset, host_splits={**dataset.host_splits, 'train': small},
-                             num_examples={**dataset.num_examples, 'train': num_train})
-
-
 def _worker(args) -> None:
   from pdcnno_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(args.coordinator_address, _NUM_WORKERS, args.process_id,
@@ -103,9 +94,7 @@ def _worker(args) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   from pdcnno_jax import config_lib  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.parallel.ssp import coordination  # pylint: disable=g-import-not-at-top
-  from pdcnno_jax.parallel.ssp import training  # pylint: disable=g-import-not-at-top
-  from pdcnno_jax.train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from pdcnno_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.perfmodel import runs  # pylint: disable=g-import-not-at-top
   from pdcnno_jax import experiment  # pylint: disable=g-import-not-at-top
 
   base = config_lib.load_config(os.path.join(_REPO, 'configs', 'ssp_lenet.py'))
@@ -122,15 +111,9 @@ def _worker(args) -> None:
     for key, value in overrides.items():
       section, _, field = key.rpartition('.')
       (config[section] if section else config)[field] = value
-    run = dataclasses.replace(exp, config=config, workdir=os.path.join(args.out_dir, name),
-                              dataset=_subset(full, subset) if subset else full,
-                              graphdef=None, writer=None, stage_reports={})
-    model = run.build_model()
-    tx = run.build_optimizer()
-    run.graphdef, state = state_lib.create_train_state(model, tx)
-    state = sharding_lib.replicate(state, run.mesh)
-    _, report = training.train(run, state, tx=tx, worker_checkpoints=False,
-                               run_id=name.replace('.', '_'))
+    report = runs.train_ssp_once(
+        exp, config, workdir=os.path.join(args.out_dir, name), run_id=name.replace('.', '_'),
+        dataset=runs.subset_train(full, subset) if subset else full)
     results[name] = report
     if jax.process_index() == 0:  # Written after every run, so a cut-short job still reports.
       with open(os.path.join(args.out_dir, 'results.json'), 'w') as f:
@@ -146,7 +129,7 @@ def _worker(args) -> None:
 
 
 def _time_to(curve, threshold):
-  from pdcnno_jax.parallel.ssp import training  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.parallel.ssp import report as ssp_report  # pylint: disable=g-import-not-at-top
   return ssp_report.time_to_accuracy(curve, threshold)
 
 

@@ -1,0 +1,239 @@
+"""Calibration and validation runs of the cluster model on this machine (pure Python).
+
+Calibration (`calibration_runs`, `fit`): per mode, the step cost on one pinned core at two
+batch sizes (affine fit: fixed + per example x batch; for MapReduce and SSP from the busy time
+the workers measure, i.e. the jitted step), for the dense and a pruned (compacted) LeNet-5,
+and one framework constant per mode and process count: the measured wall time minus the
+model's prediction without it, per step (sync, SSP: the gloo all-reduce or the coordination
+service's key-value round trips, plus the loop's host work) or per round (MapReduce: the gloo
+all-reduce of the Reduce, the all-gather of the figures and the balancer). Those runs are
+homogeneous (no slowdown, equal split, SSP with s = 0).
+
+Validation (`validation_runs`, `predict_run`) uses other conditions: other batch sizes,
+MapReduce with every balancer under slowdowns 1, 1, 2, 4, SSP with s = 0 and 3 under transient
+stragglers (p = 0.1, 4x), and compares the model's wall time with the measured one. Processes
+are pinned one core each (launch_local --cores_per_process=1): 1 and 2 processes are one and
+two real nodes; 4 processes share the 2 cores two by two, which the model simulates
+(processor sharing, `engine.pinned`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from pdcnno_jax.perfmodel import engine
+from pdcnno_jax.perfmodel import model
+
+PRUNED_WIDTHS = (3, 8)  # LeNet-5 conv widths (6, 16) with half of every layer's maps pruned.
+LOCAL_NETWORK = model.Network(latency_s=0.0, bandwidth_bytes_per_s=1e30)
+TRANSIENT = {'parallel.straggler_probability': 0.1, 'parallel.straggler_factor': 4.0}
+BALANCER_NAMES = ('equal', 'proportional', 'lbrla', 'dlbpce')
+
+
+def _sizes(quick: bool) -> dict[str, int]:
+  return {'train_subset': 8192 if quick else 32768, 'num_blocks': 32 if quick else 64}
+
+
+def _run(name, mode, processes, batch, sizes, epochs=1, **overrides):
+  spec = {'name': name, 'mode': mode, 'processes': processes,
+          'train_subset': sizes['train_subset'],
+          'overrides': {'num_epochs': epochs, 'data.batch_size': batch, **overrides}}
+  if mode == 'mapreduce':
+    spec['overrides'].update({'parallel.mode': 'mapreduce', 'parallel.num_blocks':
+                              sizes['num_blocks'], 'parallel.rounds_per_epoch': 4})
+  if mode == 'ssp':
+    spec['overrides'].setdefault('parallel.staleness', 0)
+  return spec
+
+
+def calibration_runs(quick: bool) -> list[dict[str, Any]]:
+  """The calibration runs (see the module docstring)."""
+  z = _sizes(quick)
+  runs = []
+  for mode in ('sync', 'mapreduce', 'ssp'):
+    for batch in (32, 128):
+      runs.append(_run(f'cal_{mode}_p1_b{batch}', mode, 1, batch, z))
+  for batch in (32, 128):
+    pruned = _run(f'cal_sync_p1_b{batch}_pruned', 'sync', 1, batch, z)
+    pruned['conv_widths'] = list(PRUNED_WIDTHS)
+    runs.append(pruned)
+  for p in (2, 4):
+    for mode in ('sync', 'mapreduce', 'ssp'):
+      runs.append(_run(f'cal_{mode}_p{p}', mode, p, 128, z))
+  return runs
+
+
+def validation_runs(quick: bool) -> list[dict[str, Any]]:
+  """The validation runs (see the module docstring)."""
+  z = _sizes(quick)
+  runs = [_run('val_sync_p1_b64', 'sync', 1, 64, z),
+          _run('val_mapreduce_p1_b64', 'mapreduce', 1, 64, z),
+          _run('val_ssp_p1_s0_transient', 'ssp', 1, 128, z, **TRANSIENT),
+          _run('val_sync_p2_b64', 'sync', 2, 64, z),
+          _run('val_mapreduce_p2_proportional_1_2', 'mapreduce', 2, 128, z,
+               **{'parallel.balancer': 'proportional', 'parallel.slowdown': '1,2'})]
+  for s in (0, 3):
+    runs.append(_run(f'val_ssp_p2_s{s}_transient', 'ssp', 2, 128, z,
+                     **{'parallel.staleness': s, **TRANSIENT}))
+  runs.append(_run('val_sync_p4_b256', 'sync', 4, 256, z))
+  for balancer in BALANCER_NAMES:
+    runs.append(_run(f'val_mapreduce_p4_{balancer}_1_1_2_4', 'mapreduce', 4, 128, z, epochs=2,
+                     **{'parallel.balancer': balancer, 'parallel.slowdown': '1,1,2,4'}))
+  for s in (0, 3):
+    runs.append(_run(f'val_ssp_p4_s{s}_transient', 'ssp', 4, 128, z,
+                     **{'parallel.staleness': s, **TRANSIENT}))
+  return runs
+
+
+# ----------------------------------------------------------------------------------------------
+# Fitting.
+
+
+def _affine(points: list[tuple[int, float]]) -> tuple[float, float]:
+  """(fixed, per_example) of seconds = fixed + per_example * batch through the points."""
+  b = np.array([p[0] for p in points], np.float64)
+  t = np.array([p[1] for p in points], np.float64)
+  per_example, fixed = np.polyfit(b, t, 1)
+  if fixed < 0 or per_example <= 0:  # Noise: least squares through the origin instead.
+    return 0.0, max(float(np.dot(b, t) / np.dot(b, b)), 1e-12)
+  return float(fixed), float(per_example)
+
+
+def _step_seconds(result: dict[str, Any]) -> tuple[int, float]:
+  """(local batch, seconds per step) of a single-process calibration run."""
+  spec, report = result['spec'], result['report']
+  batch = spec['overrides']['data.batch_size']
+  if result['mode'] == 'sync':
+    return batch, result['measured_s'] / report['steps']
+  if result['mode'] == 'mapreduce':
+    rounds = report['rounds']
+    return batch, sum(sum(r['busy_s']) for r in rounds) / sum(sum(r['steps']) for r in rounds)
+  row = report['per_worker'][0]
+  return batch, row['busy_s'] / max(row['steps'], 1)
+
+
+def units(result: dict[str, Any]) -> int:
+  """Steps (sync, SSP clocks) or rounds (MapReduce) the per-mode constant is charged on."""
+  report = result['report']
+  if result['mode'] == 'sync':
+    return report['steps']
+  if result['mode'] == 'mapreduce':
+    return len(report['rounds'])
+  return report['clocks']
+
+
+def capacity(result: dict[str, Any], num_cores: int) -> float:
+  """Cores' worth of one core this run had: process 0's `core_share` times the processes
+  pinned with it (they probed at the same moment and split the core), at most 1."""
+  share = result.get('core_share')
+  if share is None:
+    return 1.0
+  on_core = len(range(0, result['spec']['processes'], num_cores))
+  return float(min(1.0, max(share * on_core, 1e-3)))
+
+
+def _normalised_step(result: dict[str, Any], num_cores: int) -> tuple[int, float]:
+  batch, seconds = _step_seconds(result)
+  return batch, seconds * capacity(result, num_cores)
+
+
+def fit(results: list[dict[str, Any]], num_cores: int) -> dict[str, Any]:
+  """Calibration figures from the results of `calibration_runs`.
+
+  Seconds are normalised to a whole core: a run that had a share c of its core (`capacity`)
+  counts its step and framework seconds times c; `predict_run` divides by the share of the run
+  it predicts.
+  """
+  by_name = {r['name']: r for r in results}
+  costs = {}
+  for mode in ('sync', 'mapreduce', 'ssp'):
+    fixed, per_example = _affine([_normalised_step(by_name[f'cal_{mode}_p1_b{b}'], num_cores)
+                                  for b in (32, 128)])
+    costs[mode] = {'per_example_s': per_example, 'fixed_s': fixed, 'host_s': 0.0}
+  fixed, per_example = _affine([_normalised_step(by_name[f'cal_sync_p1_b{b}_pruned'],
+                                                 num_cores) for b in (32, 128)])
+  calib = {'num_cores': num_cores, 'costs': costs,
+           'pruned_sync_cost': {'per_example_s': per_example, 'fixed_s': fixed, 'host_s': 0.0},
+           'param_bytes': by_name['cal_sync_p1_b128']['param_bytes'],
+           'pruned_param_bytes': by_name['cal_sync_p1_b128_pruned']['param_bytes'],
+           'pruned_conv_widths': list(PRUNED_WIDTHS), 'overhead_s': {}}
+  for mode in ('sync', 'mapreduce', 'ssp'):
+    calib['overhead_s'][mode] = {}
+    for p in (1, 2, 4):
+      name = f'cal_{mode}_p{p}' if p > 1 else f'cal_{mode}_p1_b128'
+      result = by_name[name]
+      share = capacity(result, num_cores)
+      bare = predict_run(result['spec'], {**calib, 'overhead_s': {}}, overhead=False,
+                         capacity=share)
+      calib['overhead_s'][mode][str(p)] = max(
+          (result['measured_s'] - bare) / max(units(result), 1), 0.0) * share
+  return calib
+
+
+# ----------------------------------------------------------------------------------------------
+# Prediction of a local run.
+
+
+def cost_of(calib: dict[str, Any], mode: str) -> model.StepCost:
+  return model.StepCost(**calib['costs'][mode])
+
+
+def local_cluster(spec: dict[str, Any], num_cores: int,
+                  share: float = 1.0) -> model.Cluster:
+  """The cluster a local run stands for: pinned processes, slowdown.py's stragglers, and
+  `share` of every core (the rest taken by other jobs on a shared machine)."""
+  o = spec['overrides']
+  p = spec['processes']
+  spec_text = o.get('parallel.slowdown', '')
+  factors = tuple(float(f) for f in spec_text.split(',')) if spec_text else (1.0,) * p
+  strag = model.Stragglers(factors, o.get('parallel.straggler_probability', 0.0),
+                           o.get('parallel.straggler_factor', 1.0), seed=0)
+  groups, cores = engine.pinned(p, num_cores)
+  return model.Cluster((1.0,) * p, LOCAL_NETWORK, strag, tuple(groups),
+                       tuple(c * share for c in cores))
+
+
+def predict_run(spec: dict[str, Any], calib: dict[str, Any], *, overhead: bool = True,
+                capacity: float = 1.0) -> float:
+  """The model's wall time of one local run (calibration or validation spec).
+
+  Args:
+    spec: the run.
+    calib: `fit`'s figures.
+    overhead: add the per-mode framework constant.
+    capacity: share of each core the run had (`capacity`; 1 on a quiet machine).
+  """
+  o = spec['overrides']
+  p, mode = spec['processes'], spec['mode']
+  cluster = local_cluster(spec, calib['num_cores'], capacity)
+  cost = cost_of(calib, mode)
+  extra = calib['overhead_s'].get(mode, {}).get(str(p), 0.0) / capacity if overhead else 0.0
+  local = o['data.batch_size'] // p
+  n = spec['train_subset']
+  steps = int(round(o['num_epochs'] * (n // o['data.batch_size'])))
+  if mode == 'sync':
+    return model.simulate_sync(cost, cluster, local_batch=local, steps=steps, param_bytes=0.0,
+                               overhead_s=extra).wall_s
+  if mode == 'ssp':
+    staleness = o.get('parallel.staleness', 0)
+    return model.simulate_ssp(cost, cluster, local_batch=local, clocks=steps,
+                              staleness=None if staleness < 0 else staleness, param_bytes=0.0,
+                              overhead_s=extra).wall_s
+  return model.simulate_mapreduce(
+      cost, cluster, num_examples=n, num_blocks=o['parallel.num_blocks'],
+      rounds_per_epoch=o['parallel.rounds_per_epoch'], epochs=o['num_epochs'],
+      local_batch=local, param_bytes=0.0, balancer=o.get('parallel.balancer', 'equal'),
+      overhead_s=extra).wall_s
+
+
+def load(path: str) -> dict[str, Any]:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise FileNotFoundError(
+        f'No calibration at {path}; run `python -m pdcnno_jax.perfmodel --calibrate '
+        f'--calibration_file={path}` first.') from None

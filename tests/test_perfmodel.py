@@ -1,0 +1,237 @@
+"""Tests of the cluster model on cases with known answers (pure NumPy, no JAX)."""
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pdcnno_jax.parallel import balancers
+from pdcnno_jax.perfmodel import calibration
+from pdcnno_jax.perfmodel import engine
+from pdcnno_jax.perfmodel import model
+from pdcnno_jax.perfmodel import predict
+
+COST = model.StepCost(per_example_s=1e-3, fixed_s=2e-3, host_s=1e-3)
+NET = model.Network(latency_s=1e-4, bandwidth_bytes_per_s=1e8)
+
+
+def test_engine_processor_sharing():
+  # Two workers of 1 s of CPU on one core finish together at 2 s; a sleeper frees the core.
+  def cpu(work):
+    yield ('cpu', work)
+
+  traces = engine.run([cpu(1.0), cpu(1.0)], [0, 0], [1.0])
+  assert [t.finish_s for t in traces] == pytest.approx([2.0, 2.0])
+
+  def sleeper():
+    yield ('sleep', 1.0)
+    yield ('cpu', 1.0)
+
+  traces = engine.run([cpu(1.0), sleeper()], [0, 0], [1.0])
+  assert [t.finish_s for t in traces] == pytest.approx([1.0, 2.0])
+
+
+def test_engine_deadlock_is_an_error():
+  def stuck():
+    yield ('until', lambda: False)
+
+  with pytest.raises(RuntimeError, match='Deadlock'):
+    engine.run([stuck()], [0], [1.0])
+
+
+@pytest.mark.parametrize('topology', model.TOPOLOGIES)
+@pytest.mark.parametrize('n', [1, 2, 5])
+def test_homogeneous_bsp_is_compute_plus_communication(topology, n):
+  network = model.Network(NET.latency_s, NET.bandwidth_bytes_per_s, topology)
+  cluster = model.Cluster((1.0,) * n, network)
+  kwargs = dict(local_batch=16, steps=7, param_bytes=4e5, overhead_s=3e-4)
+  sim = model.simulate_sync(COST, cluster, **kwargs)
+  if topology == 'ring':
+    comm = 2 * (n - 1) * (1e-4 + 4e5 / n / 1e8)
+  else:  # One server: n pushes and n pulls of 4e5 bytes through its link.
+    comm = 2 * (1e-4 + n * 4e5 / 1e8)
+  expected = 7 * (COST.host_s + COST.device_s(16) + (comm if n > 1 else 0.0) + 3e-4)
+  assert sim.wall_s == pytest.approx(expected)
+  assert model.sync_closed_form(COST, cluster, **kwargs) == pytest.approx(sim.wall_s)
+
+
+def test_ssp_s0_equals_sync_with_the_same_communication():
+  cluster = model.Cluster((1.0, 0.5, 2.0), NET,
+                          model.Stragglers((1.0, 1.0, 1.0), 0.2, 4.0, seed=3))
+  ssp = model.simulate_ssp(COST, cluster, local_batch=8, clocks=20, staleness=0,
+                           param_bytes=1e5)
+  sync = model.simulate_sync(COST, cluster, local_batch=8, steps=20, param_bytes=1e5)
+  assert ssp.wall_s == pytest.approx(sync.wall_s)
+
+
+def test_asp_without_communication_runs_at_the_fastest_pace():
+  speeds = (1.0, 0.5, 0.25)
+  cluster = model.Cluster(speeds, model.Network(0.0, 1e30))
+  result = model.simulate_ssp(COST, cluster, local_batch=8, clocks=50, staleness=None,
+                              param_bytes=0.0)
+  per_step = COST.host_s + COST.device_s(8)
+  assert result.wall_s == pytest.approx(50 * per_step / min(speeds))
+  assert result.wait_s == pytest.approx([0.0, 0.0, 0.0])
+  # The fastest worker never waits: its 50 clocks take 50 of its own steps.
+  assert result.busy_s[0] == pytest.approx(50 * per_step)
+
+
+@pytest.mark.parametrize('staleness', [0, 1, 3])
+def test_persistent_straggler_sets_the_ssp_pace(staleness):
+  # A worker 4x slower than the others: the fast ones block, so every worker ends within s
+  # clocks of it, and the job's time is the straggler's own time (the SSP bound).
+  per_step = COST.host_s + COST.device_s(8)
+  factors = (1.0, 1.0, 1.0, 4.0)
+  cluster = model.Cluster((1.0,) * 4, model.Network(0.0, 1e30), model.Stragglers(factors))
+  clocks = 40
+  result = model.simulate_ssp(COST, cluster, local_batch=8, clocks=clocks,
+                              staleness=staleness, param_bytes=0.0)
+  slow_step = COST.host_s + 4 * COST.device_s(8)
+  assert result.wall_s == pytest.approx(clocks * slow_step)
+  # The fast workers spend the difference waiting, minus at most s clocks of slack.
+  fast_wait = result.wait_s[0]
+  assert fast_wait == pytest.approx(clocks * slow_step - clocks * per_step, rel=0, abs=(
+      (staleness + 1) * slow_step + 1e-9))
+  assert fast_wait > 0
+
+
+def test_transient_stragglers_follow_slowdown_draws():
+  # Same generator and one draw per step as parallel/slowdown.py's Slowdown.next_factor.
+  strag = model.Stragglers((1.0, 2.0), 0.3, 4.0, seed=7)
+  rng = np.random.default_rng(np.random.SeedSequence([7, 1]))
+  expected = [2.0 * (4.0 if rng.random() < 0.3 else 1.0) for _ in range(50)]
+  draws = strag.draws(1)
+  assert [next(draws) for _ in range(50)] == expected
+
+
+@pytest.mark.parametrize('name', sorted(balancers.BALANCERS))
+def test_mapreduce_makespan_is_the_balancers_own_figure(name):
+  # Device work only: a worker's busy time for b blocks is b * block_time_k, so each round's
+  # simulated makespan must equal balancers.makespan(blocks, speed in blocks per second).
+  cost = model.StepCost(per_example_s=1e-3)
+  speeds = (1.0, 1.0, 0.5, 0.25)
+  cluster = model.Cluster(speeds, model.Network(0.0, 1e30))
+  result = model.simulate_mapreduce(cost, cluster, num_examples=64 * 32, num_blocks=64,
+                                    rounds_per_epoch=2, epochs=2, local_batch=16,
+                                    param_bytes=0.0, balancer=name)
+  block_speed = np.asarray(speeds) / (32 * 1e-3)  # blocks per second
+  for r in result.rounds:
+    assert r['makespan_s'] == pytest.approx(balancers.makespan(r['blocks'], block_speed))
+    assert r['map_s'] == pytest.approx(r['makespan_s'])
+  assert result.wall_s == pytest.approx(sum(r['round_s'] for r in result.rounds))
+  # From round 1 on the balancer sees the true speeds; the proportional optimum is the bar.
+  if name != 'equal':
+    best = balancers.makespan(balancers.proportional(32, balancers.WorkerStats(block_speed)),
+                              block_speed)
+    assert result.rounds[-1]['makespan_s'] <= 1.1 * best
+
+
+def test_mapreduce_reduce_is_one_transfer_per_round():
+  cluster = model.Cluster((1.0, 1.0), NET)
+  kw = dict(num_examples=1024, num_blocks=8, rounds_per_epoch=4, epochs=1, local_batch=32)
+  with_net = model.simulate_mapreduce(COST, cluster, param_bytes=1e6, overhead_s=0.01, **kw)
+  without = model.simulate_mapreduce(COST, model.Cluster((1.0, 1.0), model.Network(0.0, 1e30)),
+                                     param_bytes=0.0, **kw)
+  assert with_net.wall_s - without.wall_s == pytest.approx(
+      4 * (NET.allreduce_s(1e6, 2) + 0.01))
+
+
+def test_time_shared_cores_halve_the_speed():
+  cost = model.StepCost(per_example_s=1e-3)
+  shared = model.Cluster((1.0,) * 4, model.Network(0.0, 1e30), groups=(0, 1, 0, 1),
+                         cores=(1.0, 1.0))
+  own = model.Cluster((1.0,) * 4, model.Network(0.0, 1e30))
+  kw = dict(local_batch=8, steps=10, param_bytes=0.0)
+  assert model.simulate_sync(cost, shared, **kw).wall_s == pytest.approx(
+      2 * model.simulate_sync(cost, own, **kw).wall_s)
+
+
+@pytest.mark.parametrize('mode', model.MODES)
+def test_speedup_above_n_needs_a_heavier_baseline(mode):
+  nodes = (1, 2, 4, 8)
+  free = model.Network(0.0, 1e30)
+  kw = dict(speeds=lambda n: (1.0,) * n, nodes=nodes, num_examples=8192, local_batch=32,
+            balancer='proportional', staleness=2)
+  # Same model on both sides, free network: exactly N; a real network: at most N.
+  assert predict.speedup_curve(mode, COST, COST, network=free, param_bytes=0.0,
+                               **kw) == pytest.approx(nodes)
+  curve = predict.speedup_curve(mode, COST, COST, network=NET, param_bytes=1e5, **kw)
+  assert all(s <= n + 1e-9 for n, s in zip(nodes, curve))
+  assert curve[-1] < nodes[-1]
+  # A serial baseline twice as expensive per example (unpruned vs pruned) allows up to 2N.
+  heavy = model.StepCost(2 * COST.per_example_s, 2 * COST.fixed_s, 2 * COST.host_s)
+  assert predict.speedup_curve(mode, heavy, COST, network=free, param_bytes=0.0,
+                               **kw) == pytest.approx([2 * n for n in nodes])
+
+
+def test_perfmodel_imports_no_jax():
+  code = ('import sys; import pdcnno_jax.perfmodel.model, pdcnno_jax.perfmodel.predict, '
+          'pdcnno_jax.perfmodel.calibration, pdcnno_jax.perfmodel.cli; '
+          'assert "jax" not in sys.modules, sorted(m for m in sys.modules if "jax" in m)')
+  subprocess.run([sys.executable, '-c', code], check=True)
+
+
+def test_bad_inputs_are_clear_errors():
+  with pytest.raises(ValueError, match='topology'):
+    model.Network(topology='mesh')
+  with pytest.raises(ValueError, match='speeds'):
+    model.Cluster(())
+  with pytest.raises(ValueError, match='slowdown factors'):
+    model.Cluster((1.0, 1.0), stragglers=model.Stragglers((1.0,)))
+  assert math.isfinite(NET.allreduce_s(1.0, 3))
+
+
+def test_superlinear_check_uses_the_cost_ratio():
+  pruned = model.StepCost(per_example_s=1e-3)
+  fits = predict.superlinear_conditions(model.StepCost(per_example_s=1.5e-3), pruned, 32)
+  assert fits['measured_cost_ratio_dense_over_pruned'] == pytest.approx(1.5)
+  assert fits['fits']  # 7 task nodes x 1.5 = 10.5 >= 9.3.
+  same = predict.superlinear_conditions(pruned, pruned, 32)
+  assert not same['fits'] and same['bound_with_pruned_parallel'] == pytest.approx(8.0)
+
+
+def _synthetic_results(truth, share):
+  """What calibration_runs would measure if the machine were exactly the model `truth`."""
+  results = []
+  for spec in calibration.calibration_runs(quick=True):
+    o, p = spec['overrides'], spec['processes']
+    steps = int(o['num_epochs'] * (spec['train_subset'] // o['data.batch_size']))
+    cost = model.StepCost(**(truth['pruned_sync_cost'] if spec.get('conv_widths')
+                             else truth['costs'][spec['mode']]))
+    busy = cost.device_s(o['data.batch_size'] // p) / share
+    report = {'steps': steps, 'clocks': steps,
+              'per_worker': [{'busy_s': steps * busy, 'steps': steps}]}
+    if spec['mode'] == 'mapreduce':
+      rounds = int(o['num_epochs'] * o['parallel.rounds_per_epoch'])
+      report['rounds'] = [{'busy_s': [busy * steps / rounds], 'steps': [steps / rounds]}
+                          for _ in range(rounds)]
+    if spec.get('conv_widths'):
+      measured = steps * busy
+    else:
+      measured = calibration.predict_run(spec, truth, capacity=share)
+    results.append({'name': spec['name'], 'mode': spec['mode'], 'spec': spec,
+                    'measured_s': measured, 'report': report, 'param_bytes': 1000,
+                    # Process 0's probe: the processes pinned to its core split the share.
+                    'core_share': share / len(range(0, p, 2))})
+  return results
+
+
+@pytest.mark.parametrize('share', [1.0, 0.5])
+def test_calibration_fit_recovers_the_model_it_was_measured_on(share):
+  cost = {'per_example_s': 4e-4, 'fixed_s': 5e-3, 'host_s': 0.0}
+  truth = {'num_cores': 2, 'costs': {m: cost for m in model.MODES},
+           'pruned_sync_cost': {'per_example_s': 2e-4, 'fixed_s': 3e-3, 'host_s': 0.0},
+           'overhead_s': {m: {'1': 0.0, '2': 0.01, '4': 0.03} for m in model.MODES}}
+  calib = calibration.fit(_synthetic_results(truth, share), num_cores=2)
+  for mode in model.MODES:
+    assert calib['costs'][mode]['per_example_s'] == pytest.approx(4e-4)
+    assert calib['costs'][mode]['fixed_s'] == pytest.approx(5e-3)
+    for p in ('2', '4'):
+      assert calib['overhead_s'][mode][p] == pytest.approx(truth['overhead_s'][mode][p],
+                                                           abs=1e-9)
+  assert calib['pruned_sync_cost']['per_example_s'] == pytest.approx(2e-4)
+  for spec in calibration.validation_runs(quick=True):
+    assert calibration.predict_run(spec, calib, capacity=share) == pytest.approx(
+        calibration.predict_run(spec, truth, capacity=share))
