@@ -136,6 +136,13 @@ def get_config() -> ml_collections.ConfigDict:
   # --- parallel (pdcnno_jax/parallel) ---
   config.parallel = ml_collections.ConfigDict()
   config.parallel.mode = 'sync'  # sync | mapreduce | ssp
+  # How MapReduce and SSP run: ray (worker actors started by the one driver process) | jax
+  # (one process per worker joined by jax.distributed, started by launch/local.py).
+  config.parallel.engine = 'jax'  # ray | jax
+  config.parallel.num_workers = 2  # engine=ray: worker actors the driver starts.
+  config.parallel.ps_shards = 1  # engine=ray, SSP: parameter-server shards (split by bytes).
+  config.parallel.ray_address = ''  # '' = embedded local cluster on 127.0.0.1; 'auto' or host:port.
+  config.parallel.gpus_per_worker = 0.0  # engine=ray: GPUs per worker actor on GPU hosts.
   config.parallel.slowdown = ''  # Per-process slowdown factors, e.g. '1,1,2,4' (heterogeneous workers).
   config.parallel.straggler_probability = 0.0  # Transient 'unrelated load': per-step chance of slowdown.
   config.parallel.straggler_factor = 4.0

@@ -157,6 +157,7 @@ def choices() -> dict[str, tuple[str, ...]]:
       'parallel.balancer': tuple(balancers.BALANCERS),
       'parallel.ssp_batch_balancer': tuple(ssp_training.BATCH_BALANCERS),
       'parallel.mode': tuple(modes.MODES),
+      'parallel.engine': tuple(modes.ENGINES),
       'optimizer.schedule': tuple(optim_factory.SCHEDULES),
       'optimizer.mode': tuple(cgmse.MODES),
   }

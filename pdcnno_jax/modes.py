@@ -43,6 +43,11 @@ MODES: dict[str, Mode] = {
 }
 
 
+# How the MapReduce and SSP modes run: 'ray' (worker actors of one driver process,
+# `parallel.ray_engine`) or 'jax' (one process per worker joined by jax.distributed).
+ENGINES = ('ray', 'jax')
+
+
 def get_mode(name: str) -> Mode:
   """The mode registered as ``name``; a clear error naming the choices otherwise."""
   if name not in MODES:
