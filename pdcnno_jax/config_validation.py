@@ -67,7 +67,7 @@ _FRACTION = _number(0.0, 1.0, high_open=True)
 # that every key here exists in configs/default.py).
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'seed': _int_at_least(0),
-    'num_epochs': _int_at_least(1),
+    'num_epochs': _POSITIVE,  # Fractions allowed: every mode rounds epochs x steps to steps.
     'log_every_steps': _int_at_least(1),
     'eval_every_epochs': _int_at_least(1),
     'checkpoint_every_steps': _int_at_least(1),

@@ -42,7 +42,7 @@ def no_data(monkeypatch):
 
 
 _BAD = [
-    (dict(num_epochs=0), 'config.num_epochs=0 must be an integer >= 1'),
+    (dict(num_epochs=0), 'config.num_epochs=0 must be a number in (0, inf]'),
     (dict(parallel__staleness=-2), 'config.parallel.staleness=-2 must be an integer >= 0, or -1'),
     (dict(optimizer__name='adamm'), "config.optimizer.name='adamm': Unknown optimizer"),
     (dict(optimizer__schedule='linear'), "config.optimizer.schedule='linear' is not one of"),

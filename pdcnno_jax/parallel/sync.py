@@ -176,7 +176,7 @@ def full_batch_layout(num_examples: int, num_devices: int,
 
 
 def train_full_batch(exp: context.Experiment, state: state_lib.TrainState, *, tx,
-                     num_epochs: int, checkpointer: checkpointing.Checkpointer | None = None,
+                     num_epochs: float, checkpointer: checkpointing.Checkpointer | None = None,
                      eval_split: str | None = None) -> state_lib.TrainState:
   """CGMSE in full-batch mode: ``optimizer.full_batch_iterations`` CG steps per epoch.
 
@@ -187,7 +187,7 @@ def train_full_batch(exp: context.Experiment, state: state_lib.TrainState, *, tx
   """
   config = exp.config
   iterations = config.optimizer.full_batch_iterations
-  total = exp.step_limit(num_epochs * iterations)
+  total = exp.step_limit(int(round(num_epochs * iterations)))
   step = int(jax.device_get(state.step))
   if step >= total:
     return state
