@@ -11,6 +11,7 @@ import subprocess
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from pdcnno_jax import config_lib
@@ -281,4 +282,25 @@ def test_from_config_reads_the_default_keys(tmp_path):
                      match='checkpoint_max_loss_ratio=100 x'):
     checkpointer.save(2, _state(step=2), {}, loss=31.0)
   checkpointer.save(2, _state(scale=99, step=2), {}, loss=29.0)
+  checkpointer.close()
+
+
+def test_resume_reads_the_arrays_once(tmp_path, monkeypatch):
+  directory = str(tmp_path / 'ckpt')
+  _write_steps(directory, [1, 2])
+  state_reads = []
+  original = ocp.CheckpointManager.restore
+
+  def counting_restore(self, step, *args, **kwargs):
+    composite = kwargs.get('args', args[0] if args else None)
+    if composite is not None and 'state' in composite.keys():
+      state_reads.append(step)
+    return original(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, 'restore', counting_restore)
+  checkpointer = checkpointing.Checkpointer(directory)
+  assert checkpointer.latest_step() == 2
+  restored, meta = checkpointer.restore(_state())
+  assert meta == {'epoch': 2} and state_reads == [2]
+  _assert_same(restored, _state(step=2))
   checkpointer.close()

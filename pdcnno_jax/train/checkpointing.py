@@ -279,6 +279,9 @@ class Checkpointer:
     self._best_loss: float | None = None
     self._reference_norm: float | None = None
     self._scanned = False
+    # The state the scan read and verified (step, arrays on one device), so a single-process
+    # resume places it instead of reading the step a second time.
+    self._verified: tuple[int, Any] | None = None
     self._incomplete = self._warn_incomplete()
     _quiet_disk_full_tracebacks()
     policy = _KeepLatestAndLastGood(
@@ -345,11 +348,13 @@ class Checkpointer:
       if self._status.get(step, None) is not None:
         continue
       try:
-        _, _, record = self._read(step, None)
+        state, _, record = self._read(step, None)
       except _Corrupt as e:
         self._mark_bad(step, str(e))
         continue
       self._adopt(step, record)
+      if jax.process_count() == 1:
+        self._verified = (step, state)
       return
 
   def _mark_bad(self, step: int, why: str) -> None:
@@ -394,12 +399,7 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except  # Whatever orbax/tensorstore raise.
       raise _Corrupt(f'its meta or checksum record is unreadable ({_os_error_text(e)})') from e
     if target is not None:
-      differences = mismatch(record['checksums'], target)
-      if differences:
-        raise CheckpointMismatchError(
-            f'Checkpoint step {step} in {self.directory} was written by a different model '
-            f'or optimizer: {differences}. Resume with the config that wrote it, or use a '
-            'new --workdir.')
+      self._check_layout(step, record, target)
     try:
       if target is None:
         target = _local_target(self._manager.item_metadata(step)['state'])
@@ -434,7 +434,7 @@ class Checkpointer:
       if chosen is None:
         raise FileNotFoundError(f'No checkpoint in {self.directory}.')
       try:
-        state, meta, record = self._read(chosen, target)
+        state, meta, record = self._placed(chosen, target) or self._read(chosen, target)
         break
       except _Corrupt as e:
         self._mark_bad(chosen, str(e))
@@ -444,6 +444,30 @@ class Checkpointer:
     self._adopt(chosen, record)
     logging.info('Restored checkpoint step %d from %s', chosen, self.directory)
     return state, meta
+
+  def _check_layout(self, step: int, record: dict[str, Any], target: Any) -> None:
+    differences = mismatch(record['checksums'], target)
+    if differences:
+      raise CheckpointMismatchError(
+          f'Checkpoint step {step} in {self.directory} was written by a different model '
+          f'or optimizer: {differences}. Resume with the config that wrote it, or use a '
+          'new --workdir.')
+
+  def _placed(self, step: int, target: Any) -> tuple[Any, dict, dict] | None:
+    """The scan's verified copy of ``step`` laid out like ``target``, else None."""
+    verified, self._verified = self._verified, None
+    if verified is None or verified[0] != step:
+      return None
+    jsons = self._manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore(), **{CHECKSUM_ITEM: ocp.args.JsonRestore()}))
+    record = jsons[CHECKSUM_ITEM]
+    self._check_layout(step, record, target)
+    by_name = {leaf_name(path): x
+               for path, x in jax.tree_util.tree_flatten_with_path(verified[1])[0]}
+    state = jax.tree_util.tree_map_with_path(
+        lambda path, t: jax.device_put(by_name[leaf_name(path)], getattr(t, 'sharding', None)),
+        target)
+    return state, jsons['meta'], record
 
   def read_meta(self, step: int | None = None) -> dict[str, Any]:
     """The JSON record of ``step`` (the newest intact one by default) without the state."""
