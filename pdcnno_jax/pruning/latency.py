@@ -254,6 +254,8 @@ class NetworkLatency:
     dense: the unpruned network, and ``full`` its widths (latency 1 by definition).
     cache: where measurements are kept; ``prefix`` (context and architecture) starts each key.
     budget: fresh measurements allowed.
+    measured, seconds: fresh measurements made so far and the seconds they took.
+    log: one record per network looked up (widths, speed-up, whether from the cache).
   """
 
   build: Callable[[Widths], Model]
@@ -267,6 +269,7 @@ class NetworkLatency:
   seconds: float = 0.0
   log: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   fresh: set[str] = dataclasses.field(default_factory=set)
+  seen: set[str] = dataclasses.field(default_factory=set)
   built: collections.OrderedDict = dataclasses.field(
       default_factory=collections.OrderedDict, repr=False)
 
@@ -291,8 +294,10 @@ class NetworkLatency:
       record = self._measure(candidate, current)
       self.cache.put(f'{self.prefix}|{key}', record)
       self.fresh.add(key)
-    self.log.append({'widths': dict(candidate), 'speedup': 1.0 / record['latency'],
-                     'cached': key not in self.fresh})
+    if key not in self.seen:  # One entry per network looked up in this run.
+      self.seen.add(key)
+      self.log.append({'widths': dict(candidate), 'speedup': 1.0 / record['latency'],
+                       'cached': key not in self.fresh})
     same = reference is not None and record.get('reference') == reference
     return latency_search.Measurement(record['latency'],
                                       record.get('reference_latency') if same else None)
@@ -409,8 +414,7 @@ class LatencySelector:
             'checks': [{k: v for k, v in h.items() if k != 'chosen'} for h in self.history],
             'target_reached': bool(chosen) and chosen['measured_speedup'] >= self.target_speedup,
             'measurements': [] if network is None else list(network.log),
-            'table_entries': 0 if network is None else len({
-                latency_search.widths_key(m['widths']) for m in network.log}),
+            'table_entries': 0 if network is None else len(network.log),
             'table_measured': 0 if network is None else network.measured,
             'table_seconds': 0.0 if network is None else network.seconds,
             'max_measurements': int(self.max_measurements),
