@@ -195,7 +195,8 @@ def greedy_search(costs: ScoreCosts, measure: Measure, *, target_speedup: float,
       the dense network.
     target_speedup: dense latency / pruned latency wanted.
     min_channels: no layer goes below this width.
-    step_fraction: channels cut per proposal, as a fraction of the layer's width (>= 1).
+    step_fraction: channels cut per proposal, as a fraction of the layer's width (at least
+      one channel; doubled for a layer while its cut measures no faster).
     start: the widths to start from, and ``start_latency`` their measured latency.
 
   Returns:
