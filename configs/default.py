@@ -111,14 +111,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.prune.iterations = 1  # >1: prune, fine-tune, repeat.
   config.prune.finetune_epochs = 0  # Between iterative rounds (the last round trains num_epochs).
   config.prune.compact = True  # Rebuild a narrower dense model after pruning.
-  # latency: measured per-layer latency tables, greedy removal until the measured speed-up.
+  # latency: greedy removal on candidate networks measured end to end, until the speed-up.
   config.prune.target_speedup = 2.0  # latency: dense / compacted latency.
   config.prune.latency_target = 'inference'  # latency: inference | train_step
-  # Latency-table cache ('' = $XDG_CACHE_HOME or ~/.cache, then pdcnno_jax/latency).
+  # Measurement cache ('' = $XDG_CACHE_HOME or ~/.cache, then pdcnno_jax/latency).
   config.prune.latency_cache_dir = ''
-  # Timed calls per median (tables, end to end); 0 skips the masked vs compacted timing.
+  # Timed calls per median (end to end); 0 skips the masked vs compacted timing.
   config.prune.latency_repeats = 10
-  config.prune.latency_measurements = 3  # latency: end-to-end measurements at most.
+  # latency: candidate networks measured at most (cached ones are free); each search step
+  # measures one candidate per prunable layer.
+  config.prune.latency_measurements = 64
+  config.prune.latency_step = 0.125  # latency: fraction of a layer's width cut per candidate.
 
   # --- diagnostics (pdcnno_jax/diagnostics) ---
   config.diagnostics = ml_collections.ConfigDict()

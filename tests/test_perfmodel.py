@@ -9,6 +9,7 @@ import pytest
 
 from pdcnno_jax.parallel import balancers
 from pdcnno_jax.perfmodel import calibration
+from pdcnno_jax.perfmodel import cli
 from pdcnno_jax.perfmodel import engine
 from pdcnno_jax.perfmodel import model
 from pdcnno_jax.perfmodel import predict
@@ -31,6 +32,55 @@ def test_engine_processor_sharing():
 
   traces = engine.run([cpu(1.0), sleeper()], [0, 0], [1.0])
   assert [t.finish_s for t in traces] == pytest.approx([1.0, 2.0])
+
+
+def _cpu(work):
+  yield ('cpu', work)
+
+
+def _duty(compute, sleep, steps):
+  for _ in range(steps):
+    yield ('cpu', compute)
+    yield ('sleep', sleep)
+
+
+@pytest.mark.parametrize('credit', [None, 0.0, 0.5, math.inf])
+def test_engine_sleep_is_wall_time_not_core_time(credit):
+  # A sleeping worker leaves the core to the other under every policy; two computing workers
+  # share it equally.
+  traces = engine.run([_cpu(4.0), _duty(0.0, 10.0, 1)], [0, 0], [1.0], sleeper_credit_s=credit)
+  assert [t.finish_s for t in traces] == pytest.approx([4.0, 10.0])
+  traces = engine.run([_cpu(1.0), _cpu(1.0)], [0, 0], [1.0], sleeper_credit_s=credit)
+  assert [t.finish_s for t in traces] == pytest.approx([2.0, 2.0])
+
+
+@pytest.mark.parametrize('credit, finish', [(None, 15.0), (0.0, 15.0), (0.5, 14.0),
+                                            (math.inf, 13.0)])
+def test_engine_fair_sharing_gives_a_waking_sleeper_its_credit(credit, finish):
+  # A computes 12 s; B computes 1 s and sleeps 3 s, three times, on the same core. Processor
+  # sharing halves B's compute every time (2 s each); fair sharing with unbounded credit runs
+  # B at full speed after its first (shared) step: 2 + 3 + (1 + 3) x 2 = 13 s. With 0.5 s of
+  # credit B runs 0.5 s alone, then shares: 2 + 3 + (1.5 + 3) x 2 = 14 s. The core never
+  # idles while A computes: A ends at 15 s either way.
+  traces = engine.run([_cpu(12.0), _duty(1.0, 3.0, 3)], [0, 0], [1.0],
+                      sleeper_credit_s=credit)
+  assert [t.finish_s for t in traces] == pytest.approx([15.0, finish])
+  assert traces[1].cpu_s == pytest.approx(finish - 9.0)
+
+
+def test_local_runs_are_fairly_scheduled_and_cluster_predictions_carry_no_local_constant():
+  spec = calibration.validation_runs(quick=True)[-3]
+  assert calibration.local_cluster(spec, 2).sleeper_credit_s == (
+      calibration.LOCAL_SLEEPER_CREDIT_S)
+  cost = {'per_example_s': 2e-4, 'fixed_s': 1e-3, 'host_s': 0.0}
+  calib = {'costs': {m: cost for m in model.MODES}, 'pruned_sync_cost': cost,
+           'param_bytes': 2.5e5, 'pruned_param_bytes': 1e5,
+           'overhead_s': {m: {'1': 0.0, '2': 0.0, '4': 0.0} for m in model.MODES},
+           'run_overhead_s': {}}
+  heavy = {**calib, 'overhead_s': {m: {'1': 5.0, '2': 5.0, '4': 5.0} for m in model.MODES},
+           'run_overhead_s': {'sync': {'2': 9.0, '4': 9.0}}}
+  kw = dict(num_examples=2048, device_speedups=(1.0,))
+  assert cli.predictions(heavy, **kw) == cli.predictions(calib, **kw)
 
 
 def test_engine_deadlock_is_an_error():
@@ -203,10 +253,12 @@ def _synthetic_results(truth, share):
     busy = cost.device_s(o['data.batch_size'] // p) / share
     report = {'steps': steps, 'clocks': steps,
               'per_worker': [{'busy_s': steps * busy, 'steps': steps}]}
-    if spec['mode'] == 'mapreduce':
+    if spec['mode'] == 'mapreduce':  # Rounds time themselves; the first one warms up.
       rounds = int(o['num_epochs'] * o['parallel.rounds_per_epoch'])
-      report['rounds'] = [{'busy_s': [busy * steps / rounds], 'steps': [steps / rounds]}
-                          for _ in range(rounds)]
+      outside = truth['overhead_s']['mapreduce'][str(p)] / share
+      report['rounds'] = [{'busy_s': [busy * steps / rounds], 'steps': [steps / rounds],
+                           'makespan_s': 1.0, 'round_s': 1.0 + outside + (0.5 if r == 0 else 0)}
+                          for r in range(rounds)]
     if spec.get('conv_widths'):
       measured = steps * busy
     else:
@@ -223,7 +275,9 @@ def test_calibration_fit_recovers_the_model_it_was_measured_on(share):
   cost = {'per_example_s': 4e-4, 'fixed_s': 5e-3, 'host_s': 0.0}
   truth = {'num_cores': 2, 'costs': {m: cost for m in model.MODES},
            'pruned_sync_cost': {'per_example_s': 2e-4, 'fixed_s': 3e-3, 'host_s': 0.0},
-           'overhead_s': {m: {'1': 0.0, '2': 0.01, '4': 0.03} for m in model.MODES}}
+           'overhead_s': {m: {'1': 0.0, '2': 0.01, '4': 0.03} for m in model.MODES},
+           # gloo's set-up: once per sync run, told apart by the half-length runs.
+           'run_overhead_s': {'sync': {'2': 0.4, '4': 0.7}}}
   calib = calibration.fit(_synthetic_results(truth, share), num_cores=2)
   for mode in model.MODES:
     assert calib['costs'][mode]['per_example_s'] == pytest.approx(4e-4)
@@ -231,6 +285,10 @@ def test_calibration_fit_recovers_the_model_it_was_measured_on(share):
     for p in ('2', '4'):
       assert calib['overhead_s'][mode][p] == pytest.approx(truth['overhead_s'][mode][p],
                                                            abs=1e-9)
+  for p in ('2', '4'):
+    assert calib['run_overhead_s']['sync'][p] == pytest.approx(
+        truth['run_overhead_s']['sync'][p])
+  assert set(calib['run_overhead_s']) == {'sync'}
   assert calib['pruned_sync_cost']['per_example_s'] == pytest.approx(2e-4)
   for spec in calibration.validation_runs(quick=True):
     assert calibration.predict_run(spec, calib, capacity=share) == pytest.approx(

@@ -1,10 +1,10 @@
-"""Tests for pdcnno_jax.pruning.latency: tables, cache, greedy search, end-to-end logic."""
+"""Tests for latency-aware selection: the greedy search on measured networks, the measurement
+cache, and the selection through run_pruning, on fake network latencies with known answers."""
 
 import json
 import math
 import os
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -13,237 +13,239 @@ import pytest
 
 from pdcnno_jax import config_lib
 from pdcnno_jax.models import counting
-from pdcnno_jax.pruning import latency, masking, stage
+from pdcnno_jax.pruning import latency, latency_search, stage
 from pdcnno_jax.testing import random_model as build_model
 from pdcnno_jax.train import state as state_lib
-
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _shape(tag):
-  """A distinct table key per fake layer (the tag rides in in_hw)."""
-  return latency.LayerShape('conv', True, (tag, tag))
+class FakeMeasure:
+  """A :class:`latency_search.Measure` from ``fn(widths) -> ms`` (dense = ``full``)."""
+
+  def __init__(self, fn, full, budget=10**6):
+    self.fn, self.full, self.budget, self.calls = fn, dict(full), budget, []
+
+  def __call__(self, candidate, current=None):
+    if len(self.calls) >= self.budget:
+      return None
+    self.calls.append(dict(candidate))
+    dense = self.fn(self.full)
+    return latency_search.Measurement(self.fn(candidate) / dense,
+                                      None if current is None else self.fn(current) / dense)
 
 
-class CountingTimer:
-  """Fake LayerTimer: ``fn(tag, c_in, c_out)`` ms, counting the calls."""
-
-  def __init__(self, fn):
-    self.fn, self.calls = fn, 0
-
-  def __call__(self, shape, c_in, c_out):
-    self.calls += 1
-    return float(self.fn(shape.in_hw[0], c_in, c_out))
-
-
-def _model(entries, fn, dense, cache=None):
-  table = latency.LatencyTable(CountingTimer(fn), cache, 'test')
-  model = latency.LatencyModel(entries, table)
-  model.calibrate(dense, model.layer_sum(dense))  # No time outside the tables.
-  return model
+def _search(fn, scores, full, target, *, min_channels=1, step=0.125, budget=10**6):
+  costs = latency_search.ScoreCosts.from_scores(
+      scores, {name: np.ones(w, np.float32) for name, w in full.items()})
+  measure = FakeMeasure(fn, full, budget)
+  result = latency_search.greedy_search(costs, measure, target_speedup=target,
+                                        min_channels=min_channels, step_fraction=step,
+                                        start=full, start_latency=1.0)
+  return result, measure, costs
 
 
-def _chain(widths):
-  """Fake entries: layer i reads layer i-1 (the first reads 1 channel)."""
-  names = list(widths)
-  return tuple(latency.LayerEntry(name, _shape(i + 1), names[i - 1] if i else None, name, 1,
-                                  widths[name]) for i, name in enumerate(names))
+def _dominated(result):
+  """Measured points at least as wide in every layer (not the result) and as fast."""
+  return [w for w, t in result.points.values() if w != result.widths
+          and all(w[n] >= result.widths[n] for n in w) and t <= result.latency]
 
 
-def _select(model, scores, widths, target, min_channels, measure=None, measurements=1):
-  masks = {name: np.ones(w, np.float32) for name, w in widths.items()}
-  measure = measure or (lambda m: (model.dense_ms,
-                                   model.predict_ms({k: int(v.sum()) for k, v in m.items()})))
-  selector = latency.LatencySelector(model, measure, measurements)
-  chosen = selector.select(scores, masks, target_speedup=target, min_channels=min_channels)
-  return {name: int(mask.sum()) for name, mask in chosen.items()}, chosen, selector
-
-
-def test_search_finds_the_optimum_of_a_linear_table():
-  # Time = output width: removing any channel saves 1 ms, so the optimum removes the
-  # globally lowest (layer-L2-normalised) scores. a: ten channels of 1/sqrt(10) = 0.316
-  # each; b: 1..10 / sqrt(385), of which six are below 0.316. Speed-up 2 = remove ten.
-  widths = {'a': 10, 'b': 10}
-  model = _model(_chain(widths), lambda tag, c_in, c_out: c_out, widths)
-  scores = {'a': np.ones(10), 'b': np.arange(1.0, 11.0)}
-  kept, masks, selector = _select(model, scores, widths, 2.0, 2)
-  assert kept == {'a': 6, 'b': 4}
+def test_search_finds_the_optimum_of_a_linear_network():
+  # Latency = total width: every channel saves the same, so the optimum removes the globally
+  # lowest (layer-L2-normalised) scores. a: ten of 1/sqrt(10) = 0.316; b: 1..10 / sqrt(385),
+  # six of them below 0.316. Speed-up 2 = remove ten channels: six of b, four of a.
+  full = {'a': 10, 'b': 10}
+  result, _, costs = _search(lambda w: w['a'] + w['b'], {'a': np.ones(10),
+                                                         'b': np.arange(1.0, 11.0)}, full, 2.0)
+  assert result.widths == {'a': 6, 'b': 4} and result.reached
+  assert result.latency == pytest.approx(0.5) and result.stopped == 'target'
+  masks = costs.masks({'a': np.ones(10), 'b': np.ones(10)}, result.widths)
   np.testing.assert_array_equal(masks['b'], [0] * 6 + [1] * 4)  # The lowest go.
-  assert selector.report()['predicted_speedup'] == pytest.approx(2.0)
 
 
-def test_search_stops_at_the_widest_width_of_a_step():
-  # Time in steps of 8 channels: 9..16 cost as much as 16, so 16 is the answer to 2x.
-  widths = {'a': 32}
-  model = _model(_chain(widths), lambda tag, c_in, c_out: 8 * math.ceil(c_out / 8), widths)
-  kept, _, _ = _select(model, {'a': np.linspace(1, 2, 32)}, widths, 2.0, 1)
-  assert kept == {'a': 16}
+def test_search_jumps_a_plateau_and_keeps_the_widest_width_of_the_step():
+  # Latency in steps of 8 channels: 28 is no faster than 32 (the step doubles), and the cut
+  # that reaches 2x (24 -> 12) is refined by bisection to 16, the widest width as fast.
+  result, measure, _ = _search(lambda w: 8 * math.ceil(w['a'] / 8), {'a': np.linspace(1, 2, 32)},
+                               {'a': 32}, 2.0)
+  assert result.widths == {'a': 16}
+  assert {'a': 28} in measure.calls and {'a': 21} in measure.calls  # Tried, not chosen.
+  assert not _dominated(result)
+
+
+def test_search_stops_at_the_target():
+  # Linear latency, target 1.25: the first widths at 80% of the dense latency, not fewer.
+  full = {'a': 12, 'b': 8}
+  rng = np.random.default_rng(0)
+  result, _, _ = _search(lambda w: w['a'] + w['b'], {'a': rng.random(12), 'b': rng.random(8)},
+                         full, 1.25)
+  assert sum(result.widths.values()) == 16 and result.reached
+
+
+def test_the_last_step_takes_the_candidate_reaching_the_target_that_loses_least():
+  # Latency 2a + b. Cutting a saves 2 for 0.5 of score (0.25 per unit), cutting b saves 1
+  # for 0.3: the best ratio is a, but both reach 12/11 and b loses less.
+  full = {'a': 4, 'b': 4}
+  result, _, _ = _search(lambda w: 2 * w['a'] + w['b'],
+                         {'a': np.ones(4), 'b': np.array([1.0, 1.0, 1.0, 2.85])}, full, 12 / 11)
+  assert result.widths == {'a': 4, 'b': 3}
 
 
 @pytest.mark.parametrize('seed', [0, 1, 2])
-def test_no_chosen_width_is_slower_than_a_wider_one(seed):
+def test_no_chosen_width_is_slower_than_a_measured_wider_one(seed):
   rng = np.random.default_rng(seed)
-  widths = {'a': 24, 'b': 40, 'c': 16}
-  period = {1: 8, 2: 6, 3: 4}
-  wobble = rng.random((4, 64))  # A width that is slower than its neighbours, at random.
+  full = {'a': 24, 'b': 40, 'c': 16}
+  period = {'a': 8, 'b': 6, 'c': 4}
+  wobble = {name: rng.random(w + 1) for name, w in full.items()}  # Random slow widths.
 
-  def fn(tag, c_in, c_out):
-    step = period[tag] * math.ceil(c_out / period[tag])
-    return 0.2 * step + 0.05 * c_in + wobble[tag, c_out] * (c_out % 5 == 0)
+  def fn(widths):
+    return sum(0.2 * period[n] * math.ceil(w / period[n]) + wobble[n][w] * (w % 5 == 0)
+               for n, w in widths.items()) + 0.01 * widths['a'] * widths['b']
 
-  model = _model(_chain(widths), fn, widths)
-  scores = {name: rng.random(w) for name, w in widths.items()}
-  kept, _, _ = _select(model, scores, widths, 2.5, 2)
-  assert model.predicted_speedup(kept) >= 2.5
-  here = model.predict_ms(kept)
-  for name, width in kept.items():  # Against every wider width (measured here if need be).
-    assert width >= 2
-    for wider in range(width + 1, widths[name] + 1):
-      assert model.predict_ms({**kept, name: wider}) > here, (name, width, wider)
+  result, _, _ = _search(fn, {n: rng.random(w) for n, w in full.items()}, full, 2.5,
+                         min_channels=2)
+  assert result.reached and result.latency <= 1 / 2.5
+  assert result.latency == pytest.approx(fn(result.widths) / fn(full))
+  assert all(w >= 2 for w in result.widths.values())
+  assert not _dominated(result)
 
 
-def test_an_out_of_reach_target_stops_at_the_fastest_point_and_says_so():
-  widths = {'a': 8}
-  model = _model(_chain(widths), lambda tag, c_in, c_out: 1 + c_out, widths)
-  kept, _, selector = _select(model, {'a': np.ones(8)}, widths, 5.0, 2, measurements=3)
-  assert kept == {'a': 2}
-  report = selector.report()
-  assert not report['target_reached'] and report['measured_speedup'] == pytest.approx(3.0)
-  assert len(report['measurements']) == 1  # Stuck: measuring again cannot help.
+def test_budget_and_unreachable_targets_keep_the_fastest_measured_point():
+  full = {'a': 8, 'b': 8}
+  fn = lambda w: 4 + w['a'] + 2 * w['b']
+  result, measure, _ = _search(fn, {'a': np.ones(8), 'b': np.ones(8)}, full, 10.0,
+                               min_channels=2)
+  assert result.stopped == 'no faster width' and not result.reached
+  assert result.widths == {'a': 2, 'b': 2}  # Every layer down to min_channels.
+  result, measure, _ = _search(fn, {'a': np.ones(8), 'b': np.ones(8)}, full, 10.0,
+                               min_channels=2, budget=5)
+  assert result.stopped == 'budget' and len(measure.calls) == 5
+  fastest = min(t for _, t in result.points.values())
+  assert result.latency == fastest and not _dominated(result)
 
 
-def test_short_of_the_target_the_fastest_measured_point_is_kept():
-  # Measurements that disagree with the table (narrower measures slower) and never reach
-  # the target: the selection is the fastest measured point, not the last one.
-  widths = {'a': 16}
-  model = _model(_chain(widths), lambda tag, c_in, c_out: c_out, widths)
-  measure = lambda m: (16.0, {1: 9.0}.get(int(m['a'].sum()), 10.0 + 1 / m['a'].sum()))
-  kept, masks, selector = _select(model, {'a': np.arange(16.0)}, widths, 2.0, 1,
-                                  measure=measure, measurements=3)
-  report = selector.report()
-  assert len(report['measurements']) == 3 and not report['target_reached']
-  best = max(report['measurements'], key=lambda h: h['measured_speedup'])
-  assert kept == best['widths'] == report['widths']
-  assert report['measured_speedup'] == best['measured_speedup']
+def _drifting_timer(fn, log):
+  """Fake EndToEndTimer on ``(widths, None)`` models: every call runs under another load."""
+  loads = iter(np.random.default_rng(0).uniform(1, 3, 10**4))
+
+  def timer(models):
+    load = next(loads)
+    log.append(sorted(models))
+    return {name: load * fn(widths) for name, (widths, _) in models.items()}
+
+  return timer
 
 
-def test_tables_slower_than_the_network_calibrate_proportionally():
-  widths = {'a': 10, 'b': 10}
-  table = latency.LatencyTable(CountingTimer(lambda tag, c_in, c_out: c_out), None, 'test')
-  model = latency.LatencyModel(_chain(widths), table)
-  model.calibrate(widths, 5.0)  # The tables sum to 20 ms.
-  assert model.predict_ms(widths) == pytest.approx(5.0)
-  assert model.predict_ms({'a': 5, 'b': 5}) == pytest.approx(2.5)  # Never <= 0.
-  model.calibrate({'a': 5, 'b': 5}, 3.0)  # A second point: fitted line, rest >= 0.
-  assert model.rest >= 0 and model.predict_ms({'a': 5, 'b': 5}) > 0
+def _network(tmp_path, fn, log, budget=100, prefix='batch=8|inference|arch'):
+  full = {'a': 10, 'b': 10}
+  return latency.NetworkLatency(lambda widths: (dict(widths), None), _drifting_timer(fn, log),
+                                (full, None), full,
+                                latency.MeasurementCache(str(tmp_path / 'c' / 'cache.json')),
+                                prefix, budget)
 
 
-def test_table_cache_hits_on_a_second_call(tmp_path):
-  path = str(tmp_path / 'cache' / 'table.json')
-  fn = lambda tag, c_in, c_out: tag + c_in * c_out
-  first = latency.LatencyTable(CountingTimer(fn), path, 'batch=8')
-  values = [first.ms(_shape(t), i, o) for t, i, o in [(1, 2, 3), (2, 4, 5), (1, 2, 3)]]
-  assert first.timer.calls == 2 and first.measured == 2 and len(first.entries) == 2
-
-  def fail(shape, c_in, c_out):
-    raise AssertionError('measured although cached')
-
-  second = latency.LatencyTable(fail, path, 'batch=8')
-  assert [second.ms(_shape(t), i, o) for t, i, o in [(1, 2, 3), (2, 4, 5), (1, 2, 3)]] == values
-  assert second.measured == 0 and second.seconds == 0.0
-  other = latency.LatencyTable(CountingTimer(fn), path, 'batch=16')  # Another batch size.
-  other.ms(_shape(1), 2, 3)
+def test_network_latency_is_relative_to_the_dense_network_and_cached(tmp_path):
+  fn = lambda w: 2.0 + w['a'] + w['b']
+  log = []
+  first = _network(tmp_path, fn, log)
+  assert first({'a': 10, 'b': 10}).latency == 1.0 and not log  # The dense network itself.
+  start = {'a': 10, 'b': 5}
+  one = first(start)
+  two = first({'a': 6, 'b': 5}, start)
+  assert one.latency == pytest.approx(17 / 22) and one.current is None  # Load cancels.
+  assert two.latency == pytest.approx(13 / 22) and two.current == pytest.approx(17 / 22)
+  assert log == [['candidate', 'dense'], ['candidate', 'current', 'dense']]
+  assert first.measured == 2 and [m['cached'] for m in first.log] == [False, False]
+  log.clear()
+  second = _network(tmp_path, fn, log)  # Same cache file, same key prefix: no timing.
+  again = second({'a': 6, 'b': 5}, start)
+  assert again == two and second.measured == 0 and not log and second.log[0]['cached']
+  assert second({'a': 6, 'b': 5}, {'a': 7, 'b': 5}).current is None  # Other reference.
+  other = _network(tmp_path, fn, log, prefix='batch=16|inference|arch')  # Another batch.
+  other(start)
   assert other.measured == 1
-  with open(path) as f:
+  with open(tmp_path / 'c' / 'cache.json') as f:
     assert len(json.load(f)['entries']) == 3
+  spent = _network(tmp_path, fn, log, budget=0)
+  assert spent({'a': 1, 'b': 1}) is None and spent({'a': 6, 'b': 5}) is not None
+
+
+def test_architecture_key_and_cache_file(tmp_path):
+  lenet = lambda w: build_model(ml_collections.ConfigDict({'name': 'lenet5_caffe',
+                                                           'width_multiplier': w}), (28, 28, 1))
+  assert latency.architecture_key(lenet(0.5)) == latency.architecture_key(lenet(0.5))
+  assert latency.architecture_key(lenet(0.5)) != latency.architecture_key(lenet(0.25))
   name = latency.cache_file(str(tmp_path))
-  assert jax.__version__ in name and jax.default_backend() in name
-
-
-def test_layer_entries_of_lenet_and_vgg():
-  lenet = build_model(ml_collections.ConfigDict({'name': 'lenet5_caffe',
-                                                 'width_multiplier': 0.5}), (28, 28, 1))
-  entries = {e.name: e for e in latency.layer_entries(lenet)}
-  assert sorted(entries) == ['conv1', 'conv2', 'hidden.0']
-  assert entries['conv1'].shape.in_hw == (28, 28) and entries['conv1'].shape.pool
-  assert not entries['conv1'].shape.input_grad
-  assert entries['conv2'].shape.in_hw == (14, 14) and entries['conv2'].shape.pool
-  assert entries['conv2'].widths({'conv1': 3, 'conv2': 7}) == (3, 7)
-  dense = entries['hidden.0']
-  assert dense.shape.kind == 'dense' and dense.shape.in_hw == (5, 5)
-  assert dense.widths({'conv1': 3, 'conv2': 7}) == (7, dense.out_width)
-  vgg = build_model(ml_collections.ConfigDict({'name': 'vgg11', 'width_multiplier': 0.0625}),
-                    (32, 32, 3))
-  pools = [e.shape.pool for e in latency.layer_entries(vgg) if e.shape.kind == 'conv']
-  assert pools == list(vgg.pool_after)
+  assert name.startswith(str(tmp_path)) and 'jax' in os.path.basename(name)
 
 
 @pytest.mark.parametrize('target', latency.TARGETS)
-def test_real_layer_timer_runs(target):  # A smoke test: nothing about speed.
-  timer = latency.JaxLayerTimer(batch_size=2, target=target, repeats=1)
-  conv = latency.LayerShape('conv', True, (6, 6), kernel_size=3, pool=True)
-  assert timer(conv, 2, 3) > 0
-  assert timer(conv, 1, 3) > 0  # Timed next to the (2, 3) reference.
-  assert timer.references[conv][:2] == (2, 3)
-  assert timer(latency.LayerShape('dense', False, (2, 2)), 3, 4) > 0
+def test_real_end_to_end_timer_runs(target):  # A smoke test: nothing about speed.
+  model_config = ml_collections.ConfigDict({'name': 'lenet5_caffe', 'width_multiplier': 0.1})
+  graphdef, state = state_lib.create_train_state(build_model(model_config, (28, 28, 1)),
+                                                 optax.sgd(0.1))
+  batch = {'image': np.zeros((8, 28, 28, 1), np.uint8), 'label': np.zeros(8, np.int32)}
+  timer = latency.end_to_end_timer(batch, lambda x: x.astype(jnp.float32) / 255.0, None,
+                                   target, tx=optax.sgd(0.1), reps=1)
+  times = timer({'dense': (graphdef, state), 'again': (graphdef, state)})
+  assert set(times) == {'dense', 'again'} and min(times.values()) > 0
+  assert len(timer.compiled) == 1  # One graph definition, compiled once.
 
 
-def _fake_layer(shape, c_in, c_out):
-  if shape.kind == 'dense':
-    return 0.01 * c_in * shape.in_hw[0] * shape.in_hw[1]
-  return 0.1 * c_out + 0.05 * c_in
+def _fake_ms(kept):
+  """A network whose conv1 time moves in steps of 4 maps and conv2's in steps of 3."""
+  return (1.0 + 0.4 * math.ceil(kept['conv1'] / 4) + 0.3 * math.ceil(kept['conv2'] / 3)
+          + 0.004 * kept['conv1'] * kept['conv2'])
 
 
-def _prune_config(**overrides):
+def _prune_config(cache_dir, **overrides):
   config = config_lib.load_config(os.path.join(REPO, 'configs', 'default.py')).prune
-  config.update(method='l1', selection='latency', target_speedup=1.5, latency_repeats=1,
-                latency_measurements=4, **overrides)
+  config.update(method='l1', selection='latency', target_speedup=1.8, latency_repeats=1,
+                latency_measurements=40, latency_step=0.125, min_channels=2,
+                latency_cache_dir=str(cache_dir), **overrides)
   return config
 
 
-def test_run_pruning_measures_and_continues_from_the_measured_point(tmp_path):
-  # The fake network keeps half of the saving the tables predict: the first search misses
-  # the target when measured, the recalibrated second one reaches it.
+def test_run_pruning_reaches_the_target_and_a_second_run_measures_nothing(tmp_path):
   model_config = ml_collections.ConfigDict({'name': 'lenet5_caffe', 'width_multiplier': 0.5})
   input_shape = (28, 28, 1)
   graphdef, state = state_lib.create_train_state(build_model(model_config, input_shape),
                                                  optax.sgd(0.1))
-  dense_sum = sum(_fake_layer(e.shape, *e.widths(counting.kept_channels(
-      state_lib.merge_model(graphdef, state)))) for e in latency.layer_entries(
-          state_lib.merge_model(graphdef, state)))
+  loads = iter(np.random.default_rng(1).uniform(1, 2, 10**4))
   timed = []
 
-  def end_to_end(models):
-    times = {}
-    for name, (g, s) in models.items():
-      model = state_lib.merge_model(g, s)
-      kept = counting.kept_channels(model)
-      layer_sum = sum(_fake_layer(e.shape, *e.widths(kept))
-                      for e in latency.layer_entries(model))
-      times[name] = 0.5 * layer_sum + 0.5 * dense_sum
-      timed.append((name, kept))
-    return times
+  def end_to_end(models):  # Every call under another load; ratios are what count.
+    load = next(loads)
+    timed.append(sorted(models))
+    return {name: load * _fake_ms(counting.kept_channels(state_lib.merge_model(g, s)))
+            for name, (g, s) in models.items()}
 
   target = stage.PruningTarget(graphdef, state, model_config, 10, input_shape,
                                lambda x: x.astype(jnp.float32) / 255.0)
-  new_graphdef, new_state, report = stage.run_pruning(
-      target, _prune_config(latency_cache_dir=str(tmp_path)),
-      timers=stage.LatencyTimers(layer=_fake_layer, end_to_end=end_to_end))
-  result = report['latency']
-  assert len(result['measurements']) == 2
-  first, second = result['measurements']
-  assert first['measured_speedup'] < 1.5 <= second['measured_speedup']
-  assert first['measured_speedup'] == pytest.approx(first['dense_ms'] / first['compacted_ms'])
-  assert second['predicted_speedup'] == pytest.approx(second['measured_speedup'])
-  assert result['measured_speedup'] == second['measured_speedup']
+  dense = _fake_ms({'conv1': 10, 'conv2': 25})
+  reports, calls = [], 0
+  for _ in range(2):
+    calls = len(timed)
+    new_graphdef, new_state, report = stage.run_pruning(
+        target, _prune_config(tmp_path), timers=stage.LatencyTimers(end_to_end=end_to_end))
+    reports.append(report)
+  first, second = (r['latency'] for r in reports)
+  widths = first['widths']
+  assert first['target_reached'] and first['measured_speedup'] >= 1.8
+  assert first['measured_speedup'] == pytest.approx(dense / _fake_ms(widths))
+  assert first['predicted_speedup'] == pytest.approx(first['measured_speedup'])
+  assert all(w >= 2 for w in widths.values())
+  assert 0 < first['table_measured'] <= 40 and first['table_entries'] >= first['table_measured']
+  assert first['table_seconds'] > 0 and first['target_speedup'] == 1.8
+  assert first['mac_reduction'] == reports[0]['mac_reduction'] > 1
+  speedup = first['predicted_speedup']
+  for m in first['measurements']:  # No measured network at least as wide is as fast.
+    if m['widths'] != widths and all(m['widths'][n] >= w for n, w in widths.items()):
+      assert m['speedup'] < speedup, m
+  assert second['widths'] == widths and second['table_measured'] == 0
+  assert all(m['cached'] for m in second['measurements'])
+  assert timed[calls:] == [['compacted', 'dense']]  # The second run only checks its choice.
   compacted = state_lib.merge_model(new_graphdef, new_state)
-  assert counting.kept_channels(compacted) == result['widths'] == report['channels_after']
-  assert all(w >= 2 for w in result['widths'].values())
-  assert result['mac_reduction'] == report['mac_reduction'] > 1
-  assert result['table_measured'] == result['table_entries'] > 0
-  assert result['target_speedup'] == 1.5 and result['latency_target'] == 'inference'
-  assert result['target_reached']
-  # Every measurement timed the dense model next to a compacted one (narrower widths).
-  assert [name for name, _ in timed] == ['dense'] + ['dense', 'compacted'] * 2
-  assert masking.read_masks(compacted) and json.dumps(report)
+  assert counting.kept_channels(compacted) == widths == reports[1]['channels_after']
+  assert json.dumps(reports[1])

@@ -5,9 +5,11 @@ batch sizes (affine fit: fixed + per example x batch; for MapReduce and SSP from
 the workers measure, i.e. the jitted step), for the dense and a pruned (compacted) LeNet-5,
 and one framework constant per mode and process count: the measured wall time minus the
 model's prediction without it, per step (sync, SSP: the gloo all-reduce or the coordination
-service's key-value round trips, plus the loop's host work) or per round (MapReduce: the gloo
-all-reduce of the Reduce, the all-gather of the figures and the balancer). Those runs are
-homogeneous (no slowdown, equal split, SSP with s = 0).
+service's key-value round trips, plus the loop's host work); MapReduce's per-round constant
+is measured directly, as the median time a round spends outside its Map (`round_overhead`:
+the gloo all-reduce of the Reduce, the all-gather of the figures and the balancer). Those runs
+are homogeneous (no slowdown, equal split, SSP with s = 0). Processes pinned to one core are
+scheduled fairly (`LOCAL_SLEEPER_CREDIT_S`): a slowdown's sleep is wall time but not core time.
 
 Validation (`validation_runs`, `predict_run`) uses other conditions: other batch sizes,
 MapReduce with every balancer under slowdowns 1, 1, 2, 4, SSP with s = 0 and 3 under transient
@@ -29,6 +31,10 @@ from pdcnno_jax.perfmodel import model
 
 PRUNED_WIDTHS = (3, 8)  # LeNet-5 conv widths (6, 16) with half of every layer's maps pruned.
 LOCAL_NETWORK = model.Network(latency_s=0.0, bandwidth_bytes_per_s=1e30)
+# Wake-up credit of Linux's fair scheduler (CFS sched_latency / 2 on 2 cores; EEVDF keeps a
+# similar bounded lag): processes pinned to one core are scheduled fairly, not as processor
+# sharing, so a worker that mostly sleeps (a slowdown) computes at nearly full speed.
+LOCAL_SLEEPER_CREDIT_S = 6e-3
 TRANSIENT = {'parallel.straggler_probability': 0.1, 'parallel.straggler_factor': 4.0}
 BALANCER_NAMES = ('equal', 'proportional', 'lbrla', 'dlbpce')
 
@@ -63,6 +69,7 @@ def calibration_runs(quick: bool) -> list[dict[str, Any]]:
   for p in (2, 4):
     for mode in ('sync', 'mapreduce', 'ssp'):
       runs.append(_run(f'cal_{mode}_p{p}', mode, p, 128, z))
+    runs.append(_run(f'cal_sync_p{p}_half', 'sync', p, 128, z, epochs=0.5))
   return runs
 
 
@@ -159,18 +166,53 @@ def fit(results: list[dict[str, Any]], num_cores: int) -> dict[str, Any]:
            'pruned_sync_cost': {'per_example_s': per_example, 'fixed_s': fixed, 'host_s': 0.0},
            'param_bytes': by_name['cal_sync_p1_b128']['param_bytes'],
            'pruned_param_bytes': by_name['cal_sync_p1_b128_pruned']['param_bytes'],
-           'pruned_conv_widths': list(PRUNED_WIDTHS), 'overhead_s': {}}
+           'pruned_conv_widths': list(PRUNED_WIDTHS), 'overhead_s': {}, 'run_overhead_s': {}}
   for mode in ('sync', 'mapreduce', 'ssp'):
     calib['overhead_s'][mode] = {}
     for p in (1, 2, 4):
       name = f'cal_{mode}_p{p}' if p > 1 else f'cal_{mode}_p1_b128'
       result = by_name[name]
       share = capacity(result, num_cores)
-      bare = predict_run(result['spec'], {**calib, 'overhead_s': {}}, overhead=False,
-                         capacity=share)
-      calib['overhead_s'][mode][str(p)] = max(
-          (result['measured_s'] - bare) / max(units(result), 1), 0.0) * share
+      if mode == 'mapreduce':  # The rounds time their own Reduce, gather and balancer.
+        calib['overhead_s'][mode][str(p)] = round_overhead(result) * share
+        continue
+      per_unit, per_run = _residual_fit([r for r in (result, by_name.get(f'{name}_half'))
+                                         if r is not None], calib, share)
+      calib['overhead_s'][mode][str(p)] = per_unit * share
+      if per_run:
+        calib['run_overhead_s'].setdefault(mode, {})[str(p)] = per_run * share
   return calib
+
+
+def _residual_fit(results: list[dict[str, Any]], calib: dict[str, Any],
+                  share: float) -> tuple[float, float]:
+  """(per step, per run) seconds of measured wall time the model does not explain.
+
+  One run gives a per-step constant; with a second run of another length (``_half``) the
+  residual is split into a constant per run (e.g. gloo's connection set-up on the first
+  collective) and one per step.
+  """
+  points = []
+  for result in results:
+    bare = predict_run(result['spec'], {**calib, 'overhead_s': {}, 'run_overhead_s': {}},
+                       overhead=False, capacity=share)
+    points.append((max(units(result), 1), result['measured_s'] - bare))
+  if len(points) == 2 and points[0][0] != points[1][0]:
+    (n1, r1), (n2, r2) = points
+    per_unit = max((r1 - r2) / (n1 - n2), 0.0)
+    return per_unit, max(r1 - per_unit * n1, 0.0)
+  return max(points[0][1] / points[0][0], 0.0), 0.0
+
+
+def round_overhead(result: dict[str, Any]) -> float:
+  """Median seconds a MapReduce round spends outside its Map (round time - makespan).
+
+  Measured round by round, this excludes what a whole-run residual would wrongly charge per
+  round: the first round's warm-up and the extra time processes sharing a core take when none
+  of them sleeps (a slowdown's sleep leaves the core to the others).
+  """
+  rounds = result['report']['rounds']
+  return float(np.median([max(r['round_s'] - r['makespan_s'], 0.0) for r in rounds]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,7 +235,7 @@ def local_cluster(spec: dict[str, Any], num_cores: int,
                            o.get('parallel.straggler_factor', 1.0), seed=0)
   groups, cores = engine.pinned(p, num_cores)
   return model.Cluster((1.0,) * p, LOCAL_NETWORK, strag, tuple(groups),
-                       tuple(c * share for c in cores))
+                       tuple(c * share for c in cores), LOCAL_SLEEPER_CREDIT_S)
 
 
 def predict_run(spec: dict[str, Any], calib: dict[str, Any], *, overhead: bool = True,
@@ -211,12 +253,14 @@ def predict_run(spec: dict[str, Any], calib: dict[str, Any], *, overhead: bool =
   cluster = local_cluster(spec, calib['num_cores'], capacity)
   cost = cost_of(calib, mode)
   extra = calib['overhead_s'].get(mode, {}).get(str(p), 0.0) / capacity if overhead else 0.0
+  once = (calib.get('run_overhead_s', {}).get(mode, {}).get(str(p), 0.0) / capacity
+          if overhead else 0.0)
   local = o['data.batch_size'] // p
   n = spec['train_subset']
   steps = int(round(o['num_epochs'] * (n // o['data.batch_size'])))
   if mode == 'sync':
-    return model.simulate_sync(cost, cluster, local_batch=local, steps=steps, param_bytes=0.0,
-                               overhead_s=extra).wall_s
+    return once + model.simulate_sync(cost, cluster, local_batch=local, steps=steps,
+                                      param_bytes=0.0, overhead_s=extra).wall_s
   if mode == 'ssp':
     staleness = o.get('parallel.staleness', 0)
     return model.simulate_ssp(cost, cluster, local_batch=local, clocks=steps,

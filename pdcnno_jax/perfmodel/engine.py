@@ -3,10 +3,16 @@
 A worker is a generator that yields actions and receives, after each, the wall seconds it took:
 
   ('cpu', work_s)     work_s seconds of one core's time. The workers pinned to one core set
-                      share it (processor sharing): with n of them computing on c cores each
-                      progresses at min(1, c / n) core-seconds per second. A node of a cluster
-                      is a core set of its own, so its work runs at full speed.
-  ('sleep', s)        s wall seconds without CPU (a slowdown's sleep, a transfer, a latency).
+                      share it. Processor sharing (the default): with n of them computing on c
+                      cores each progresses at min(1, c / n) core-seconds per second. Fair
+                      sharing (`sleeper_credit_s` given): the cores serve the computing workers
+                      that have received the least CPU so far (ties share), as Linux's CFS and
+                      EEVDF schedulers do; a worker that wakes from a sleep or a wait is placed
+                      at most `sleeper_credit_s` behind the least-served computing worker of its
+                      core set, so a worker that sleeps most of the time computes at nearly full
+                      speed. A node of a cluster is a core set of its own: full speed either way.
+  ('sleep', s)        s wall seconds without CPU (a slowdown's sleep, a transfer, a latency):
+                      wall time, but no core time, so it leaves the core to the others.
   ('until', fn)       blocks until fn() is true (fn reads state the generators share, e.g.
                       the clocks published so far); evaluated after every event.
 
@@ -47,16 +53,55 @@ class _Slot:
   until: Callable[[], bool] | None = None
   started: float = 0.0
   done: bool = False
+  served: float = 0.0  # CPU seconds received (fair sharing).
+
+
+def _levels(slots: list[_Slot]) -> list[list[_Slot]]:
+  """Computing workers of one core set grouped by CPU received, least first (ties within 1 ns)."""
+  ordered = sorted(slots, key=lambda s: s.served)
+  levels: list[list[_Slot]] = []
+  for slot in ordered:
+    if levels and slot.served - levels[-1][0].served <= 1e-9:
+      levels[-1].append(slot)
+    else:
+      levels.append([slot])
+  return levels
+
+
+def _rates(live: list[_Slot], cores: Sequence[float], fair: bool
+           ) -> tuple[dict[int, float], float]:
+  """Core-seconds per second of each computing worker (by id), and the time until a fair
+  share changes (a less-served level catching up with the next; inf for processor sharing)."""
+  by_group: dict[int, list[_Slot]] = {}
+  for s in live:
+    if s.kind == 'cpu':
+      by_group.setdefault(s.group, []).append(s)
+  rates, catch_up = {}, math.inf
+  for g, members in by_group.items():
+    if not fair:
+      rates.update({id(s): min(1.0, cores[g] / len(members)) for s in members})
+      continue
+    remaining, previous = float(cores[g]), None
+    for level in _levels(members):
+      rate = min(1.0, max(remaining, 0.0) / len(level))
+      remaining -= rate * len(level)
+      rates.update({id(s): rate for s in level})
+      if previous is not None and previous[1] > rate:
+        catch_up = min(catch_up, (level[0].served - previous[0]) / (previous[1] - rate))
+      previous = (level[0].served, rate)
+  return rates, catch_up
 
 
 def run(workers: Sequence[Worker], groups: Sequence[int], cores: Sequence[float],
-        *, max_events: int = 10_000_000) -> list[WorkerTrace]:
+        *, sleeper_credit_s: float | None = None,
+        max_events: int = 10_000_000) -> list[WorkerTrace]:
   """Runs the workers to completion.
 
   Args:
     workers: one generator per worker (see the module docstring).
     groups: core set of each worker (index into `cores`).
     cores: cores in each core set.
+    sleeper_credit_s: None for processor sharing; else fair sharing with this wake-up credit.
     max_events: guard against a deadlock (raises RuntimeError).
 
   Returns:
@@ -69,6 +114,8 @@ def run(workers: Sequence[Worker], groups: Sequence[int], cores: Sequence[float]
     raise ValueError(f'{len(workers)} workers but {len(groups)} group indices.')
   slots = [_Slot(w, g) for w, g in zip(workers, groups)]
   traces = [WorkerTrace() for _ in slots]
+  floor = [0.0] * len(cores)  # Least CPU received by a computing worker, per core set.
+  fair = sleeper_credit_s is not None
   now = 0.0
 
   def advance(i: int, elapsed: float) -> None:
@@ -80,6 +127,8 @@ def run(workers: Sequence[Worker], groups: Sequence[int], cores: Sequence[float]
       traces[i].finish_s = now
       return
     kind, value = action
+    if kind == 'cpu' and fair and slot.kind != 'cpu':  # Woken: placed near the others.
+      slot.served = max(slot.served, floor[slot.group] - sleeper_credit_s)
     slot.kind, slot.started = kind, now
     if kind == 'cpu':
       slot.remaining = max(float(value), 0.0)
@@ -114,15 +163,10 @@ def run(workers: Sequence[Worker], groups: Sequence[int], cores: Sequence[float]
     live = [s for s in slots if not s.done]
     if not live:
       return traces
-    busy = {}
+    rate, step = _rates(live, cores, fair)
     for s in live:
-      if s.kind == 'cpu':
-        busy[s.group] = busy.get(s.group, 0) + 1
-    rate = {g: min(1.0, cores[g] / n) for g, n in busy.items()}
-    step = math.inf
-    for s in live:
-      if s.kind == 'cpu':
-        step = min(step, s.remaining / rate[s.group])
+      if s.kind == 'cpu' and rate[id(s)] > 0:
+        step = min(step, s.remaining / rate[id(s)])
       elif s.kind == 'sleep':
         step = min(step, max(s.remaining - now, 0.0))
     if math.isinf(step):
@@ -130,7 +174,12 @@ def run(workers: Sequence[Worker], groups: Sequence[int], cores: Sequence[float]
     now += step
     for s in live:
       if s.kind == 'cpu':
-        s.remaining -= step * rate[s.group]
+        s.remaining -= step * rate[id(s)]
+        s.served += step * rate[id(s)]
+    for g in range(len(cores)):
+      computing = [s.served for s in live if s.kind == 'cpu' and s.group == g]
+      if computing:
+        floor[g] = max(floor[g], min(computing))
   raise RuntimeError(f'More than {max_events} events.')
 
 

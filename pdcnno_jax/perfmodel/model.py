@@ -116,12 +116,15 @@ class Stragglers:
 @dataclasses.dataclass(frozen=True)
 class Cluster:
   """N nodes: relative speeds (work on node k takes 1 / speeds[k] of the reference time),
-  where they run (core sets; default one dedicated node each), the network and stragglers."""
+  where they run (core sets; default one dedicated node each), the network and stragglers.
+  ``sleeper_credit_s``: how workers sharing a core set are scheduled (`engine.run`): None for
+  processor sharing, else fair sharing with that wake-up credit (the local time-shared runs)."""
   speeds: tuple[float, ...]
   network: Network = Network()
   stragglers: Stragglers = Stragglers()
   groups: tuple[int, ...] | None = None
   cores: tuple[float, ...] | None = None
+  sleeper_credit_s: float | None = None
 
   def __post_init__(self):
     if not self.speeds or min(self.speeds) <= 0:
@@ -139,6 +142,10 @@ class Cluster:
     if self.groups is None:
       return engine.dedicated(self.size)
     return list(self.groups), list(self.cores)
+
+  def run(self, workers: Sequence[engine.Worker]) -> list[engine.WorkerTrace]:
+    """`engine.run` of one generator per node, placed and scheduled as this cluster says."""
+    return engine.run(workers, *self.placement(), sleeper_credit_s=self.sleeper_credit_s)
 
 
 @dataclasses.dataclass
@@ -188,7 +195,7 @@ def simulate_sync(cost: StepCost, cluster: Cluster, *, local_batch: int, steps: 
       if comm:
         yield ('sleep', comm)
 
-  traces = engine.run([worker(k) for k in range(n)], *cluster.placement())
+  traces = cluster.run([worker(k) for k in range(n)])
   return Result(max(t.finish_s for t in traces), busy, [t.blocked_s for t in traces])
 
 
@@ -233,7 +240,7 @@ def simulate_mapreduce(cost: StepCost, cluster: Cluster, *, num_examples: int, n
       for _ in range(int(steps[k])):
         busy[k] += yield from _step(cost, cluster.speeds[k], local_batch, draws[k])
 
-    traces = engine.run([worker(k) for k in range(n)], *cluster.placement())
+    traces = cluster.run([worker(k) for k in range(n)])
     map_s = max(t.finish_s for t in traces)
     rounds.append({'round': r, 'blocks': [int(b) for b in blocks], 'busy_s': list(busy),
                    'makespan_s': max(busy), 'map_s': map_s, 'round_s': map_s + reduce_s})
@@ -290,7 +297,7 @@ def simulate_ssp(cost: StepCost, cluster: Cluster, *, local_batch: int | Sequenc
         now += yield ('sleep', comm)
       published[k] = c + 1
 
-  traces = engine.run([worker(k) for k in range(n)], *cluster.placement())
+  traces = cluster.run([worker(k) for k in range(n)])
   return Result(max(t.finish_s for t in traces), busy, [t.blocked_s for t in traces])
 
 

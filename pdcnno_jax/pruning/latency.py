@@ -1,33 +1,29 @@
-"""Latency-aware channel selection: measured per-layer latency tables and a greedy search.
+"""Latency-aware channel selection: candidate networks measured end to end, NetAdapt-style.
 
 Fewer MACs is not fewer milliseconds: XLA's convolutions for small layers run at very different
-speeds for neighbouring channel counts. Following NetAdapt, each layer that a pruned width
-touches (a prunable conv, and every layer reading one) gets a latency table: the time of the
-layer alone (conv, bias or BatchNorm, activation, mask and a following pool; forward, or
-forward + backward + an update for a training step) as a function of its (input, output)
-widths, jitted, timed after warm-up, median of repeats, measured lazily on the widths the
-search visits and cached on disk by backend, device kind, jax version, layer shape and batch.
+speeds for neighbouring channel counts, and a layer timed alone does not predict its time in
+the network (on XLA:CPU a LeNet conv1 cut to 2 maps is fast alone, the network is not). So the
+search (:mod:`latency_search`) measures every candidate it considers as a whole network: the
+model compacted to the candidate widths, its jitted inference pass (or training step), timed
+after warm-up as the median of repeats interleaved with the dense network and the search's
+current point, so that load changes cancel. Measurements are cached on disk by backend,
+device kind, jax version, architecture, widths, batch and target, and budgeted
+(``prune.latency_measurements``); the chosen network is measured once more against the dense
+one for the report.
 
-The network latency is predicted as ``a * sum(layer times) + b``, calibrated on end-to-end
-measurements (first the dense model: a = 1, b = the rest). The search removes, at each step,
-the lowest-scoring channels of the layer with the least score lost per predicted millisecond
-saved, never stopping at a width that is no faster than a wider one, until the predicted
-speed-up reaches the target; the compacted network is then measured end to end and, when it
-misses the target, the calibration takes the measured point and the search continues.
-
-Timers are injectable (:class:`LayerTimer`, :class:`EndToEndTimer`) so that tests use fake
-tables.
+Timers are injectable (:class:`EndToEndTimer`) so that tests use fake network latencies.
 
 References:
   Yang et al. 2018, "NetAdapt: platform-aware neural network adaptation for mobile
-  applications" (ECCV), per-layer latency look-up tables, greedy resource-constrained
-  adaptation. DESIGN.md, "Latency-aware selection".
+  applications" (ECCV), greedy adaptation driven by empirical measurements.
+  DESIGN.md, "Latency-aware selection".
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import functools
+import hashlib
 import json
 import os
 import re
@@ -37,14 +33,13 @@ import time
 from typing import Any, Callable, Mapping, Protocol
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 
-from pdcnno_jax.models import layers
+from pdcnno_jax.pruning import latency_search
 from pdcnno_jax.pruning import masking
 from pdcnno_jax.train import sharding as sharding_lib
 from pdcnno_jax.train import state as state_lib
@@ -54,11 +49,9 @@ TARGETS = ('inference', 'train_step')
 Masks = dict[str, np.ndarray]
 Widths = dict[str, int]
 Model = tuple[nnx.GraphDef, state_lib.TrainState]
-# Channels removed per candidate step of the greedy search.
-_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
-# Wider widths examined when the result is polished (free widening).
-_POLISH_WINDOW = 8
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
+# Compiled steps a JaxEndToEndTimer keeps (dense, current, candidates of one step).
+_COMPILED = 4
 
 
 def median_ms(calls: Mapping[Any, tuple[Callable[..., Any], tuple[Any, ...]]], reps: int, *,
@@ -125,108 +118,6 @@ def compare_latency(models: Mapping[str, Model], batch: Mapping[str, Any],
   return result
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerShape:
-  """What a layer's time depends on besides its widths (the latency-table key).
-
-  Attributes:
-    kind: ``'conv'`` (a ``MaskedConv`` or ``ConvNorm`` block) or ``'dense'``.
-    masked: conv with ReLU and a feature mask (``MaskedConv``) rather than ``ConvNorm``.
-    in_hw: spatial size of the conv input; for dense, the ``(H, W)`` of a flattened map
-      (input features = H * W * input width), else ``(1, 1)``.
-    kernel_size, strides, padding, batch_norm: of the conv.
-    pool: a 2x2 max-pool follows the block.
-    input_grad: a training step differentiates the layer's input (it is not the image).
-  """
-
-  kind: str
-  masked: bool
-  in_hw: tuple[int, int]
-  kernel_size: int = 1
-  strides: int = 1
-  padding: str = 'SAME'
-  batch_norm: bool = False
-  pool: bool = False
-  input_grad: bool = True
-
-  def key(self) -> str:
-    return ','.join(f'{f.name}={getattr(self, f.name)}' for f in dataclasses.fields(self))
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerEntry:
-  """One timed layer of a model: its shape and where its widths come from.
-
-  ``in_layer`` / ``out_layer`` name the prunable layer whose kept width is this layer's
-  input / output width; None means the fixed ``in_width`` / ``out_width``.
-  """
-
-  name: str
-  shape: LayerShape
-  in_layer: str | None
-  out_layer: str | None
-  in_width: int
-  out_width: int
-
-  def widths(self, kept: Mapping[str, int]) -> tuple[int, int]:
-    return (kept[self.in_layer] if self.in_layer else self.in_width,
-            kept[self.out_layer] if self.out_layer else self.out_width)
-
-
-def _stride(block: Any) -> int:
-  stride = block.conv.strides
-  return int(stride[0] if isinstance(stride, (tuple, list)) else stride)
-
-
-def _conv_input_hw(block: Any, output_hw: tuple[int, int]) -> tuple[int, int]:
-  """The input size of a conv from its output size (exact for stride 1)."""
-  kernel, stride = block.conv.kernel_size[0], _stride(block)
-  if block.conv.padding == 'VALID':
-    return tuple((o - 1) * stride + kernel for o in output_hw)
-  return tuple(o * stride for o in output_hw)
-
-
-def layer_entries(model: nnx.Module) -> tuple[LayerEntry, ...]:
-  """The layers whose time changes with the prunable widths, with their table keys."""
-  specs = model.layer_specs()
-  prunable = {spec.name for spec in masking.prunable_specs(model)}
-  blocks, inputs = {}, {}
-  for spec in specs:
-    if spec.kind == 'conv':
-      blocks[spec.name] = masking.get_submodule(model, spec.param_path[:-1])
-      inputs[spec.name] = _conv_input_hw(blocks[spec.name], spec.output_hw)
-    elif spec.flatten_hw is not None:
-      inputs[spec.name] = tuple(spec.flatten_hw)
-  entries = []
-  for spec in specs:
-    in_layer = spec.in_mask if spec.in_mask in prunable else None
-    out_layer = spec.name if spec.name in prunable else None
-    if in_layer is None and out_layer is None:
-      continue
-    if spec.kind == 'conv':
-      block = blocks[spec.name]
-      readers = [inputs[s.name] for s in specs if s.in_mask == spec.name and s.name in inputs]
-      pool = bool(readers) and readers[0] == tuple(o // 2 for o in spec.output_hw)
-      shape = LayerShape('conv', isinstance(block, layers.MaskedConv), inputs[spec.name],
-                         block.conv.kernel_size[0], _stride(block),
-                         block.conv.padding, block.norm is not None, pool,
-                         spec.in_mask is not None)
-      in_width = spec.in_channels
-    else:
-      hw = inputs.get(spec.name, (1, 1))
-      shape = LayerShape('dense', False, hw)
-      in_width = spec.in_channels // (hw[0] * hw[1])
-    entries.append(LayerEntry(spec.name, shape, in_layer, out_layer, in_width,
-                              spec.out_channels))
-  return tuple(entries)
-
-
-class LayerTimer(Protocol):
-  """Milliseconds of one layer of ``shape`` at input / output widths ``(c_in, c_out)``."""
-
-  def __call__(self, shape: LayerShape, c_in: int, c_out: int) -> float:
-    ...
-
 
 class EndToEndTimer(Protocol):
   """Milliseconds of each whole model (name -> ``(graphdef, state)``), measured together."""
@@ -235,79 +126,64 @@ class EndToEndTimer(Protocol):
     ...
 
 
-def _layer_function(shape: LayerShape, c_in: int, c_out: int, train: bool):
-  """``(fn, args)``: the layer's jitted forward (or forward + backward + SGD update)."""
-  rngs = nnx.Rngs(0)
-  if shape.kind == 'conv':
-    block_type = layers.MaskedConv if shape.masked else layers.ConvNorm
-    module = block_type(c_in, c_out, shape.kernel_size, rngs=rngs, padding=shape.padding,
-                        strides=shape.strides, batch_norm=shape.batch_norm)
-    x_shape = shape.in_hw + (c_in,)
-  else:
-    module = nnx.Linear(c_in * shape.in_hw[0] * shape.in_hw[1], c_out, rngs=rngs)
-    x_shape = (c_in * shape.in_hw[0] * shape.in_hw[1],)
-  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-
-  def forward(params, rest, x):
-    layer = nnx.merge(graphdef, params, rest)
-    y = layer(x, train=train) if shape.kind == 'conv' else nnx.relu(layer(x))
-    if shape.pool:
-      y = nnx.max_pool(y, (2, 2), strides=(2, 2))
-    return y
-
-  if not train:
-    return jax.jit(forward), (params, rest), x_shape
-
-  def step(params, rest, x):
-    loss = lambda p, x: jnp.sum(forward(p, rest, x))
-    if shape.input_grad:
-      grads, x_grad = jax.grad(loss, argnums=(0, 1))(params, x)
-    else:
-      grads, x_grad = jax.grad(loss)(params, x), None
-    return jax.tree.map(lambda p, g: p - 1e-3 * g, params, grads), x_grad
-
-  return jax.jit(step), (params, rest), x_shape
-
-
 @dataclasses.dataclass
-class JaxLayerTimer:
-  """:class:`LayerTimer` that times the layer alone with jax (jit, warm-up, median).
+class JaxEndToEndTimer:
+  """:class:`EndToEndTimer` of the jitted eval step or training step, calls interleaved.
 
-  The first width pair timed for a layer shape is its reference; every later pair is timed
-  interleaved with the reference and scaled by the reference's first time, so that load
-  changes on a shared machine between measurements cancel.
+  Compiled steps are kept for the last few graph definitions, so that the dense network and
+  the search's current point compile once.
 
   Attributes:
-    batch_size: per-device batch.
+    batch: one batch ``{'image', 'label'}`` with a size divisible by the mesh's devices.
+    preprocess: uint8 images -> model input.
+    mesh: device mesh (None: every device).
     target: ``'inference'`` or ``'train_step'``.
-    repeats: timed calls per median.
+    tx: the optimizer (``'train_step'``: the step applies it, not donating).
+    repeats: timed calls per model, after two warm-up calls.
   """
 
-  batch_size: int
+  batch: Mapping[str, Any]
+  preprocess: Callable[[Any], Any]
+  mesh: Mesh | None
   target: str
+  tx: optax.GradientTransformation | None
   repeats: int
-  references: dict[LayerShape, tuple[int, int, float]] = dataclasses.field(
-      default_factory=dict)
+  compiled: collections.OrderedDict = dataclasses.field(
+      default_factory=collections.OrderedDict, repr=False)
 
-  def _call(self, shape: LayerShape, c_in: int, c_out: int):
-    fn, args, x_shape = _compiled_layer(shape, c_in, c_out, self.target == 'train_step')
-    x = jnp.asarray(np.random.default_rng(0).random((self.batch_size,) + x_shape, np.float32))
-    return fn, args + (x,)
+  def __post_init__(self):
+    if self.target not in TARGETS:
+      raise ValueError(f'Unknown prune.latency_target {self.target!r}; choose from {TARGETS}.')
+    if self.target == 'train_step' and self.tx is None:
+      raise ValueError("prune.latency_target='train_step' times the training step: pass the "
+                       'optimizer (PruningTarget.tx) to run_pruning.')
+    self.mesh = sharding_lib.make_mesh() if self.mesh is None else self.mesh
+    self.batch = _global_batch(self.batch, self.mesh)
 
-  def __call__(self, shape: LayerShape, c_in: int, c_out: int) -> float:
-    if shape not in self.references:
-      ms = median_ms({0: self._call(shape, c_in, c_out)}, self.repeats, warmup=2)[0]
-      self.references[shape] = (c_in, c_out, ms)
-      return ms
-    ref_in, ref_out, ref_ms = self.references[shape]
-    times = median_ms({'entry': self._call(shape, c_in, c_out),
-                       'reference': self._call(shape, ref_in, ref_out)}, self.repeats, warmup=2)
-    return ref_ms * times['entry'] / times['reference']
+  def step(self, graphdef: nnx.GraphDef) -> Callable[..., Any]:
+    if graphdef in self.compiled:
+      self.compiled.move_to_end(graphdef)
+      return self.compiled[graphdef]
+    if self.target == 'train_step':
+      fn = steps.make_train_step(graphdef, self.tx, self.preprocess, self.mesh, donate=False)
+    else:
+      fn = steps.make_eval_step(graphdef, self.preprocess, self.mesh)
+    self.compiled[graphdef] = fn
+    while len(self.compiled) > _COMPILED:
+      self.compiled.popitem(last=False)
+    return fn
+
+  def __call__(self, models: Mapping[str, Model]) -> dict[str, float]:
+    calls = {name: (self.step(graphdef), (state, self.batch))
+             for name, (graphdef, state) in models.items()}
+    return median_ms(calls, self.repeats, warmup=2)
 
 
-@functools.lru_cache(maxsize=16)
-def _compiled_layer(shape: LayerShape, c_in: int, c_out: int, train: bool):
-  return _layer_function(shape, c_in, c_out, train)
+def end_to_end_timer(batch: Mapping[str, Any], preprocess: Callable[[Any], Any],
+                     mesh: Mesh | None, target: str, *,
+                     tx: optax.GradientTransformation | None, reps: int) -> EndToEndTimer:
+  """A :class:`JaxEndToEndTimer` of ``target`` on ``batch``."""
+  return JaxEndToEndTimer(batch, preprocess, mesh, target, tx, reps)
 
 
 def default_cache_dir() -> str:
@@ -324,341 +200,236 @@ def cache_file(cache_dir: str) -> str:
                       re.sub(r'[^A-Za-z0-9._-]+', '-', name) + '.json')
 
 
-class LatencyTable:
-  """Per-layer latencies, measured lazily by a :class:`LayerTimer` and cached on disk.
+
+def architecture_key(model: nnx.Module) -> str:
+  """The model class and a digest of its layer specs (widths, kernels, spatial sizes)."""
+  digest = hashlib.sha1(repr(model.layer_specs()).encode()).hexdigest()[:16]
+  return f'{type(model).__name__}:{digest}'
+
+
+class MeasurementCache:
+  """Measured network latencies by key, in memory and in a JSON file.
 
   Args:
-    timer: measures an entry that is neither in memory nor in the cache.
-    path: JSON cache file (None: no disk cache); see :func:`cache_file`.
-    context: what else the times depend on (batch size, target), part of every key.
+    path: JSON cache file (None: memory only); see :func:`cache_file`.
   """
 
-  def __init__(self, timer: LayerTimer, path: str | None, context: str):
-    self.timer, self.path, self.context = timer, path, context
-    self.entries: dict[str, float] = {}
-    self.measured, self.seconds = 0, 0.0
-    self._disk: dict[str, float] = {}
+  def __init__(self, path: str | None):
+    self.path = path
+    self.records: dict[str, dict[str, Any]] = {}
     if path and os.path.exists(path):
       try:
         with open(path) as f:
           stored = json.load(f)
         if stored.get('version') == _CACHE_VERSION:
-          self._disk = {k: float(v) for k, v in stored['entries'].items()}
+          self.records = dict(stored['entries'])
       except (OSError, ValueError, KeyError) as e:
         logging.warning('Ignoring the unreadable latency cache %s: %s', path, e)
 
-  def _key(self, shape: LayerShape, c_in: int, c_out: int) -> str:
-    return f'{self.context}|{shape.key()}|{int(c_in)}x{int(c_out)}'
+  def get(self, key: str) -> dict[str, Any] | None:
+    return self.records.get(key)
 
-  def has(self, shape: LayerShape, c_in: int, c_out: int) -> bool:
-    key = self._key(shape, c_in, c_out)
-    return key in self.entries or key in self._disk
-
-  def ms(self, shape: LayerShape, c_in: int, c_out: int) -> float:
-    key = self._key(shape, c_in, c_out)
-    if key not in self.entries:
-      if key in self._disk:
-        self.entries[key] = self._disk[key]
-      else:
-        start = time.perf_counter()
-        self.entries[key] = self._disk[key] = float(self.timer(shape, int(c_in), int(c_out)))
-        self.seconds += time.perf_counter() - start
-        self.measured += 1
-        self._save()
-    return self.entries[key]
-
-  def _save(self) -> None:
+  def put(self, key: str, record: dict[str, Any]) -> None:
+    self.records[key] = record
     if not self.path:
       return
-    os.makedirs(os.path.dirname(self.path), exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(self.path), suffix='.tmp')
+    os.makedirs(os.path.dirname(self.path) or '.', exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(self.path) or '.', suffix='.tmp')
     with os.fdopen(handle, 'w') as f:
-      json.dump({'version': _CACHE_VERSION, 'entries': self._disk}, f, sort_keys=True)
+      json.dump({'version': _CACHE_VERSION, 'entries': self.records}, f, sort_keys=True)
     os.replace(temporary, self.path)
 
 
-class LatencyModel:
-  """Predicted network latency ``a * sum(layer times) + b`` over the kept widths.
+@dataclasses.dataclass
+class NetworkLatency:
+  """:class:`latency_search.Measure` of compacted networks, relative to the dense one.
 
-  ``a`` and ``b`` are fitted (least squares) to the end-to-end measurements added by
-  :meth:`calibrate`; with one measurement (the dense model) ``a = 1`` and ``b`` is the time
-  of everything outside the tables (classifier, input, dispatch). When that would make
-  ``b < 0`` (tables timed under heavier load than the network), ``b = 0`` and ``a`` is fitted.
+  A fresh measurement times the dense network, the candidate and (when given and not the
+  dense network) the current point side by side; the candidate's latency is its median over
+  the dense network's. Known candidates (this run, or the cache) cost nothing.
+
+  Attributes:
+    build: widths -> the compacted ``(graphdef, state)`` at those widths.
+    timer: times models side by side.
+    dense: the unpruned network, and ``full`` its widths (latency 1 by definition).
+    cache: where measurements are kept; ``prefix`` (context and architecture) starts each key.
+    budget: fresh measurements allowed.
+    measured, seconds: fresh measurements made so far and the seconds they took.
+    log: one record per network looked up (widths, speed-up, whether from the cache).
   """
 
-  def __init__(self, entries: tuple[LayerEntry, ...], table: LatencyTable):
-    self.entries, self.table = entries, table
-    self.points: list[tuple[float, float]] = []
-    self.scale, self.rest = 1.0, 0.0
-    self.dense_ms: float | None = None
+  build: Callable[[Widths], Model]
+  timer: EndToEndTimer
+  dense: Model
+  full: Widths
+  cache: MeasurementCache
+  prefix: str
+  budget: int
+  measured: int = 0
+  seconds: float = 0.0
+  log: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  fresh: set[str] = dataclasses.field(default_factory=set)
+  seen: set[str] = dataclasses.field(default_factory=set)
+  built: collections.OrderedDict = dataclasses.field(
+      default_factory=collections.OrderedDict, repr=False)
 
-  def layer_sum(self, kept: Mapping[str, int]) -> float:
-    return sum(self.table.ms(e.shape, *e.widths(kept)) for e in self.entries)
+  def model(self, widths: Widths) -> Model:
+    key = latency_search.widths_key(widths)
+    if key not in self.built:
+      self.built[key] = self.build(widths)
+      while len(self.built) > _COMPILED - 1:
+        self.built.popitem(last=False)
+    return self.built[key]
 
-  def known(self, kept: Mapping[str, int]) -> bool:
-    """Whether the table holds every entry the prediction at ``kept`` needs."""
-    return all(self.table.has(e.shape, *e.widths(kept)) for e in self.entries)
+  def __call__(self, candidate: Widths,
+               current: Widths | None = None) -> latency_search.Measurement | None:
+    if candidate == self.full:
+      return latency_search.Measurement(1.0, None if current is None else 1.0)
+    key = latency_search.widths_key(candidate)
+    reference = None if current is None else latency_search.widths_key(current)
+    record = self.cache.get(f'{self.prefix}|{key}')
+    if record is None:
+      if self.measured >= self.budget:
+        return None
+      record = self._measure(candidate, current)
+      self.cache.put(f'{self.prefix}|{key}', record)
+      self.fresh.add(key)
+    if key not in self.seen:  # One entry per network looked up in this run.
+      self.seen.add(key)
+      self.log.append({'widths': dict(candidate), 'speedup': 1.0 / record['latency'],
+                       'cached': key not in self.fresh})
+    same = reference is not None and record.get('reference') == reference
+    return latency_search.Measurement(record['latency'],
+                                      record.get('reference_latency') if same else None)
 
-  def predict_ms(self, kept: Mapping[str, int]) -> float:
-    return max(self.scale * self.layer_sum(kept) + self.rest, 1e-9)
+  def _measure(self, candidate: Widths, current: Widths | None) -> dict[str, Any]:
+    models = {'dense': self.dense, 'candidate': self.model(candidate)}
+    if current is not None and current != self.full:
+      models['current'] = self.model(current)
+    start = time.perf_counter()
+    times = self.timer(models)
+    self.seconds += time.perf_counter() - start
+    self.measured += 1
+    reference_latency = None
+    if current is not None:
+      reference_latency = times['current'] / times['dense'] if 'current' in models else 1.0
+    return {'latency': float(times['candidate'] / times['dense']),
+            'reference': None if current is None else latency_search.widths_key(current),
+            'reference_latency': reference_latency, 'dense_ms': float(times['dense']),
+            'candidate_ms': float(times['candidate'])}
 
-  def predicted_speedup(self, kept: Mapping[str, int]) -> float:
-    return self.dense_ms / self.predict_ms(kept)
-
-  def calibrate(self, kept: Mapping[str, int], measured_ms: float) -> None:
-    """Adds an end-to-end measurement (ms, in the units of the first one) and refits."""
-    if self.dense_ms is None:
-      self.dense_ms = float(measured_ms)
-    self.points.append((self.layer_sum(kept), float(measured_ms)))
-    sums, times = np.array(self.points).T
-    scale, rest = 1.0, float(times[-1] - sums[-1])
-    if len(self.points) > 1 and np.ptp(sums) > 0:
-      scale, rest = np.polyfit(sums, times, 1)
-    if scale <= 0 or rest < 0:  # Tables slower than the network (e.g. load): proportional.
-      scale, rest = float(np.dot(sums, times) / np.dot(sums, sums)), 0.0
-    self.scale, self.rest = float(scale), float(rest)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Costs:
-  """Score lost by removing the lowest-scoring kept channels of each layer."""
-
-  order: dict[str, np.ndarray]  # Kept channels, lowest normalised score first.
-  cumulative: dict[str, np.ndarray]  # [k]: score of the k lowest.
-  start: dict[str, int]  # Kept widths before the search.
-
-  def of(self, name: str, width: int) -> float:
-    return float(self.cumulative[name][self.start[name] - width])
-
-
-def _costs(scores: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray]) -> _Costs:
-  order, cumulative, start = {}, {}, {}
-  for name, mask in masks.items():
-    kept = np.flatnonzero(mask)
-    score = np.asarray(scores[name], np.float64)
-    norm = np.linalg.norm(score[kept])
-    normalized = score / norm if norm > 0 else score
-    order[name] = kept[np.argsort(normalized[kept], kind='stable')]
-    cumulative[name] = np.concatenate([[0.0], np.cumsum(normalized[order[name]])])
-    start[name] = int(kept.size)
-  return _Costs(order, cumulative, start)
-
-
-def _candidates(width: int, min_channels: int) -> list[int]:
-  """Narrower widths tried for a layer, widest first: 1 to half the width fewer, then a
-  halving ladder down to ``min_channels`` (small layers can be slow at every nearby width)."""
-  if width <= min_channels:
-    return []
-  steps = {1, 2, 4} | {max(1, round(width * f)) for f in (1 / 16, 1 / 8, 1 / 4, 1 / 2)}
-  ladder = {width >> k for k in range(2, max(2, width.bit_length()))}
-  widths = {width - d for d in steps} | ladder | {min_channels}
-  return sorted({w for w in widths if min_channels <= w < width}, reverse=True)
-
-
-def _greedy_step(model: LatencyModel, costs: _Costs, kept: Widths, current: float,
-                 min_channels: int) -> tuple[str, int, float] | None:
-  """The removal with the least score lost per predicted ms saved (None: nothing saves)."""
-  best = None
-  for name, width in kept.items():
-    fastest = current
-    for narrower in _candidates(width, min_channels):
-      predicted = model.predict_ms({**kept, name: narrower})
-      if predicted >= fastest:  # No faster than a wider width: never a stopping point.
-        continue
-      fastest = predicted
-      ratio = (costs.of(name, narrower) - costs.of(name, width)) / (current - predicted)
-      if best is None or ratio < best[0]:
-        best = (ratio, name, narrower, predicted)
-  return None if best is None else best[1:]
-
-
-def _widen(model: LatencyModel, costs: _Costs, kept: Widths, goal: float) -> Widths:
-  """Gives back channels while the prediction stays within ``goal``.
-
-  First the single channel that regains most score, repeatedly; then each layer moves to the
-  widest width no slower than its own among the next ``_POLISH_WINDOW`` and those the table
-  already holds, until nothing moves: no chosen width is slower than such a wider one.
-  """
-  kept = dict(kept)
-  while True:
-    best = None
-    for name, width in kept.items():
-      if width < costs.start[name]:
-        wider = {**kept, name: width + 1}
-        if model.predict_ms(wider) <= goal:
-          regained = costs.of(name, width) - costs.of(name, width + 1)
-          if best is None or regained > best[0]:
-            best = (regained, wider)
-    if best is None:
-      break
-    kept = best[1]
-  moved = True
-  while moved:
-    moved = False
-    for name in kept:
-      current = model.predict_ms(kept)
-      for wider in range(costs.start[name], kept[name], -1):
-        candidate = {**kept, name: wider}
-        if wider > kept[name] + _POLISH_WINDOW and not model.known(candidate):
-          continue
-        if model.predict_ms(candidate) <= current:
-          kept, moved = candidate, True
-          break
-  return kept
-
-
-def search_widths(model: LatencyModel, costs: _Costs, kept: Mapping[str, int], *,
-                  target_speedup: float, min_channels: int) -> tuple[Widths, bool]:
-  """Greedy NetAdapt-style removal from ``kept`` until the predicted speed-up is reached.
-
-  Returns:
-    ``(widths, reached)``; when no removal allowed by ``min_channels`` is predicted to be
-    faster, the widths where the search stopped and False.
-  """
-  kept = dict(kept)
-  goal = model.dense_ms / float(target_speedup)
-  current = model.predict_ms(kept)
-  while current > goal:
-    step = _greedy_step(model, costs, kept, current, min_channels)
-    if step is None:
-      return kept, False
-    name, width, current = step
-    kept[name] = width
-  return _widen(model, costs, kept, goal), True
-
-
-def widths_to_masks(costs: _Costs, masks: Mapping[str, np.ndarray],
-                    kept: Mapping[str, int]) -> Masks:
-  """Masks keeping the ``kept[name]`` best-scoring of each layer's kept channels."""
-  new = {name: np.asarray(mask, np.float32).copy() for name, mask in masks.items()}
-  for name, mask in new.items():
-    mask[costs.order[name][:costs.start[name] - kept[name]]] = 0.0
-  return new
-
-
-MeasureFn = Callable[[Masks], tuple[float, float]]
+  def verify(self, widths: Widths) -> tuple[float, float]:
+    """``(dense_ms, compacted_ms)`` of the network at ``widths``, measured now."""
+    times = self.timer({'dense': self.dense, 'compacted': self.model(widths)})
+    return float(times['dense']), float(times['compacted'])
 
 
 @dataclasses.dataclass
 class LatencySelector:
-  """Latency-targeted selection: search, measure the compacted network, continue if short.
+  """Latency-targeted selection: greedy search on measured networks, then one check.
 
   Attributes:
-    model: the latency model, calibrated on the dense network.
-    measure: ``measure(masks) -> (dense_ms, compacted_ms)``, measured side by side.
-    max_measurements: end-to-end measurements (searches) at most.
-    history: one record per measurement (widths, predicted and measured speed-ups).
+    graphdef, state: the model to prune (its masks may already prune some channels).
+    compact: ``compact(graphdef, masked_state) -> (graphdef, state)`` of the narrower model.
+    timer: times whole networks side by side.
+    cache: measured latencies; ``prefix`` (context and architecture) starts each key.
+    max_measurements: fresh end-to-end measurements the search may make.
+    step_fraction: channels cut per proposal, as a fraction of the layer's width.
   """
 
-  model: LatencyModel
-  measure: MeasureFn
+  graphdef: nnx.GraphDef
+  state: state_lib.TrainState
+  compact: Callable[[nnx.GraphDef, state_lib.TrainState], Model]
+  timer: EndToEndTimer
+  cache: MeasurementCache
+  prefix: str
   max_measurements: int
-  history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  step_fraction: float
   target_speedup: float = 1.0
+  network: NetworkLatency | None = None
+  history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+  def _network(self, costs: latency_search.ScoreCosts, masks: Masks) -> NetworkLatency:
+    graphdef, state = self.graphdef, self.state
+
+    def build(widths: Widths) -> Model:
+      return self.compact(graphdef, masking.apply_masks(graphdef, state,
+                                                        costs.masks(masks, widths)))
+
+    full = {spec.name: spec.out_channels
+            for spec in masking.prunable_specs(state_lib.merge_model(graphdef, state))}
+    return NetworkLatency(build, self.timer, (graphdef, state), full, self.cache,
+                          self.prefix, int(self.max_measurements))
 
   def select(self, scores: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray], *,
              target_speedup: float, min_channels: int) -> Masks:
     """New masks whose measured speed-up over the dense model reaches ``target_speedup``.
 
-    Stops short of the target (logged; ``report()['target_reached']`` is False) after
-    ``max_measurements`` measurements, or when no narrower width is predicted to be faster;
-    it then returns the fastest measured point (repeated last in ``history`` with
-    ``chosen=True``).
+    When the chosen network, measured again, misses the target, the search continues from
+    that measured point once. Short of the target (budget spent, or no narrower width
+    measures faster), the fastest measured point is kept and ``report()['target_reached']``
+    is False (logged).
     """
     if not target_speedup >= 1:
       raise ValueError(f'prune.target_speedup must be >= 1 (dense / pruned latency), got '
                        f'{target_speedup}.')
     self.target_speedup = float(target_speedup)
-    costs = _costs(scores, masks)
-    kept = dict(costs.start)
-    chosen = []  # (measured speed-up, measurement number, masks).
-    for _ in range(max(1, self.max_measurements)):
-      kept, reached = search_widths(self.model, costs, kept, target_speedup=target_speedup,
-                                    min_channels=min_channels)
-      selected = widths_to_masks(costs, masks, kept)
-      predicted = self.model.predicted_speedup(kept)
-      dense_ms, compacted_ms = self.measure(selected)
-      measured = dense_ms / compacted_ms
-      self.history.append({'widths': dict(kept), 'predicted_speedup': predicted,
-                           'measured_speedup': measured, 'dense_ms': dense_ms,
-                           'compacted_ms': compacted_ms})
-      chosen.append((measured, len(self.history), selected))
-      logging.info('Latency selection: widths %s, predicted %.3gx, measured %.3gx (target '
-                   '%.3gx)', kept, predicted, measured, target_speedup)
-      if measured >= target_speedup:
+    costs = latency_search.ScoreCosts.from_scores(scores, masks)
+    self.network = network = self._network(costs, masks)
+    start = dict(costs.start)
+    first = network(start)
+    start_latency = 1.0 if first is None else first.latency
+    for _ in range(2):
+      result = latency_search.greedy_search(
+          costs, network, target_speedup=target_speedup, min_channels=min_channels,
+          step_fraction=self.step_fraction, start=start, start_latency=start_latency)
+      dense_ms, compacted_ms = network.verify(result.widths)
+      self.history.append({'widths': dict(result.widths), 'predicted_speedup':
+                           1.0 / result.latency, 'measured_speedup': dense_ms / compacted_ms,
+                           'dense_ms': dense_ms, 'compacted_ms': compacted_ms,
+                           'stopped': result.stopped})
+      logging.info('Latency selection: widths %s, searched %.3gx, measured %.3gx (target '
+                   '%.3gx), %d networks measured', result.widths, 1.0 / result.latency,
+                   dense_ms / compacted_ms, target_speedup, network.measured)
+      if dense_ms / compacted_ms >= target_speedup or not result.reached:
         break
-      if not reached:  # No narrower width is predicted faster: recalibrating cannot help.
-        logging.warning('prune.target_speedup=%s is out of reach with prune.min_channels=%d: '
-                        'no narrower width is predicted to be faster than %s, measured '
-                        '%.3gx.', target_speedup, min_channels, kept, measured)
-        break
-      self.model.calibrate(kept, self.model.dense_ms / measured)
-    else:
-      logging.warning('Latency selection stopped at a measured %.3gx after %d measurements, '
-                      'short of prune.target_speedup=%s.', measured, len(self.history),
-                      target_speedup)
-    if measured < target_speedup:  # Short of the target: the fastest measured point.
-      _, number, selected = max(chosen, key=lambda c: (c[0], -c[1]))
-      self.history.append(dict(self.history[number - 1], chosen=True))
-    return selected
+      start, start_latency = result.widths, compacted_ms / dense_ms
+    reached = [h for h in self.history if h['measured_speedup'] >= target_speedup]
+    chosen = reached[0] if reached else max(self.history, key=lambda h: h['measured_speedup'])
+    chosen['chosen'] = True
+    if chosen['measured_speedup'] < target_speedup:
+      logging.warning('Latency selection stopped at a measured %.3gx (%s, %d of %d '
+                      'measurements), short of prune.target_speedup=%s.',
+                      chosen['measured_speedup'], chosen['stopped'], network.measured,
+                      self.max_measurements, target_speedup)
+    return costs.masks(masks, chosen['widths'])
 
   def report(self) -> dict[str, Any]:
-    last = self.history[-1] if self.history else {}
-    return {'predicted_speedup': last.get('predicted_speedup'),
-            'measured_speedup': last.get('measured_speedup'),
-            'dense_ms': last.get('dense_ms'), 'compacted_ms': last.get('compacted_ms'),
-            'widths': last.get('widths'),
-            'measurements': [h for h in self.history if not h.get('chosen')],
-            'target_reached': bool(last) and last['measured_speedup'] >= self.target_speedup,
-            'table_entries': len(self.model.table.entries),
-            'table_measured': self.model.table.measured,
-            'table_seconds': self.model.table.seconds}
-
-
-def end_to_end_timer(batch: Mapping[str, Any], preprocess: Callable[[Any], Any],
-                     mesh: Mesh | None, target: str, *,
-                     tx: optax.GradientTransformation | None, reps: int) -> EndToEndTimer:
-  """:class:`EndToEndTimer` of the jitted eval step or training step (:func:`compare_latency`)."""
-  if target not in TARGETS:
-    raise ValueError(f'Unknown prune.latency_target {target!r}; choose from {TARGETS}.')
-  if target == 'train_step' and tx is None:
-    raise ValueError("prune.latency_target='train_step' times the training step: pass the "
-                     'optimizer (PruningTarget.tx) to run_pruning.')
-  kind = 'train_step_ms' if target == 'train_step' else 'inference_ms'
-
-  def timer(models: Mapping[str, Model]) -> dict[str, float]:
-    return compare_latency(models, batch, preprocess, mesh, reps=reps,
-                           tx=tx if target == 'train_step' else None,
-                           train_only=target == 'train_step')[kind]
-
-  return timer
-
-
-def make_measure(graphdef: nnx.GraphDef, state: state_lib.TrainState,
-                 compact: Callable[[nnx.GraphDef, state_lib.TrainState], Model],
-                 timer: EndToEndTimer) -> MeasureFn:
-  """``measure(masks) -> (dense_ms, compacted_ms)`` of ``(graphdef, state)`` and its
-  compacted form under ``masks``, timed side by side by ``timer``."""
-
-  def measure(masks: Masks) -> tuple[float, float]:
-    compacted = compact(graphdef, masking.apply_masks(graphdef, state, masks))
-    times = timer({'dense': (graphdef, state), 'compacted': compacted})
-    return float(times['dense']), float(times['compacted'])
-
-  return measure
+    chosen = next((h for h in self.history if h.get('chosen')), {})
+    network = self.network
+    return {'predicted_speedup': chosen.get('predicted_speedup'),
+            'measured_speedup': chosen.get('measured_speedup'),
+            'dense_ms': chosen.get('dense_ms'), 'compacted_ms': chosen.get('compacted_ms'),
+            'widths': chosen.get('widths'), 'stopped': chosen.get('stopped'),
+            'checks': [{k: v for k, v in h.items() if k != 'chosen'} for h in self.history],
+            'target_reached': bool(chosen) and chosen['measured_speedup'] >= self.target_speedup,
+            'measurements': [] if network is None else list(network.log),
+            'table_entries': 0 if network is None else len(network.log),
+            'table_measured': 0 if network is None else network.measured,
+            'table_seconds': 0.0 if network is None else network.seconds,
+            'max_measurements': int(self.max_measurements),
+            'step_fraction': float(self.step_fraction)}
 
 
 def build_selector(graphdef: nnx.GraphDef, state: state_lib.TrainState, *,
-                   layer_timer: LayerTimer, end_to_end: EndToEndTimer,
+                   end_to_end: EndToEndTimer,
                    compact: Callable[[nnx.GraphDef, state_lib.TrainState], Model],
-                   cache_path: str | None, context: str,
-                   max_measurements: int) -> LatencySelector:
-  """A :class:`LatencySelector` for the model, calibrated on one dense measurement."""
-  model = state_lib.merge_model(graphdef, state)
-  latency_model = LatencyModel(layer_entries(model), LatencyTable(layer_timer, cache_path,
-                                                                  context))
-  dense_ms = end_to_end({'dense': (graphdef, state)})['dense']
-  latency_model.calibrate({s.name: s.out_channels for s in masking.prunable_specs(model)},
-                          dense_ms)
-  return LatencySelector(latency_model, make_measure(graphdef, state, compact, end_to_end),
-                         int(max_measurements))
+                   cache_path: str | None, context: str, max_measurements: int,
+                   step_fraction: float) -> LatencySelector:
+  """A :class:`LatencySelector` for the model; measurements are keyed by ``context`` (batch,
+  target), the model's :func:`architecture_key` and the widths, in ``cache_path``."""
+  if not 0 < float(step_fraction) <= 1:
+    raise ValueError(f'prune.latency_step must be in (0, 1], got {step_fraction}.')
+  prefix = f'{context}|{architecture_key(state_lib.merge_model(graphdef, state))}'
+  return LatencySelector(graphdef, state, compact, end_to_end, MeasurementCache(cache_path),
+                         prefix, int(max_measurements), float(step_fraction))
