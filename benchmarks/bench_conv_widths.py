@@ -4,8 +4,8 @@ Pruning aims at >= 2.5x faster CPU inference of LeNet-5 (Caffe) compacted to 4x 
 This script times the two convolutions of that network alone, jitted, at one batch size, for a
 range of widths, and the whole forward pass for several kept-width pairs (conv1, conv2) next to
 the dense (20, 50), so that the measured speed-up of each pruning result can be read against
-what XLA's CPU convolutions deliver for its shapes (``prune.selection='latency'`` measures such
-tables itself: pdcnno_jax/pruning/latency.py). Widths alternate inside every repetition so
+what XLA's CPU convolutions deliver for its shapes (``prune.selection='latency'`` measures whole
+candidate networks itself: pdcnno_jax/pruning/latency.py). Widths alternate inside every repetition so
 that load changes on a shared machine hit all of them alike. Times are medians in ms.
 
   python benchmarks/bench_conv_widths.py [--batch_size=256 --reps=9]

@@ -102,6 +102,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'init.subspace_dim': _int_at_least(1),
     'init.log_scale_range': _POSITIVE,
     'init.swarm_chunk_size': _int_at_least(0),
+    'prune.latency_step': _number(0.0, 1.0, low_open=True),
     'prune.pretrain_fraction': _number(0.0, 1.0, low_open=True),
     'prune.pretrain_epochs': _int_at_least(0),
     'prune.score_examples': _int_at_least(1),

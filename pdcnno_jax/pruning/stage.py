@@ -139,9 +139,8 @@ def _validate(prune_config: ml_collections.ConfigDict) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class LatencyTimers:
-  """Injectable timers of latency selection (None: measure with jax on this backend)."""
+  """Injectable network timer of latency selection (None: measure with jax on this backend)."""
 
-  layer: latency.LayerTimer | None = None
   end_to_end: latency.EndToEndTimer | None = None
 
 
@@ -154,23 +153,22 @@ def _timing_batch(batches: list[Batch], scoring_batches: Batches) -> Batch | Non
 def _latency_selector(target: PruningTarget, state: state_lib.TrainState,
                       prune_config: ml_collections.ConfigDict, batch: Batch | None,
                       timers: LatencyTimers) -> latency.LatencySelector:
-  """Latency tables and an end-to-end timer at the batch's size, calibrated on ``state``."""
-  if batch is None and (timers.layer is None or timers.end_to_end is None):
+  """The latency selector of ``state``, timing whole networks on ``batch``."""
+  if batch is None and timers.end_to_end is None:
     raise ValueError("prune.selection='latency' times the model on a training batch: pass "
                      'scoring batches to run_pruning.')
   mesh = target.mesh
   devices = 1 if mesh is None else mesh.devices.size
   batch_size = int(np.shape(batch['label'])[0]) if batch is not None else 0
-  reps = int(prune_config.latency_repeats)
-  layer_timer = timers.layer or latency.JaxLayerTimer(max(1, batch_size // devices),
-                                                      prune_config.latency_target, reps)
   end_to_end = timers.end_to_end or latency.end_to_end_timer(
-      batch, target.preprocess, mesh, prune_config.latency_target, tx=target.tx, reps=reps)
+      batch, target.preprocess, mesh, prune_config.latency_target, tx=target.tx,
+      reps=int(prune_config.latency_repeats))
   return latency.build_selector(
-      target.graphdef, state, layer_timer=layer_timer, end_to_end=end_to_end,
-      compact=target.compact, cache_path=latency.cache_file(prune_config.latency_cache_dir),
+      target.graphdef, state, end_to_end=end_to_end, compact=target.compact,
+      cache_path=latency.cache_file(prune_config.latency_cache_dir),
       context=f'batch={batch_size}/{devices}|{prune_config.latency_target}',
-      max_measurements=int(prune_config.latency_measurements))
+      max_measurements=int(prune_config.latency_measurements),
+      step_fraction=float(prune_config.latency_step))
 
 
 def _prune_round(target: PruningTarget, state: state_lib.TrainState,
@@ -281,7 +279,7 @@ def run_pruning(target: PruningTarget, prune_config: ml_collections.ConfigDict, 
       of an iterative schedule (not after the last round: the trainer then trains for
       ``config.num_epochs``).
     seed: seed of the ``random`` scorer (round i uses ``seed + i``).
-    timers: injected latency timers (tests); by default layers and networks are timed.
+    timers: injected latency timer (tests); by default networks are timed with jax.
 
   Returns:
     ``(graphdef, state, report)``: the pruned (and, with ``prune.compact``, compacted) model
@@ -289,8 +287,8 @@ def run_pruning(target: PruningTarget, prune_config: ml_collections.ConfigDict, 
     before/after and their ratios, the per-round figures, the scored example count, scoring /
     fine-tuning / compaction seconds, ``kept_indices`` (per layer, indices of the kept channels
     in the unpruned layer), the compacted ``architecture`` (see
-    ``compaction.build_architecture``) and ``latency``: with latency selection the predicted
-    and measured (dense vs compacted) speed-ups, chosen widths and table statistics; else,
+    ``compaction.build_architecture``) and ``latency``: with latency selection the searched
+    and measured (dense vs compacted) speed-ups, chosen widths and measurement counts; else,
     with compaction, masked vs compacted inference and training-step milliseconds.
 
   Raises:
