@@ -114,10 +114,14 @@ def _reference(exp, tx, host_state, report):
       step_fn=mapreduce_core.local_train_step(exp.graphdef, tx, exp.preprocess, mesh),
       slow=slowdown_lib.Slowdown(), monitor=monitor_lib.WorkerMonitor(),
       images=split.images, labels=split.labels, batch=batch)
-  plan = mapreduce_core.make_block_plan(256, 8, 2, num_workers=2, local_batch_size=batch)
+  parallel = exp.config.parallel
+  plan = mapreduce_core.make_block_plan(exp.dataset.num_examples['train'], parallel.num_blocks,
+                                        parallel.rounds_per_epoch, num_workers=2,
+                                        local_batch_size=batch)
   state = host_state
   for r in report['rounds']:
-    round_blocks = plan.round_blocks(exp.config.seed, r['epoch'], r['round'] % 2)
+    round_blocks = plan.round_blocks(exp.config.seed, r['epoch'],
+                                     r['round'] % plan.rounds_per_epoch)
     trained = []
     for k in range(2):
       share = mapreduce_core.worker_share(round_blocks, np.array(r['blocks']), k)

@@ -11,11 +11,12 @@ One driver process (``python -m pdcnno_jax.main``, no launcher) starts
           floating optimizer state; integer counters get the mean rounded half up, as the
           jax engine's all-reduce), computed by the driver shard-wise: the leaves are split
           into ``parallel.ps_shards`` groups of about equal bytes, averaged in parallel threads.
-  Faults  a Map whose actor dies (SIGKILL, a lost node) is re-executed with the same state and
-          indices, on the same actor once Ray has restarted it (up to `_MAX_RESTARTS` times a
-          run), else on another live worker; only the attempt that returns is reduced, so every block of the round is
-          applied exactly once and the result equals a run without the failure. A killed
-          driver resumes from the workdir's round checkpoint (`mapreduce_core.Rounds`).
+  Faults  a Map whose actor dies (SIGKILL, a lost node) is re-executed with the same state
+          and indices, on the same actor once Ray has restarted it (up to `_MAX_RESTARTS`
+          times a run), else on another live worker; only the attempt that returns is
+          reduced, so every block of the round is applied exactly once and the result equals
+          a run without the failure. A killed driver resumes from the workdir's round
+          checkpoint (`mapreduce_core.Rounds`).
 
 report['mapreduce'] is the jax engine's plus ``engine``, ``transport``
 (`transport.job_transport`: bytes each worker received and sent and the seconds it took), and
@@ -151,7 +152,7 @@ class _Maps:
     self._errors = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError,
                     ray.exceptions.OwnerDiedError)
     # Held for the whole run: a restarted actor is rebuilt from these same objects.
-    self._data = (ray.put(split.images), ray.put(split.labels))
+    self._data = [ray.put(split.images), ray.put(split.labels)]
     remote = ray.remote(map_worker.MapWorker)
     num_workers = int(config.parallel.num_workers)
     options = dict(runtime.worker_options(config), max_restarts=_MAX_RESTARTS,
@@ -160,10 +161,17 @@ class _Maps:
     self.actors = [
         remote.options(**options).remote(
             map_worker.WorkerSpec(k, num_workers, config.parallel, int(config.seed),
-                                  exp.graphdef, tx, preprocess, batch), *self._data)
+                                  exp.graphdef, tx, preprocess, batch), self._data)
         for k in range(num_workers)]
     self.logs = [transport.TransferLog() for _ in range(num_workers)]
     self.info = ray.get([a.info.remote() for a in self.actors])
+    for k, info in enumerate(self.info):
+      if batch % info['devices']:
+        raise ValueError(
+            f'Worker {k} has {info["devices"]} devices ({info["backend"]}), which do not '
+            f'divide its local batch of {batch} (config.data.batch_size // '
+            'config.parallel.num_workers); change the batch size or '
+            'config.parallel.gpus_per_worker.')
 
   def warm_up(self, host_state: Any, shares: list[np.ndarray]) -> None:
     """Every actor compiles its step before the first round is timed."""
