@@ -78,16 +78,16 @@ def portable_preprocess(preprocess: Callable[[jax.Array], jax.Array]) -> Callabl
 class MapWorker:
   """One MapReduce worker (wrapped with ``ray.remote`` by the driver)."""
 
-  def __init__(self, spec: WorkerSpec, data_box: list[Any]):
+  def __init__(self, box: list[Any]):
     """Builds the Map machinery.
 
     Args:
-      spec: what to train and how.
-      data_box: ``[images_ref, labels_ref]``, the training arrays in the object store (boxed:
-        the actor maps them itself, also when Ray restarts it).
+      box: ``[spec_ref, images_ref, labels_ref]``: the `WorkerSpec` and the training arrays in
+        the object store, which the driver holds for the whole run, so that an actor Ray
+        restarts fetches the same objects again (Ray logs that it relies on this).
     """
     import ray  # pylint: disable=g-import-not-at-top  # Only ever imported in an actor.
-    images, labels = ray.get(data_box)
+    spec, images, labels = ray.get(box)
     mesh = sharding_lib.make_mesh(jax.local_devices())
     self._spec = spec
     self._replicated = sharding_lib.replicated(mesh)

@@ -151,18 +151,18 @@ class _Maps:
     self._ray = ray
     self._errors = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError,
                     ray.exceptions.OwnerDiedError)
-    # Held for the whole run: a restarted actor is rebuilt from these same objects.
-    self._data = [ray.put(split.images), ray.put(split.labels)]
-    remote = ray.remote(map_worker.MapWorker)
     num_workers = int(config.parallel.num_workers)
+    preprocess = map_worker.portable_preprocess(exp.preprocess)
+    # Held for the whole run: a restarted actor is rebuilt from these same objects.
+    data = [ray.put(split.images), ray.put(split.labels)]
+    self._boxes = [[ray.put(map_worker.WorkerSpec(k, num_workers, config.parallel,
+                                                  int(config.seed), exp.graphdef, tx,
+                                                  preprocess, batch)), *data]
+                   for k in range(num_workers)]
+    remote = ray.remote(map_worker.MapWorker)
     options = dict(runtime.worker_options(config), max_restarts=_MAX_RESTARTS,
                    max_task_retries=0, runtime_env={'env_vars': actor_env(config)})
-    preprocess = map_worker.portable_preprocess(exp.preprocess)
-    self.actors = [
-        remote.options(**options).remote(
-            map_worker.WorkerSpec(k, num_workers, config.parallel, int(config.seed),
-                                  exp.graphdef, tx, preprocess, batch), self._data)
-        for k in range(num_workers)]
+    self.actors = [remote.options(**options).remote(box) for box in self._boxes]
     self.logs = [transport.TransferLog() for _ in range(num_workers)]
     self.info = ray.get([a.info.remote() for a in self.actors])
     for k, info in enumerate(self.info):
