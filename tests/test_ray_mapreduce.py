@@ -91,8 +91,9 @@ def fixture_faulty(ray_session, tmp_path_factory):
 
 def test_one_worker_equals_the_jax_engine(ray_session, tmp_path):
   del ray_session
-  exp, tx, host_state = mode_fixtures.make_experiment(_config(num_workers=1), tmp_path,
-                                                      num_devices=1)
+  # The actor's steps are stretched 2x by its slowdown: a sleep, the numbers are untouched.
+  exp, tx, host_state = mode_fixtures.make_experiment(_config(num_workers=1, slowdown='2'),
+                                                      tmp_path, num_devices=1)
   on_ray, report = mapreduce.train(exp, sharding_lib.replicate(host_state, exp.mesh), tx=tx)
   exp.config.parallel.engine = 'jax'
   on_jax, jax_report = mapreduce.train(exp, sharding_lib.replicate(host_state, exp.mesh),
@@ -101,6 +102,7 @@ def test_one_worker_equals_the_jax_engine(ray_session, tmp_path):
   assert int(on_ray.step) == int(on_jax.step) == 16
   mode_fixtures.assert_states_close(on_ray, on_jax)
   assert [r['blocks'] for r in report['rounds']] == [[4]] * 4
+  assert report['slowdown'] == [2.0] and all(r['slept_s'][0] > 0 for r in report['rounds'])
   assert report['workers_info'][0]['devices'] == 1  # Not the 8 fake devices of this process.
 
 
@@ -156,6 +158,7 @@ def test_report_has_rounds_waits_and_transport(two_workers):
   for r in rounds:
     assert r['blocks'] == [2, 2] and r['samples'] == [64, 64]  # Every block once.
     assert r['wait_seconds'] >= 0 and r['reexecuted'] == []
+    assert r['slept_s'] == [0.0, 0.0]  # No slowdown configured.
   state_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(host_state))
   transport = report['transport']
   assert len(transport['workers']) == 2

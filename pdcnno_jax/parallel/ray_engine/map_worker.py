@@ -117,7 +117,8 @@ class MapWorker:
 
     Returns:
       ``state`` (host arrays), ``figures`` (`map_phase`'s), ``trained`` (the example indices
-      the local steps consumed), ``received`` (bytes, seconds of fetching the state), ``pid``.
+      the local steps consumed), ``received`` (bytes, seconds of fetching the state),
+      ``slept_s`` (the slowdown's sleep in this Map), ``pid``.
     """
     import ray  # pylint: disable=g-import-not-at-top  # Only ever imported in an actor.
     start = time.perf_counter()
@@ -127,11 +128,12 @@ class MapWorker:
     state = jax.device_put(host_state, self._replicated)
     if not self._worker.warm:  # A restarted actor compiles inside the round it re-runs.
       self._warm_up(state, indices)
+    slept_before = self._worker.slow.slept_s
     state, figures = core.map_phase(self._worker, state, indices)
     trained = np.asarray(indices[:figures['steps'] * self._spec.batch])
     return {'state': jax.device_get(state), 'figures': figures, 'trained': trained,
             'received': (transport.tree_nbytes(jax.tree.leaves(host_state)), received_s),
-            'pid': os.getpid()}
+            'slept_s': self._worker.slow.slept_s - slept_before, 'pid': os.getpid()}
 
   def warm_up(self, state_box: list[Any], indices: np.ndarray) -> None:
     """Compiles the step on the given state (a copy), so that no round times a compile."""

@@ -21,7 +21,8 @@ One driver process (``python -m pdcnno_jax.main``, no launcher) starts
 report['mapreduce'] is the jax engine's plus ``engine``, ``transport``
 (`transport.job_transport`: bytes each worker received and sent and the seconds it took), and
 per round ``wait_seconds`` (how long the driver waited for the slowest Map after the fastest
-returned), ``broadcast_s`` and ``reexecuted`` (the Maps that ran again, with their blocks).
+returned), ``broadcast_s``, ``slept_s`` (each worker's simulated slowdown, `parallel.slowdown`
+and the straggler settings) and ``reexecuted`` (the Maps that ran again, with their blocks).
 
 References:
   DESIGN.md, "MapReduce training" (failed Maps re-run, as in Hadoop); PDCNNO paper, the
@@ -208,7 +209,8 @@ class _Maps:
                           seconds=time.perf_counter() - ready)
       results[k], ready_at[k] = result, ready
     return results, {'wait_seconds': float(max(ready_at) - min(ready_at)),
-                     'broadcast_s': broadcast_s, 'reexecuted': list(reexecuted.values())}
+                     'broadcast_s': broadcast_s, 'reexecuted': list(reexecuted.values()),
+                     'slept_s': [float(r['slept_s']) for r in results]}
 
   def _submit(self, target: int, worker: int, box, shares, round_index: int, attempt: int):
     return self.actors[target].map.remote(box, shares[worker], round_index, attempt)
