@@ -2,27 +2,23 @@
 
 One driver process (``python -m pdcnno_jax.main``, no launcher) starts
 ``parallel.num_workers`` `map_worker.MapWorker` actors and runs the rounds of
-`mapreduce_core` (the same Split, balancers, checks and checkpoints as the jax engine):
+`mapreduce_core` (the jax engine's Split, balancers, checks and checkpoints):
 
-  Map     the driver puts the round's averaged host state in the object store once and
-          calls every actor's ``map`` with a reference to it and the example indices of its
-          blocks (`mapreduce_core.worker_share`); the training arrays were put once at start.
-  Reduce  the sample-weighted average of the returned states (parameters, model state,
-          floating optimizer state; integer counters get the mean rounded half up, as the
-          jax engine's all-reduce), computed by the driver shard-wise: the leaves are split
-          into ``parallel.ps_shards`` groups of about equal bytes, averaged in parallel threads.
-  Faults  a Map whose actor dies (SIGKILL, a lost node) is re-executed with the same state
-          and indices, on the same actor once Ray has restarted it (up to `_MAX_RESTARTS`
-          times a run), else on another live worker; only the attempt that returns is
-          reduced, so every block of the round is applied exactly once and the result equals
-          a run without the failure. A killed driver resumes from the workdir's round
-          checkpoint (`mapreduce_core.Rounds`).
+  Map     the round's averaged host state goes into the object store once (one ray.put);
+          every actor's ``map`` gets a reference to it and the example indices of its blocks.
+  Reduce  the sample-weighted average of the returned states (floats weighted in float32,
+          integer counters the mean rounded half up, as the jax engine's all-reduce), by the
+          driver in ``parallel.ps_shards`` leaf groups of about equal bytes, in parallel threads.
+  Faults  a Map whose actor dies (SIGKILL, a lost node) runs again with the same state and
+          indices, on its actor once Ray restarts it, else on another live worker; only the
+          attempt that returns is reduced, so every block is applied exactly once and the
+          result equals a run without the failure. A killed driver resumes from the workdir.
 
-report['mapreduce'] is the jax engine's plus ``engine``, ``transport``
-(`transport.job_transport`: bytes each worker received and sent and the seconds it took), and
-per round ``wait_seconds`` (how long the driver waited for the slowest Map after the fastest
-returned), ``broadcast_s``, ``slept_s`` (each worker's simulated slowdown, `parallel.slowdown`
-and the straggler settings) and ``reexecuted`` (the Maps that ran again, with their blocks).
+report['mapreduce'] is the jax engine's plus ``engine``, ``transport`` (`transport.
+job_transport`: bytes each worker received and sent, and the seconds it took), and per round
+``wait_seconds`` (how long the driver waited for the slowest Map after the fastest),
+``broadcast_s``, ``slept_s`` (each worker's simulated slowdown) and ``reexecuted`` (the Maps
+that ran again, with their blocks and errors).
 
 References:
   DESIGN.md, "MapReduce training" (failed Maps re-run, as in Hadoop); PDCNNO paper, the
