@@ -1,9 +1,9 @@
 """MapReduce training on LeNet-5 / Fashion-MNIST: balancers side by side, and speed-up.
 
   python benchmarks/bench_mapreduce.py [--epochs=2] [--rounds_per_epoch=4] \
-      [--data_dir=data/tfds] [--save_json=figures.json]
+      [--data_dir=data/tfds] [--save_json=figures.json] [--engine=jax|ray] [--num_train=N]
 
-Two measurements, each in one run:
+With ``--engine=jax`` (default) two measurements, each in one run:
 
 1. Balancers. One job of 4 local worker processes with slowdowns [1, 1, 2, 4]
    (configs/mapreduce_lenet.py) trains the same initial LeNet-5 with each balancer in turn
@@ -20,6 +20,12 @@ Two measurements, each in one run:
 2. Speed-up. The same job without slowdown (equal split) with 1 process and with 2 processes
    on this machine: T_1 / T_2 from the measured training wall time (sum of round times), next
    to the in-run estimate of `mapreduce.speedup_report`.
+
+With ``--engine=ray``: the same training (no slowdown, equal split) on 2 Ray worker actors of
+this driver process, then on 2 jax.distributed processes; per engine the mean round time
+(Map + Reduce, rounds 1..), and for Ray the mean driver wait for the slowest Map, Reduce and
+broadcast times and the transport figures of report.json (MiB/s = bytes moved / seconds).
+Quick form: ``--engine=ray --epochs=1 --rounds_per_epoch=4 --num_train=8192``.
 
 The machine is shared, so the load average is printed before and after every job.
 """
@@ -49,6 +55,9 @@ def _config(args):
   config.num_epochs = args.epochs
   config.data.data_dir = args.data_dir
   config.parallel.rounds_per_epoch = args.rounds_per_epoch
+  if args.num_train:  # Keep about 234 examples per block, as the full set does.
+    config.parallel.num_blocks = max(8, args.num_train // 234 // args.rounds_per_epoch *
+                                     args.rounds_per_epoch)
   config.eval_every_epochs = 10**6  # Evaluate once, after the last round.
   config.log_every_steps = 10**6
   return config
@@ -64,6 +73,7 @@ def _worker(argv):
   parser.add_argument('--slowdown', default='1,1,2,4')
   for name in ('epochs', 'rounds_per_epoch', 'num_processes', 'process_id'):
     parser.add_argument(f'--{name}', type=int, required=True)
+  parser.add_argument('--num_train', type=int, default=0)
   args = parser.parse_args(argv)
   from pdcnno_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
@@ -85,6 +95,8 @@ def _worker(argv):
       config.parallel.slowdown = ''
       config.parallel.balancer = 'equal'
       exp = experiment.setup(config, workdir)
+      if args.num_train:
+        exp.dataset = runs.subset_train(exp.dataset, args.num_train)
       results['equal'] = runs.train_mapreduce_once(exp, config)
     if exp.writer:
       exp.writer.close()
@@ -107,7 +119,7 @@ def _launch(num_processes, mode, args, out_dir, slowdown='', cores_per_process=0
       num_processes,
       [f'--mode={mode}', f'--out={out}', f'--data_dir={args.data_dir}',
        f'--epochs={args.epochs}', f'--rounds_per_epoch={args.rounds_per_epoch}',
-       f'--slowdown={slowdown}'],
+       f'--slowdown={slowdown}', f'--num_train={args.num_train}'],
       module='bench_mapreduce', devices_per_process=1, timeout_s=1800, stdout=log,
       cores_per_process=cores_per_process)
   wall = time.perf_counter() - start
@@ -154,6 +166,42 @@ def _balancer_table(results, slowdown):
   return mean_makespan
 
 
+def _ray_job(args) -> dict:
+  """2 Ray worker actors of this process, no slowdown, equal split: the MapReduce report."""
+  from pdcnno_jax import experiment  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.perfmodel import runs  # pylint: disable=g-import-not-at-top
+  config = _config(args)
+  config.parallel.update(engine='ray', num_workers=2, slowdown='', balancer='equal')
+  load_before, start = os.getloadavg(), time.perf_counter()
+  with tempfile.TemporaryDirectory() as workdir:
+    exp = experiment.setup(config, workdir)
+    if args.num_train:
+      exp.dataset = runs.subset_train(exp.dataset, args.num_train)
+    report = runs.train_mapreduce_once(exp, exp.config)
+    exp.writer.close()
+  print(f'  ray x2 actors: {time.perf_counter() - start:.0f} s end to end; load average '
+        f'{_load(load_before)} -> {_load(os.getloadavg())}', flush=True)
+  return report
+
+
+def _engines_table(on_ray, on_jax):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  print('\nMapReduce engines, 2 workers, no slowdown, equal split (rounds 1.. averaged):')
+  for name, report in (('ray', on_ray), ('jax', on_jax)):
+    rounds = report['rounds'][1:] or report['rounds']
+    line = (f'  {name}: round {np.mean([r["round_s"] for r in rounds]):.3f} s, makespan '
+            f'{np.mean([r["makespan_s"] for r in rounds]):.3f} s, reduce '
+            f'{np.mean([r["reduce_s"] for r in rounds]):.4f} s')
+    if name == 'ray':
+      transport = report['transport']
+      line += (f', wait for the slowest Map {np.mean([r["wait_seconds"] for r in rounds]):.3f}'
+               f' s, broadcast {np.mean([r["broadcast_s"] for r in rounds]):.4f} s; transport '
+               f'{(transport["bytes_sent"] + transport["bytes_received"]) / 2**20:.1f} MiB in '
+               f'{transport["transfer_seconds"]:.3f} s = {transport["mib_per_s"]:.0f} MiB/s '
+               f'(per worker {[round(w["mib_per_s"]) for w in transport["workers"]]})')
+    print(line + f'; test accuracy {report["test"]["accuracy"]:.4f}')
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--epochs', type=int, default=2)
@@ -168,6 +216,10 @@ def main():
       '2.75 cores when balanced, so the fast workers share a core and the measured speeds '
       'flatten; scale 2 (2, 2, 4, 8: the same ratios) needs 1.4 cores and emulates the '
       'heterogeneous cluster faithfully')
+  parser.add_argument('--engine', default='jax', choices=('jax', 'ray'),
+                      help='ray: Ray actors next to the jax engine, 2 workers (see above)')
+  parser.add_argument('--num_train', type=int, default=0,
+                      help='train on the first N examples only (0: all)')
   parser.add_argument('--skip_balancers', action='store_true',
                       help='speed-up only (no balancer jobs)')
   parser.add_argument('--skip_speedup', action='store_true',
@@ -178,6 +230,13 @@ def main():
   print(f'bench_mapreduce: LeNet-5 / Fashion-MNIST, {args.epochs} epochs x '
         f'{args.rounds_per_epoch} rounds, {os.cpu_count()} CPU cores, load average '
         f'{_load(os.getloadavg())}', flush=True)
+  if args.engine == 'ray':
+    on_ray = _ray_job(args)
+    with tempfile.TemporaryDirectory() as out_dir:
+      on_jax = _launch(2, 'speedup', args, out_dir)['equal']
+    _engines_table(on_ray, on_jax)
+    print(f'load average at the end: {_load(os.getloadavg())}')
+    return
   base = [float(f) for f in args.slowdown.split(',')]
   specs = [','.join(f'{f * float(scale):g}' for f in base)
            for scale in args.slowdown_scales.split(',')]
