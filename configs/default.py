@@ -143,7 +143,7 @@ def get_config() -> ml_collections.ConfigDict:
   # (one process per worker joined by jax.distributed, started by launch/local.py).
   config.parallel.engine = 'jax'  # ray | jax
   config.parallel.num_workers = 2  # engine=ray: worker actors the driver starts.
-  config.parallel.ps_shards = 1  # engine=ray, SSP: parameter-server shards (split by bytes).
+  config.parallel.ps_shards = 1  # engine=ray: SSP server shards; MapReduce Reduce leaf groups (split by bytes).
   config.parallel.ray_address = ''  # '' = embedded local cluster on 127.0.0.1; 'auto' or host:port.
   config.parallel.gpus_per_worker = 0.0  # engine=ray: GPUs per worker actor on GPU hosts.
   config.parallel.slowdown = ''  # Per-process slowdown factors, e.g. '1,1,2,4' (heterogeneous workers).
