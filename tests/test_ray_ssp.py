@@ -1,0 +1,190 @@
+"""SSP on Ray: the parameter server's rule and exactly-once delivery, then LeNet-5 training.
+
+One embedded Ray session for the module. The protocol tests use the one-hot-update trick: worker
+k's delta at clock c is 1 at element k * T + c of a zero vector (split over two leaves, so two
+shards), so the final parameters are all ones exactly when every update was applied once, and
+each view tells which updates it holds, so the staleness bound can be checked on every read.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+from pdcnno_jax.parallel.ray_engine import ps
+from pdcnno_jax.parallel.ray_engine import runtime
+from pdcnno_jax.testing import config as config_testing
+
+_WORKERS = 2
+_CLOCKS = 12
+
+
+@pytest.fixture(name='ray', scope='module')
+def fixture_ray():
+  try:
+    ray = runtime.start(config_testing.default_config())
+  except runtime.RayUnavailableError as e:
+    pytest.skip(str(e))
+  yield ray
+  runtime.stop()
+
+
+def test_split_by_bytes_balances_and_covers_every_leaf():
+  shards = ps.split_by_bytes([400, 100, 300, 200, 10], 2)
+  assert sorted(i for s in shards for i in s) == [0, 1, 2, 3, 4]
+  loads = [sum([400, 100, 300, 200, 10][i] for i in s) for s in shards]
+  assert max(loads) - min(loads) <= 10
+  with pytest.raises(ValueError, match='ps_shards=3'):
+    ps.split_by_bytes([1, 2], 3)
+
+
+def _one_hot_worker_class(ray):
+  """A worker actor (defined here so Ray ships it by value) that pushes one-hot deltas."""
+
+  @ray.remote(num_cpus=1, max_restarts=2, max_task_retries=2)
+  class OneHotWorker:
+
+    def __init__(self, me, shards, assignment, sizes, staleness, kill_at, slow_s):
+      from pdcnno_jax.parallel.ray_engine import ps_client  # pylint: disable=g-import-not-at-top
+      self.me, self.sizes, self.staleness, self.slow_s = me, sizes, staleness, slow_s
+      restarted = ray.get_runtime_context().was_current_actor_reconstructed
+      self.kill_at = -1 if restarted else kill_at
+      self.client = ps_client.PSClient(shards, assignment, me, staleness, 60.0)
+
+    def run(self):
+      first = self.client.applied_clock() + 1  # A restarted worker goes on after its last push.
+      views = []
+      leaves = (np.split(np.zeros(_WORKERS * _CLOCKS, np.float32), np.cumsum(self.sizes)[:-1])
+                if first == 0 else self.client.step(first, None, first))
+      for clock in range(first, _CLOCKS):
+        flat = np.concatenate([np.asarray(x) for x in leaves])
+        views.append((clock, flat.reshape(_WORKERS, _CLOCKS).copy()))
+        delta = np.zeros(_WORKERS * _CLOCKS, np.float32)
+        delta[self.me * _CLOCKS + clock] = 1.0
+        parts = np.split(delta, np.cumsum(self.sizes)[:-1])
+        import time  # pylint: disable=g-import-not-at-top
+        time.sleep(self.slow_s)
+        leaves = self.client.step(clock, parts, clock + 1 if clock + 1 < _CLOCKS else None)
+        if clock == self.kill_at:
+          os.kill(os.getpid(), 9)
+      return views, self.client.kept_clocks(), self.client.resends
+
+  return OneHotWorker
+
+
+def _run_one_hot(ray, workdir, staleness, *, kill_worker_at=-1, kill_shard_after=0,
+                 snapshot_every=3):
+  sizes = [10, 14]  # Two leaves of the 24-element vector, one per shard.
+  leaves = [np.zeros(n, np.float32) for n in sizes]
+  shard_cls = ray.remote(ps.ParameterShard)
+  shards = [shard_cls.options(num_cpus=0, max_restarts=2, max_concurrency=100).remote(
+      i, [leaves[i]], _WORKERS, staleness, str(workdir), snapshot_every, 60.0,
+      kill_shard_after if i == 1 else 0) for i in range(2)]
+  worker_cls = _one_hot_worker_class(ray)
+  workers = [worker_cls.remote(k, shards, [[0], [1]], sizes, staleness,
+                               kill_worker_at if k == 1 else -1, 0.002 * (1 + 3 * k))
+             for k in range(_WORKERS)]
+  results = ray.get([w.run.remote() for w in workers])
+  finals = ray.get([s.final.remote() for s in shards])
+  for actor in workers + shards:
+    ray.kill(actor, no_restart=True)
+  final = np.concatenate([f['leaves'][0] for f in finals])
+  return results, finals, final
+
+
+def _assert_views_within_bound(results, staleness):
+  reached = 0
+  for me, (views, _, _) in enumerate(results):
+    for clock, seen in views:
+      np.testing.assert_array_equal(seen[me, :clock], 1.0)  # Always its own updates.
+      assert set(np.unique(seen)) <= {0.0, 1.0}  # Nothing ever applied twice.
+      for other in range(_WORKERS):
+        # Every update through clock - s - 1 of every worker is in the view.
+        np.testing.assert_array_equal(seen[other, :max(clock - staleness, 0)], 1.0)
+        if staleness == 0:  # BSP: exactly those, nothing newer.
+          np.testing.assert_array_equal(seen[other, clock:], 0.0)
+        newest = int(np.flatnonzero(seen[other]).max(initial=-1))
+        reached = max(reached, clock - 1 - newest)
+  return reached
+
+
+@pytest.mark.parametrize('staleness', [0, 2])
+def test_every_update_once_and_the_bound_holds(ray, tmp_path, staleness):
+  results, finals, final = _run_one_hot(ray, tmp_path, staleness)
+  np.testing.assert_array_equal(final, 1.0)
+  assert [f['duplicates'] for f in finals] == [0, 0]
+  reached = _assert_views_within_bound(results, staleness)
+  assert reached <= staleness
+  if staleness:
+    assert reached >= 1  # The slow worker really lagged: the check is not vacuous.
+
+
+def test_killed_worker_restarts_and_nothing_is_applied_twice(ray, tmp_path):
+  results, finals, final = _run_one_hot(ray, tmp_path, 1, kill_worker_at=5)
+  np.testing.assert_array_equal(final, 1.0)  # Clock 5's push landed once, before the kill.
+  assert results[1][0][0][0] == 6  # The restarted worker's first view is for clock 6.
+  assert all(f['applied'].tolist() == [_CLOCKS - 1] * _WORKERS for f in finals)
+  _assert_views_within_bound(results, 1)
+
+
+def test_killed_shard_restarts_from_its_snapshot_and_gets_the_lost_deltas(ray, tmp_path):
+  results, finals, final = _run_one_hot(ray, tmp_path, 1, kill_shard_after=11)
+  np.testing.assert_array_equal(final, 1.0)  # Equal to a run without the failure, bitwise.
+  assert finals[1]['restarted'] and not finals[0]['restarted']
+  assert sum(r[2] for r in results) > 0  # Deltas after the snapshot were re-sent.
+  assert os.path.exists(os.path.join(tmp_path, 'ssp_ps_1', ps.SNAPSHOT_NAME))
+  _assert_views_within_bound(results, 1)
+
+
+# --- LeNet-5 through the driver --------------------------------------------------------------
+
+
+def _config(**parallel):
+  from pdcnno_jax.testing import experiments  # pylint: disable=g-import-not-at-top
+  config = experiments.mapreduce_config()
+  config.parallel.mode = 'ssp'
+  config.parallel.engine = 'ray'
+  config.parallel.num_workers = _WORKERS
+  config.parallel.ssp_timeout_s = 90.0
+  config.checkpoint_every_steps = 4
+  config.parallel.update(parallel)
+  return config
+
+
+def test_bsp_on_ray_matches_synchronous_training(ray, tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.parallel import sync  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.parallel.ssp import training  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.testing import experiments  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.train import sharding  # pylint: disable=g-import-not-at-top
+  del ray
+  config = _config(staleness=0, ps_shards=2, slowdown='1,3')
+  exp, tx, host_state = experiments.make_experiment(config, tmp_path, num_devices=1)
+  plain = sync.train_epochs(exp, sharding.replicate(host_state, exp.mesh), tx=tx,
+                            num_epochs=config.num_epochs)
+  state, report = training.train(exp, sharding.replicate(host_state, exp.mesh), tx=tx)
+  experiments.assert_states_close(jax.device_get(state.params), jax.device_get(plain.params),
+                                  rtol=1e-4, atol=2e-6)
+  assert report['clocks'] == 16 and report['max_view_staleness'] == 0
+  assert [p['applied'] for p in report['ps']] == [[15, 15]] * 2
+  moved = report['transport']
+  assert moved['bytes_sent'] > 0 and moved['bytes_received'] > 0
+  assert len(moved['workers']) == _WORKERS and len(moved['wait_seconds'][0]) == 17
+  assert report['per_worker'][1]['slept_s'] > 0
+  assert report['accuracy_vs_time'][-1]['clock'] == 16
+
+
+def test_killed_lenet_worker_resumes_from_its_checkpoint(ray, tmp_path):
+  from pdcnno_jax.parallel.ray_engine import ssp_driver  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.testing import experiments  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.train import sharding  # pylint: disable=g-import-not-at-top
+  del ray
+  config = _config(staleness=2)
+  exp, tx, host_state = experiments.make_experiment(config, tmp_path, num_devices=1)
+  _, report = ssp_driver.train(exp, sharding.replicate(host_state, exp.mesh), tx=tx,
+                               faults=ssp_driver.FaultPlan(worker_clock={1: 9}))
+  rows = report['per_worker']
+  assert rows[1]['restarted'] and rows[1]['first_clock'] == 10 and not rows[0]['restarted']
+  assert report['ps'][0]['applied'] == [15, 15] and report['ps'][0]['duplicates'] == 0
+  assert report['ps'][0]['pushes'] == 2 * 16  # Every clock of every worker exactly once.
+  assert report['max_view_staleness'] <= 2
