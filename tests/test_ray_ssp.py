@@ -188,3 +188,24 @@ def test_killed_lenet_worker_resumes_from_its_checkpoint(ray, tmp_path):
   assert report['ps'][0]['applied'] == [15, 15] and report['ps'][0]['duplicates'] == 0
   assert report['ps'][0]['pushes'] == 2 * 16  # Every clock of every worker exactly once.
   assert report['max_view_staleness'] <= 2
+
+
+def test_rerun_after_the_driver_died_resumes_from_the_workdir(ray, tmp_path):
+  from pdcnno_jax.parallel.ray_engine import ssp_driver  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.testing import experiments  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.train import sharding  # pylint: disable=g-import-not-at-top
+  del ray
+  config = _config(staleness=1, ps_snapshot_every_clocks=2)
+  exp, tx, host_state = experiments.make_experiment(config, tmp_path, num_devices=1)
+  with pytest.raises(ssp_driver.DriverCrash):
+    ssp_driver.train(exp, sharding.replicate(host_state, exp.mesh), tx=tx,
+                     faults=ssp_driver.FaultPlan(driver_clock=9))
+  assert os.path.exists(os.path.join(tmp_path, ssp_driver.JOB_FILE))
+  _, report = ssp_driver.train(exp, sharding.replicate(host_state, exp.mesh), tx=tx)
+  firsts = [r['first_clock'] for r in report['per_worker']]
+  assert report['resumed'] and min(firsts) >= 4  # From a snapshot, not from clock 0.
+  shard = report['ps'][0]
+  assert shard['applied'] == [15, 15] and shard['duplicates'] == 0
+  # The resumed shard applied exactly the clocks after its snapshot, each once.
+  assert shard['pushes'] == sum(16 - f for f in firsts)
+  assert not os.path.exists(os.path.join(tmp_path, ssp_driver.JOB_FILE))

@@ -72,11 +72,13 @@ class ParameterShard:
     timeout_s: longest wait of a read for its bound.
     kill_after_pushes: test hook: the first incarnation SIGKILLs itself after applying this
       many pushes (0: never).
+    resume: start from the snapshot in the workdir (a rerun after the driver died); a shard
+      that Ray restarts always does.
   """
 
   def __init__(self, shard: int, leaves: Sequence[np.ndarray], num_workers: int,
                staleness: int | None, workdir: str, snapshot_every: int, timeout_s: float,
-               kill_after_pushes: int = 0):
+               kill_after_pushes: int = 0, resume: bool = False):
     import ray  # pylint: disable=g-import-not-at-top
     self.shard = shard
     self.num_workers = num_workers
@@ -89,7 +91,7 @@ class ParameterShard:
     self.leaves = [np.asarray(x) for x in leaves]  # Read-only is fine: never changed in place.
     self.applied = np.full(num_workers, -1, np.int64)
     self.speeds = np.full(num_workers, np.nan)
-    if self.restarted:
+    if self.restarted or resume:
       self._restore()
     else:
       os.makedirs(self.directory, exist_ok=True)

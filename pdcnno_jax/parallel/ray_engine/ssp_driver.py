@@ -18,10 +18,13 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
 from pdcnno_jax.loop import batching
 from pdcnno_jax.loop import context
@@ -41,6 +44,8 @@ from pdcnno_jax.train import state as state_lib
 
 # Restarts Ray grants a crashed worker or shard (each restart resumes; see the module docstring).
 MAX_RESTARTS = 3
+# In the workdir while a job runs: its shape, so that a rerun after the driver died resumes.
+JOB_FILE = 'ssp_ray_job.json'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +55,38 @@ class FaultPlan:
   Attributes:
     worker_clock: {worker: clock after whose push it dies}.
     shard_pushes: {shard: pushes applied after which it dies}.
+    driver_clock: the driver stops every actor and raises `DriverCrash` once every worker
+      pushed this clock, as if it had died (-1: never).
   """
   worker_clock: dict[int, int] = dataclasses.field(default_factory=dict)
   shard_pushes: dict[int, int] = dataclasses.field(default_factory=dict)
+  driver_clock: int = -1
+
+
+class DriverCrash(RuntimeError):
+  """`FaultPlan.driver_clock`: the driver stopped the job the way its death would."""
+
+
+def _job_marker(exp: context.Experiment, total_steps: int, num_leaves: int) -> dict[str, Any]:
+  parallel = exp.config.parallel
+  return dict(num_workers=int(parallel.num_workers), ps_shards=int(parallel.ps_shards),
+              total_steps=total_steps, num_leaves=num_leaves)
+
+
+def _should_resume(exp: context.Experiment, marker: dict[str, Any]) -> bool:
+  """Whether the workdir holds an unfinished Ray SSP job of the same shape (and snapshots)."""
+  path = os.path.join(exp.workdir, JOB_FILE)
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    found = json.load(f)
+  snapshots = all(os.path.exists(os.path.join(ps.snapshot_dir(exp.workdir, i), ps.SNAPSHOT_NAME))
+                  for i in range(marker['ps_shards']))
+  if found != marker or not snapshots:
+    logging.warning('%s describes %s (now %s; all shard snapshots present: %s): starting SSP '
+                    'afresh.', path, found, marker, snapshots)
+    return False
+  return True
 
 
 def validate(config) -> None:
@@ -75,18 +109,23 @@ def _worker_env(config) -> dict[str, str]:
 
 
 def _start_actors(ray, exp: context.Experiment, host_state, tx, total_steps: int,
-                  faults: FaultPlan) -> tuple[list[Any], list[Any], list[list[int]]]:
+                  faults: FaultPlan) -> tuple[list[Any], list[Any], list[list[int]], bool]:
   """The shards (holding the initial parameters) and the workers; the leaf assignment."""
   config, parallel = exp.config, exp.config.parallel
   leaves = [np.asarray(x) for x in jax.tree.leaves(host_state.params)]
   assignment = ps.split_by_bytes([x.nbytes for x in leaves], int(parallel.ps_shards))
+  marker = _job_marker(exp, total_steps, len(leaves))
+  resume = _should_resume(exp, marker)
+  os.makedirs(exp.workdir, exist_ok=True)
+  with open(os.path.join(exp.workdir, JOB_FILE), 'w') as f:
+    json.dump(marker, f)
   staleness = protocol.normalise_staleness(parallel.staleness)
   shard_cls = ray.remote(ps.ParameterShard)
   shards = [
       shard_cls.options(num_cpus=1, max_restarts=MAX_RESTARTS, max_concurrency=1000).remote(
           i, [leaves[j] for j in indices], int(parallel.num_workers), staleness, exp.workdir,
           int(parallel.ps_snapshot_every_clocks), float(parallel.ssp_timeout_s),
-          faults.shard_pushes.get(i, 0))
+          faults.shard_pushes.get(i, 0), resume)
       for i, indices in enumerate(assignment)]
   train_only = dataclasses.replace(exp.dataset,
                                    host_splits={'train': exp.dataset.host_splits['train']})
@@ -97,9 +136,22 @@ def _start_actors(ray, exp: context.Experiment, host_state, tx, total_steps: int
                          max_task_retries=MAX_RESTARTS,
                          runtime_env={'env_vars': _worker_env(config)}).remote(
           k, int(parallel.num_workers), config, exp.workdir, data_ref, exp.graphdef, tx,
-          state_ref, shards, assignment, total_steps, faults.worker_clock.get(k, -1))
+          state_ref, shards, assignment, total_steps, faults.worker_clock.get(k, -1), resume)
       for k in range(int(parallel.num_workers))]
-  return shards, workers, assignment
+  return shards, workers, assignment, resume
+
+
+def _wait(ray, workers: list[Any], shards: list[Any], faults: FaultPlan) -> list[dict[str, Any]]:
+  """Every worker's result; `FaultPlan.driver_clock` stops the job there instead."""
+  runs = [w.run.remote() for w in workers]
+  if faults.driver_clock < 0:
+    return ray.get(runs)
+  while True:
+    done, _ = ray.wait(runs, num_returns=len(runs), timeout=0.2)
+    if len(done) == len(runs):
+      return ray.get(runs)
+    if int(np.min(ray.get(shards[0].applied_clocks.remote()))) >= faults.driver_clock:
+      raise DriverCrash(f'FaultPlan.driver_clock={faults.driver_clock}')
 
 
 def _job_report(exp: context.Experiment, results: list[dict[str, Any]],
@@ -156,15 +208,17 @@ def train(exp: context.Experiment, state: state_lib.TrainState, *, tx,
       f'[ssp/ray] {config.parallel.num_workers} workers, {config.parallel.ps_shards} PS shards, '
       f'staleness {config.parallel.staleness}, global batch {config.data.batch_size}, '
       f'{total_steps} clocks.')
-  shards, workers, assignment = _start_actors(ray, exp, host_state, tx, total_steps,
-                                              faults or FaultPlan())
+  faults = faults or FaultPlan()
+  shards, workers, assignment, resume = _start_actors(ray, exp, host_state, tx, total_steps,
+                                                      faults)
   try:
     with exp.timer.phase('train'):
-      results = ray.get([w.run.remote() for w in workers])
+      results = _wait(ray, workers, shards, faults)
     finals = ray.get([s.final.remote() for s in shards])
   finally:
     for actor in workers + shards:
       ray.kill(actor, no_restart=True)
+  os.remove(os.path.join(exp.workdir, JOB_FILE))
   leaves: list[Any] = [None] * sum(len(a) for a in assignment)
   for indices, final in zip(assignment, finals):
     for i, leaf in zip(indices, final['leaves']):
@@ -174,6 +228,7 @@ def train(exp: context.Experiment, state: state_lib.TrainState, *, tx,
                                                          leaves))
   final_host = worker_checkpoints.from_host(final_host, jax.device_get(state))
   report = _job_report(exp, results, finals, total_steps)
+  report['resumed'] = resume
   local_mesh = sharding_lib.make_mesh(placement.local_devices(exp.mesh))
   final_local = sharding_lib.replicate(final_host, local_mesh)
   snapshots = results[0]['snapshots'] + [

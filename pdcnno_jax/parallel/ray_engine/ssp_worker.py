@@ -40,12 +40,14 @@ class SSPWorkerActor:
     total_steps: clocks of the run.
     kill_at_clock: test hook: the first incarnation SIGKILLs itself after pushing this clock
       (-1: never).
+    resume: rejoin the server's clocks from the workdir (a rerun after the driver died), as
+      an actor that Ray restarts always does.
   """
 
   def __init__(self, me: int, num_workers: int, config: ml_collections.ConfigDict,
                workdir: str, dataset: Any, graphdef: Any, tx: Any, host_state: Any,
                shards: Sequence[Any], assignment: Sequence[Sequence[int]], total_steps: int,
-               kill_at_clock: int = -1):
+               kill_at_clock: int = -1, resume: bool = False):
     import jax  # pylint: disable=g-import-not-at-top
     import ray  # pylint: disable=g-import-not-at-top
     from pdcnno_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -58,6 +60,7 @@ class SSPWorkerActor:
     self.me, self.num_workers, self.config, self.workdir = me, num_workers, config, workdir
     self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
     self.kill_at_clock = -1 if self.restarted else int(kill_at_clock)
+    self.resume = self.restarted or resume
     self.split = dataset.host_splits['train']
     self.global_batch = int(config.data.batch_size)
     self.steps_per_epoch = input_pipeline.steps_per_epoch(dataset, 'train', self.global_batch)
@@ -107,7 +110,7 @@ class SSPWorkerActor:
     from pdcnno_jax.loop import placement  # pylint: disable=g-import-not-at-top
     from pdcnno_jax.parallel.ssp import worker_checkpoints  # pylint: disable=g-import-not-at-top
     state = self.host_state
-    if not self.restarted:
+    if not self.resume:
       for path in worker_checkpoints.list_worker_checkpoints(self.checkpoint_dir):
         os.remove(path)  # A previous job's: no consistent cut with this one's server.
       return placement.to_local(state, self.replicated, copy=True), 0
@@ -136,7 +139,7 @@ class SSPWorkerActor:
     compiled: dict[int, Any] = {}
     warmup_step_s, snapshots, losses = [], [], []
     busy_s, examples, steps = 0.0, 0, 0
-    if first == 0:  # The starting parameters (a read could already hold a faster worker's
+    if first == 0 and not self.resume:  # The starting parameters (a read could already hold a faster worker's
       leaves = jax.tree.leaves(self.host_state.params)  # clock 0, which BSP must not see).
     else:
       leaves = self.client.step(first, None, first) if first < self.total_steps else None
@@ -188,7 +191,7 @@ class SSPWorkerActor:
     waited = float(sum(client.wait_seconds))
     return {
         'worker': self.me, 'first_clock': first, 'clock': self.total_steps, 'steps': steps,
-        'restarted': bool(self.restarted), 'examples': examples,
+        'restarted': bool(self.restarted), 'resumed': bool(self.resume), 'examples': examples,
         'batch_size': int(self.sizes[self.me]), 'loop_s': loop_s, 'busy_s': busy_s,
         'slept_s': self.slow.slept_s, 'transient_steps': self.slow.transient_steps,
         'examples_per_s': examples / loop_s if loop_s > 0 else float('nan'),
