@@ -209,3 +209,15 @@ def test_rerun_after_the_driver_died_resumes_from_the_workdir(ray, tmp_path):
   # The resumed shard applied exactly the clocks after its snapshot, each once.
   assert shard['pushes'] == sum(16 - f for f in firsts)
   assert not os.path.exists(os.path.join(tmp_path, ssp_driver.JOB_FILE))
+
+
+def test_bad_ray_keys_are_clear_errors(tmp_path):
+  from pdcnno_jax.parallel.ssp import training  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.testing import experiments  # pylint: disable=g-import-not-at-top
+  for parallel, match in ((dict(num_workers=0), 'parallel.num_workers=0'),
+                          (dict(ps_shards=0), 'parallel.ps_shards=0'),
+                          (dict(ps_snapshot_every_clocks=-1), 'ps_snapshot_every_clocks'),
+                          (dict(num_workers=3), 'divisible by the 3 workers')):
+    exp, _, _ = experiments.make_experiment(_config(**parallel), tmp_path, num_devices=1)
+    with pytest.raises(ValueError, match=match):
+      training.validate(exp.config, exp.dataset)

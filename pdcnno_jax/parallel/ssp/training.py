@@ -205,6 +205,9 @@ def validate(config: ml_collections.ConfigDict, dataset: input_pipeline.Dataset)
   if int(parallel.ssp_eval_every_steps) < 0:
     raise ValueError(f'config.parallel.ssp_eval_every_steps={parallel.ssp_eval_every_steps} '
                      'must be >= 0 (0: at the end of every eval_every_epochs epochs).')
+  if parallel.engine == 'ray':
+    from pdcnno_jax.parallel.ray_engine import ssp_driver  # pylint: disable=g-import-not-at-top
+    ssp_driver.validate(config)
 
 
 @dataclasses.dataclass
@@ -456,6 +459,11 @@ def train(exp: context.Experiment, state: state_lib.TrainState, *, tx,
   config = exp.config
   if config.parallel.engine == 'ray':
     validate(config, exp.dataset)
+    if jax.process_count() > 1:
+      raise ValueError(
+          'config.parallel.engine=ray runs SSP from one driver process that starts '
+          f'parallel.num_workers actors, but this job has {jax.process_count()} processes: '
+          'drop the launcher / --num_processes, or set --config.parallel.engine=jax.')
     from pdcnno_jax.parallel.ray_engine import ssp_driver  # pylint: disable=g-import-not-at-top
     return ssp_driver.train(exp, state, tx=tx)
   validate(config, exp.dataset)
