@@ -151,18 +151,22 @@ def _config(**parallel):
   return config
 
 
-def test_bsp_on_ray_matches_synchronous_training(ray, tmp_path):
+def test_bsp_on_ray_matches_synchronous_training_through_a_shard_kill(ray, tmp_path):
+  """s = 0, 2 shards, shard 1 SIGKILLed after 13 pushes: the parameters of synchronous SGD."""
   import jax  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.parallel import sync  # pylint: disable=g-import-not-at-top
-  from pdcnno_jax.parallel.ssp import training  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.parallel.ray_engine import ssp_driver  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.testing import experiments  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.train import sharding  # pylint: disable=g-import-not-at-top
   del ray
-  config = _config(staleness=0, ps_shards=2, slowdown='1,3')
+  config = _config(staleness=0, ps_shards=2, slowdown='1,3', ps_snapshot_every_clocks=4)
   exp, tx, host_state = experiments.make_experiment(config, tmp_path, num_devices=1)
   plain = sync.train_epochs(exp, sharding.replicate(host_state, exp.mesh), tx=tx,
                             num_epochs=config.num_epochs)
-  state, report = training.train(exp, sharding.replicate(host_state, exp.mesh), tx=tx)
+  state, report = ssp_driver.train(exp, sharding.replicate(host_state, exp.mesh), tx=tx,
+                                   faults=ssp_driver.FaultPlan(shard_pushes={1: 13}))
+  assert [p['restarted'] for p in report['ps']] == [False, True]
+  assert sum(r['resent_deltas'] for r in report['per_worker']) > 0
   experiments.assert_states_close(jax.device_get(state.params), jax.device_get(plain.params),
                                   rtol=1e-4, atol=2e-6)
   assert report['clocks'] == 16 and report['max_view_staleness'] == 0
@@ -171,6 +175,8 @@ def test_bsp_on_ray_matches_synchronous_training(ray, tmp_path):
   assert moved['bytes_sent'] > 0 and moved['bytes_received'] > 0
   assert len(moved['workers']) == _WORKERS and len(moved['wait_seconds'][0]) == 16
   assert report['per_worker'][1]['slept_s'] > 0
+  # Each actor runs its own JAX on 1 CPU device: the test session's 8 fake devices stay out.
+  assert [r['devices'] for r in report['per_worker']] == [1, 1]
   assert report['accuracy_vs_time'][-1]['clock'] == 16
 
 
@@ -192,6 +198,7 @@ def test_killed_lenet_worker_resumes_from_its_checkpoint(ray, tmp_path):
 
 def test_rerun_after_the_driver_died_resumes_from_the_workdir(ray, tmp_path):
   from pdcnno_jax.parallel.ray_engine import ssp_driver  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.parallel.ssp import training  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.testing import experiments  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.train import sharding  # pylint: disable=g-import-not-at-top
   del ray
@@ -201,7 +208,8 @@ def test_rerun_after_the_driver_died_resumes_from_the_workdir(ray, tmp_path):
     ssp_driver.train(exp, sharding.replicate(host_state, exp.mesh), tx=tx,
                      faults=ssp_driver.FaultPlan(driver_clock=9))
   assert os.path.exists(os.path.join(tmp_path, ssp_driver.JOB_FILE))
-  _, report = ssp_driver.train(exp, sharding.replicate(host_state, exp.mesh), tx=tx)
+  # The rerun is the user's: the mode's entry point, no fault plan.
+  _, report = training.train(exp, sharding.replicate(host_state, exp.mesh), tx=tx)
   firsts = [r['first_clock'] for r in report['per_worker']]
   assert report['resumed'] and min(firsts) >= 4  # From a snapshot, not from clock 0.
   shard = report['ps'][0]

@@ -108,9 +108,19 @@ def _worker_env(config) -> dict[str, str]:
   return env
 
 
+@dataclasses.dataclass
+class _Job:
+  """The running job's actors, the leaf assignment and the object refs restarts need."""
+  shards: list[Any]
+  workers: list[Any]
+  assignment: list[list[int]]
+  resume: bool
+  refs: list[Any]  # Held until the end: a restarted actor is rebuilt from these arguments.
+
+
 def _start_actors(ray, exp: context.Experiment, host_state, tx, total_steps: int,
-                  faults: FaultPlan) -> tuple[list[Any], list[Any], list[list[int]], bool]:
-  """The shards (holding the initial parameters) and the workers; the leaf assignment."""
+                  faults: FaultPlan) -> _Job:
+  """The shards (holding the initial parameters) and the workers."""
   config, parallel = exp.config, exp.config.parallel
   leaves = [np.asarray(x) for x in jax.tree.leaves(host_state.params)]
   assignment = ps.split_by_bytes([x.nbytes for x in leaves], int(parallel.ps_shards))
@@ -121,12 +131,13 @@ def _start_actors(ray, exp: context.Experiment, host_state, tx, total_steps: int
     json.dump(marker, f)
   staleness = protocol.normalise_staleness(parallel.staleness)
   shard_cls = ray.remote(ps.ParameterShard)
+  leaf_refs = [ray.put([leaves[j] for j in indices]) for indices in assignment]
   shards = [
       shard_cls.options(num_cpus=1, max_restarts=MAX_RESTARTS, max_concurrency=1000).remote(
-          i, [leaves[j] for j in indices], int(parallel.num_workers), staleness, exp.workdir,
+          i, leaf_refs[i], int(parallel.num_workers), staleness, exp.workdir,
           int(parallel.ps_snapshot_every_clocks), float(parallel.ssp_timeout_s),
           faults.shard_pushes.get(i, 0), resume)
-      for i, indices in enumerate(assignment)]
+      for i in range(len(assignment))]
   train_only = dataclasses.replace(exp.dataset,
                                    host_splits={'train': exp.dataset.host_splits['train']})
   data_ref, state_ref = ray.put(train_only), ray.put(host_state)
@@ -138,7 +149,7 @@ def _start_actors(ray, exp: context.Experiment, host_state, tx, total_steps: int
           k, int(parallel.num_workers), config, exp.workdir, data_ref, exp.graphdef, tx,
           state_ref, shards, assignment, total_steps, faults.worker_clock.get(k, -1), resume)
       for k in range(int(parallel.num_workers))]
-  return shards, workers, assignment, resume
+  return _Job(shards, workers, assignment, resume, leaf_refs + [data_ref, state_ref])
 
 
 def _wait(ray, workers: list[Any], shards: list[Any], faults: FaultPlan) -> list[dict[str, Any]]:
@@ -209,18 +220,17 @@ def train(exp: context.Experiment, state: state_lib.TrainState, *, tx,
       f'staleness {config.parallel.staleness}, global batch {config.data.batch_size}, '
       f'{total_steps} clocks.')
   faults = faults or FaultPlan()
-  shards, workers, assignment, resume = _start_actors(ray, exp, host_state, tx, total_steps,
-                                                      faults)
+  job = _start_actors(ray, exp, host_state, tx, total_steps, faults)
   try:
     with exp.timer.phase('train'):
-      results = _wait(ray, workers, shards, faults)
-    finals = ray.get([s.final.remote() for s in shards])
+      results = _wait(ray, job.workers, job.shards, faults)
+    finals = ray.get([s.final.remote() for s in job.shards])
   finally:
-    for actor in workers + shards:
+    for actor in job.workers + job.shards:
       ray.kill(actor, no_restart=True)
   os.remove(os.path.join(exp.workdir, JOB_FILE))
-  leaves: list[Any] = [None] * sum(len(a) for a in assignment)
-  for indices, final in zip(assignment, finals):
+  leaves: list[Any] = [None] * sum(len(a) for a in job.assignment)
+  for indices, final in zip(job.assignment, finals):
     for i, leaf in zip(indices, final['leaves']):
       leaves[i] = np.array(leaf)
   worker0 = results[0]['state']
@@ -228,7 +238,7 @@ def train(exp: context.Experiment, state: state_lib.TrainState, *, tx,
                                                          leaves))
   final_host = worker_checkpoints.from_host(final_host, jax.device_get(state))
   report = _job_report(exp, results, finals, total_steps)
-  report['resumed'] = resume
+  report['resumed'] = job.resume
   local_mesh = sharding_lib.make_mesh(placement.local_devices(exp.mesh))
   final_local = sharding_lib.replicate(final_host, local_mesh)
   snapshots = results[0]['snapshots'] + [

@@ -190,7 +190,7 @@ class SSPWorkerActor:
     log = client.log
     waited = float(sum(client.wait_seconds))
     return {
-        'worker': self.me, 'first_clock': first, 'clock': self.total_steps, 'steps': steps,
+        'worker': self.me, 'devices': self.granularity, 'first_clock': first, 'clock': self.total_steps, 'steps': steps,
         'restarted': bool(self.restarted), 'resumed': bool(self.resume), 'examples': examples,
         'batch_size': int(self.sizes[self.me]), 'loop_s': loop_s, 'busy_s': busy_s,
         'slept_s': self.slow.slept_s, 'transient_steps': self.slow.transient_steps,
