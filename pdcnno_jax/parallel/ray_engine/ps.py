@@ -102,6 +102,7 @@ class ParameterShard:
     self.pushes = 0
     self.duplicates = 0
     self.snapshots = 0
+    self.rejoins = 0
     self._since_snapshot = 0
     self._waiters: list[tuple[int, asyncio.Future]] = []
     self._speed_waiters: list[asyncio.Future] = []
@@ -189,7 +190,8 @@ class ParameterShard:
     return dict(view, wait_s=time.perf_counter() - start)
 
   async def applied_clocks(self) -> np.ndarray:
-    """The newest clock applied from each worker."""
+    """The newest clock applied from each worker (a restarted or resumed worker asks)."""
+    self.rejoins += 1
     return self.applied.copy()
 
   async def exchange_speed(self, worker: int, speed: float) -> list[float]:
@@ -210,7 +212,7 @@ class ParameterShard:
   async def final(self) -> dict[str, Any]:
     """The shard's leaves and counters at the end of the run."""
     return dict(self._view(0.0), pushes=self.pushes, duplicates=self.duplicates,
-                snapshots=self.snapshots, restarted=self.restarted)
+                snapshots=self.snapshots, rejoins=self.rejoins, restarted=self.restarted)
 
   async def pid(self) -> int:
     return os.getpid()

@@ -55,8 +55,8 @@ class FaultPlan:
   Attributes:
     worker_clock: {worker: clock after whose push it dies}.
     shard_pushes: {shard: pushes applied after which it dies}.
-    driver_clock: the driver stops every actor and raises `DriverCrash` once every worker
-      pushed this clock, as if it had died (-1: never).
+    driver_clock: every worker stops after pushing this clock; then the driver kills every
+      actor and raises `DriverCrash`, as if it had died there (-1: never).
   """
   worker_clock: dict[int, int] = dataclasses.field(default_factory=dict)
   shard_pushes: dict[int, int] = dataclasses.field(default_factory=dict)
@@ -64,7 +64,15 @@ class FaultPlan:
 
 
 class DriverCrash(RuntimeError):
-  """`FaultPlan.driver_clock`: the driver stopped the job the way its death would."""
+  """`FaultPlan.driver_clock`: the driver stopped the job the way its death would.
+
+  Attributes:
+    shards: every shard's `ps.ParameterShard.final` figures when the job stopped.
+  """
+
+  def __init__(self, message: str, shards: list[dict[str, Any]]):
+    super().__init__(message)
+    self.shards = shards
 
 
 def _job_marker(exp: context.Experiment, total_steps: int, num_leaves: int) -> dict[str, Any]:
@@ -147,7 +155,8 @@ def _start_actors(ray, exp: context.Experiment, host_state, tx, total_steps: int
                          max_task_retries=MAX_RESTARTS,
                          runtime_env={'env_vars': _worker_env(config)}).remote(
           k, int(parallel.num_workers), config, exp.workdir, data_ref, exp.graphdef, tx,
-          state_ref, shards, assignment, total_steps, faults.worker_clock.get(k, -1), resume)
+          state_ref, shards, assignment, total_steps, faults.worker_clock.get(k, -1),
+          faults.driver_clock, resume)
       for k in range(int(parallel.num_workers))]
   return _Job(shards, workers, assignment, resume, leaf_refs + [data_ref, state_ref])
 
@@ -161,8 +170,10 @@ def _wait(ray, workers: list[Any], shards: list[Any], faults: FaultPlan) -> list
     done, _ = ray.wait(runs, num_returns=len(runs), timeout=0.2)
     if len(done) == len(runs):
       return ray.get(runs)
-    if int(np.min(ray.get(shards[0].applied_clocks.remote()))) >= faults.driver_clock:
-      raise DriverCrash(f'FaultPlan.driver_clock={faults.driver_clock}')
+    ray.get(done)  # A worker that failed raises here.
+    finals = ray.get([s.final.remote() for s in shards])
+    if all(int(np.min(f['applied'])) == faults.driver_clock for f in finals):
+      raise DriverCrash(f'FaultPlan.driver_clock={faults.driver_clock}', finals)
 
 
 def _job_report(exp: context.Experiment, results: list[dict[str, Any]],
@@ -186,7 +197,8 @@ def _job_report(exp: context.Experiment, results: list[dict[str, Any]],
                           'model state)',
       'transport': dict(transport.job_transport([r['transport'] for r in results]),
                         clocks=total_steps, wait_seconds=[r['wait_seconds'] for r in results]),
-      'ps': [{key: f[key] for key in ('pushes', 'duplicates', 'snapshots', 'restarted')}
+      'ps': [{key: f[key] for key in ('pushes', 'duplicates', 'snapshots', 'rejoins',
+                                      'restarted')}
              | {'applied': f['applied'].tolist(), 'nbytes': transport.tree_nbytes(f['leaves'])}
              for f in finals],
   })

@@ -40,6 +40,8 @@ class SSPWorkerActor:
     total_steps: clocks of the run.
     kill_at_clock: test hook: the first incarnation SIGKILLs itself after pushing this clock
       (-1: never).
+    hold_at_clock: test hook: the worker stops after pushing this clock until it is killed
+      (-1: never), so that a test can stop the whole job at a known point.
     resume: rejoin the server's clocks from the workdir (a rerun after the driver died), as
       an actor that Ray restarts always does.
   """
@@ -47,7 +49,7 @@ class SSPWorkerActor:
   def __init__(self, me: int, num_workers: int, config: ml_collections.ConfigDict,
                workdir: str, dataset: Any, graphdef: Any, tx: Any, host_state: Any,
                shards: Sequence[Any], assignment: Sequence[Sequence[int]], total_steps: int,
-               kill_at_clock: int = -1, resume: bool = False):
+               kill_at_clock: int = -1, hold_at_clock: int = -1, resume: bool = False):
     import jax  # pylint: disable=g-import-not-at-top
     import ray  # pylint: disable=g-import-not-at-top
     from pdcnno_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -60,6 +62,7 @@ class SSPWorkerActor:
     self.me, self.num_workers, self.config, self.workdir = me, num_workers, config, workdir
     self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
     self.kill_at_clock = -1 if self.restarted else int(kill_at_clock)
+    self.hold_at_clock = int(hold_at_clock)
     self.resume = self.restarted or resume
     self.split = dataset.host_splits['train']
     self.global_batch = int(config.data.batch_size)
@@ -160,6 +163,8 @@ class SSPWorkerActor:
       leaves = self.client.step(clock, delta, read)
       if clock == self.kill_at_clock:
         os.kill(os.getpid(), signal.SIGKILL)
+      while clock == self.hold_at_clock:
+        time.sleep(1.0)
       busy_s, examples, steps = busy_s + seconds, examples + size, steps + 1
       losses.append(float(metrics['loss']))
       if 0 < clock < warmup:

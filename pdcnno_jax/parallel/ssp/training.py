@@ -430,7 +430,9 @@ def train(exp: context.Experiment, state: state_lib.TrainState, *, tx,
   """SSP training for ``config.num_epochs`` epochs (see the module docstring).
 
   Every process of the job calls this; the processes never meet in a collective, only
-  through the store. ``config.max_steps`` caps the clocks.
+  through the store. ``config.max_steps`` caps the clocks. With ``parallel.engine = 'ray'``
+  this one process drives the job on Ray instead (`ray_engine.ssp_driver.train`); the
+  arguments after ``checkpointer`` are the jax engine's.
 
   Args:
     exp: the experiment (config, workdir, dataset, mesh, preprocess, graphdef, timer, writer).
@@ -459,6 +461,9 @@ def train(exp: context.Experiment, state: state_lib.TrainState, *, tx,
   config = exp.config
   if config.parallel.engine == 'ray':
     validate(config, exp.dataset)
+    if store is not None:
+      raise ValueError('A store is for parallel.engine=jax; the Ray engine moves updates '
+                       'through its parameter-server actors. Set config.parallel.engine=jax.')
     if jax.process_count() > 1:
       raise ValueError(
           'config.parallel.engine=ray runs SSP from one driver process that starts '
