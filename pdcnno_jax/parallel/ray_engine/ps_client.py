@@ -88,15 +88,15 @@ class PSClient:
     Returns:
       The parameter leaves (read-only NumPy views of the object store), or None.
     """
+    import ray  # pylint: disable=g-import-not-at-top
     parts = [None if delta is None else [delta[i] for i in leaves]
              for leaves in self.assignment]
     start = time.perf_counter()
     replies = []
     for shard, part in enumerate(parts):
       if part is not None:
-        self._kept[shard][clock] = part
-    # Every shard's call is in flight at once; `_call` only blocks on its own shard's reply.
-    import ray  # pylint: disable=g-import-not-at-top
+        self._kept[shard][clock] = part  # Kept until a snapshot of that shard covers it.
+    # Every shard's call is in flight at once; a failed one is repeated on its own (`_call`).
     refs = [s.push_and_read.remote(self.worker, clock, part, read_clock)
             for s, part in zip(self.shards, parts)]
     for shard, ref in enumerate(refs):
