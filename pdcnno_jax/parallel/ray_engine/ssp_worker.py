@@ -142,8 +142,10 @@ class SSPWorkerActor:
     compiled: dict[int, Any] = {}
     warmup_step_s, snapshots, losses = [], [], []
     busy_s, examples, steps = 0.0, 0, 0
-    if first == 0 and not self.resume:  # The starting parameters (a read could already hold a faster worker's
-      leaves = jax.tree.leaves(self.host_state.params)  # clock 0, which BSP must not see).
+    # Clock 0 trains on the starting parameters: a read could already hold a faster worker's
+    # clock 0, which BSP must not see.
+    if first == 0 and not self.resume:
+      leaves = jax.tree.leaves(self.host_state.params)
     else:
       leaves = self.client.step(first, None, first) if first < self.total_steps else None
     loop_start = time.perf_counter()
@@ -195,7 +197,8 @@ class SSPWorkerActor:
     log = client.log
     waited = float(sum(client.wait_seconds))
     return {
-        'worker': self.me, 'devices': self.granularity, 'first_clock': first, 'clock': self.total_steps, 'steps': steps,
+        'worker': self.me, 'devices': self.granularity, 'first_clock': first,
+        'clock': self.total_steps, 'steps': steps,
         'restarted': bool(self.restarted), 'resumed': bool(self.resume), 'examples': examples,
         'batch_size': int(self.sizes[self.me]), 'loop_s': loop_s, 'busy_s': busy_s,
         'slept_s': self.slow.slept_s, 'transient_steps': self.slow.transient_steps,
