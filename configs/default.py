@@ -144,6 +144,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.parallel.engine = 'jax'  # ray | jax
   config.parallel.num_workers = 2  # engine=ray: worker actors the driver starts.
   config.parallel.ps_shards = 1  # engine=ray: SSP server shards; MapReduce Reduce leaf groups (split by bytes).
+  config.parallel.ps_snapshot_every_clocks = 10  # engine=ray, SSP: PS snapshot every N clocks; 0: never.
+  config.parallel.ray_worker_cpu_devices = 1  # engine=ray: CPU devices of each worker's JAX.
   config.parallel.ray_address = ''  # '' = embedded local cluster on 127.0.0.1; 'auto' or host:port.
   config.parallel.gpus_per_worker = 0.0  # engine=ray: GPUs per worker actor on GPU hosts.
   config.parallel.slowdown = ''  # Per-process slowdown factors, e.g. '1,1,2,4' (heterogeneous workers).

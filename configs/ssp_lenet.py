@@ -1,21 +1,27 @@
 """LeNet-5 on Fashion-MNIST with stale synchronous parallel (SSP) training over 4 workers.
 
-Four local CPU processes are four workers, each with its own replica, reading disjoint quarters
-of every global batch of 128 and exchanging parameter deltas through JAX's coordination
-service. Every step of every worker is independently stretched to 4x its compute time with
-probability 0.1 (the delay-synchronization paper's transient "unrelated load"); with staleness
-s = 3 a worker runs up to 3 clocks ahead of the slowest instead of waiting at every step:
+Four workers, each with its own replica, read disjoint quarters of every global batch of 128.
+Every step of every worker is independently stretched to 4x its compute time with probability
+0.1 (the delay-synchronization paper's transient "unrelated load"); with staleness s = 3 a
+worker runs up to 3 clocks ahead of the slowest instead of waiting at every step. On Ray (one
+driver process; 4 worker actors and a parameter-server shard, parallel/ray_engine):
+
+  python -m pdcnno_jax.main --config=configs/ssp_lenet.py --workdir=workdirs/ssp_lenet \
+      --config.parallel.engine=ray
+
+On the jax engine (4 processes exchanging deltas through JAX's coordination service):
 
   python -m pdcnno_jax.launch_local --num_processes=4 -- \
-      --config=configs/ssp_lenet.py --workdir=workdirs/ssp_lenet
+      --config=configs/ssp_lenet.py --workdir=workdirs/ssp_lenet --config.parallel.engine=jax
 
 Variants: `--config.parallel.staleness=0` (BSP; the same parameters as synchronous training for
 SGD/momentum), `=-1` (ASP); a persistent straggler: `--config.parallel.slowdown=1,1,1,4
 --config.parallel.straggler_probability=0`, with batches sized to measured speed:
 `--config.parallel.ssp_batch_balancer=proportional`. A killed worker process can be started
-again with the same --process_id and rejoins from workdirs/ssp_lenet/ssp_worker_<k>/.
+again with the same --process_id and rejoins from workdirs/ssp_lenet/ssp_worker_<k>/; on Ray,
+Ray restarts a killed worker or shard, and rerunning the command after the driver died resumes.
 
-Measured with --config.num_epochs=1 (4 processes on a shared, heavily loaded 2-core machine):
+Measured on the jax engine with --config.num_epochs=1 (4 processes, shared loaded 2-core machine):
 85.5% test accuracy after 84 s of training clocks; the default 3 epochs were not measured. The
 'ssp' section of report.json gives per-worker clocks and waits, the staleness histograms, the
 coordination overhead and test accuracy against wall time (benchmarks/bench_ssp_training.py
@@ -32,6 +38,7 @@ def get_config():
   config.data.batch_size = 128  # Per worker: 128 // 4 = 32 (equal batches).
   config.optimizer.schedule = 'constant'
   config.parallel.mode = 'ssp'
+  config.parallel.num_workers = 4  # engine=ray: worker actors (the jax engine: 4 processes).
   config.parallel.staleness = 3
   config.parallel.straggler_probability = 0.1
   config.parallel.straggler_factor = 4.0

@@ -35,6 +35,7 @@ def _spawn(pid, port, workdir, data_dir, log_path, kill=False):
     env['PDCNNO_SSP_FAULT_KILL_AT_CLOCK'] = str(_KILL_CLOCK)
   cmd = [sys.executable, '-m', 'pdcnno_jax.main', f'--config={_REPO}/configs/ssp_lenet.py',
          f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
+         '--config.parallel.engine=jax',
          '--config.data.batch_size=32', '--config.data.eval_batch_size=128',
          '--config.num_epochs=3', '--config.checkpoint_every_steps=4',
          '--config.log_every_steps=4', '--config.parallel.staleness=2',

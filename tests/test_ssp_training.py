@@ -43,6 +43,7 @@ def _fixtures():
 def _config(**parallel):
   config = _fixtures().mapreduce_config()
   config.parallel.mode = 'ssp'
+  config.parallel.engine = 'jax'  # These tests are of the jax.distributed engine.
   config.parallel.heartbeat_timeout_s = _HEARTBEAT_S
   config.parallel.ssp_timeout_s = 90.0
   config.parallel.update(parallel)

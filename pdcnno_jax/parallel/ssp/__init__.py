@@ -3,8 +3,9 @@
 Modules: ``store`` (the `Store` interface and `InMemoryStore`), ``coordination`` (a `Store`
 over JAX's coordination service, the only module touching JAX's private client),
 ``serialization`` (pytrees <-> bytes without pickle), ``liveness`` (heartbeat leases),
-``protocol`` (`SSPWorker`, the SSP clock protocol), ``worker_checkpoints`` and ``report``,
-and ``training`` (the SSP training mode).
+``protocol`` (`SSPWorker`, the SSP clock protocol), ``worker_checkpoints``, ``report``,
+``steps`` (the worker step both engines share) and ``training`` (the SSP training mode; with
+``parallel.engine = 'ray'`` it hands the job to ``parallel/ray_engine/ssp_driver``).
 
 References:
   DESIGN.md, "SSP"; papers/delay_sync_parallel.txt; Ho et al., NIPS 2013.

@@ -133,7 +133,8 @@ def sum_updates(updates: Sequence[Update]) -> Any | None:
                                 *[u.tree for u in updates])
 
 
-def _normalise_staleness(staleness: int | None) -> int | None:
+def normalise_staleness(staleness: int | None) -> int | None:
+  """s as an int >= 0, or None for infinite (ASP: -1, None or inf)."""
   if staleness is None or (isinstance(staleness, float) and
                            np.isinf(staleness)):
     return None
@@ -214,7 +215,7 @@ class SSPWorker:
     self.store = store
     self.worker_id = worker_id
     self.num_workers = num_workers
-    self.staleness = _normalise_staleness(staleness)
+    self.staleness = normalise_staleness(staleness)
     self.timeout_s = float(timeout_s)
     self.run_id = run_id
     self._like = like

@@ -28,18 +28,16 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import json
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 
 from pdcnno_jax.data import input_pipeline
@@ -47,7 +45,6 @@ from pdcnno_jax.diagnostics import collapse
 from pdcnno_jax.loop import batching
 from pdcnno_jax.loop import checks
 from pdcnno_jax.loop import context
-from pdcnno_jax.loop import evaluation
 from pdcnno_jax.loop import faults
 from pdcnno_jax.loop import periodic
 from pdcnno_jax.loop import placement
@@ -56,58 +53,19 @@ from pdcnno_jax.parallel import slowdown as slowdown_lib
 from pdcnno_jax.parallel.ssp import protocol
 from pdcnno_jax.parallel.ssp import report as report_lib
 from pdcnno_jax.parallel.ssp import serialization
+from pdcnno_jax.parallel.ssp import steps as ssp_steps
 from pdcnno_jax.parallel.ssp import store as store_lib
 from pdcnno_jax.parallel.ssp import worker_checkpoints as worker_ckpt
 from pdcnno_jax.train import checkpointing
 from pdcnno_jax.train import metrics as metrics_lib
 from pdcnno_jax.train import sharding as sharding_lib
 from pdcnno_jax.train import state as state_lib
-from pdcnno_jax.train import steps as steps_lib
 
 MESH = 'local'  # Workers never meet in a collective: each trains on its own devices.
 USES_CHECKPOINTER = False  # Per-worker checkpoints instead (a lone worker can rejoin).
 RUN_ID = 'train'
 BATCH_BALANCERS = ('equal', 'proportional')
 _TRAIN_ROOT = 'pdcnno_ssp_train'
-
-
-# ---------------------------------------------------------------------------------------
-# Steps.
-# ---------------------------------------------------------------------------------------
-
-
-def ssp_train_step(state: state_lib.TrainState, batch: steps_lib.Batch, weight: jax.Array, *,
-                   graphdef, tx: optax.GradientTransformation, preprocess: steps_lib.Preprocess,
-                   pass_value_fn: bool) -> tuple[state_lib.TrainState, Any, dict[str, jax.Array]]:
-  """One local optimizer step whose parameter change is scaled by ``weight`` = b_k / B.
-
-  Returns:
-    ``(new_state, delta, metrics)``: ``delta`` is what was added to the parameters, the
-    update this worker publishes.
-  """
-  updates, opt_state, new_model_state, metrics = steps_lib.optimizer_update(
-      state, batch, graphdef=graphdef, tx=tx, preprocess=preprocess,
-      pass_value_fn=pass_value_fn)
-  delta = jax.tree.map(lambda u: (weight * u).astype(u.dtype), updates)
-  params = optax.apply_updates(state.params, delta)
-  new_state = state.replace(step=state.step + 1, params=params, model_state=new_model_state,
-                            opt_state=opt_state)
-  return new_state, delta, metrics
-
-
-def make_ssp_train_step(graphdef, tx: optax.GradientTransformation,
-                        preprocess: steps_lib.Preprocess, mesh: jax.sharding.Mesh) -> Callable:
-  """`ssp_train_step` jitted on ``mesh`` (state replicated, batch sharded, state donated)."""
-  step = functools.partial(ssp_train_step, graphdef=graphdef, tx=tx, preprocess=preprocess,
-                           pass_value_fn=steps_lib.needs_value_fn(tx))
-  rep, data = sharding_lib.replicated(mesh), sharding_lib.batch_sharded(mesh)
-  return jax.jit(step, in_shardings=(rep, data, rep), out_shardings=(rep, rep, rep),
-                 donate_argnums=(0,))
-
-
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _add_to_params(state: state_lib.TrainState, delta: Any) -> state_lib.TrainState:
-  return state.replace(params=optax.apply_updates(state.params, delta))
 
 
 # ---------------------------------------------------------------------------------------
@@ -160,7 +118,7 @@ class Worker:
     self.seed = int(config.seed)
     self.data_sharding = sharding_lib.batch_sharded(local_mesh)
     self.replicated = sharding_lib.replicated(local_mesh)
-    self.step_fn = make_ssp_train_step(exp.graphdef, tx, exp.preprocess, local_mesh)
+    self.step_fn = ssp_steps.make_ssp_train_step(exp.graphdef, tx, exp.preprocess, local_mesh)
     self.compiled: dict[int, Any] = {}
     self.slow = slowdown_lib.Slowdown.from_config(config.parallel, me, num_workers,
                                                   seed=config.seed)
@@ -247,6 +205,9 @@ def validate(config: ml_collections.ConfigDict, dataset: input_pipeline.Dataset)
   if int(parallel.ssp_eval_every_steps) < 0:
     raise ValueError(f'config.parallel.ssp_eval_every_steps={parallel.ssp_eval_every_steps} '
                      'must be >= 0 (0: at the end of every eval_every_epochs epochs).')
+  if parallel.engine == 'ray':
+    from pdcnno_jax.parallel.ray_engine import ssp_driver  # pylint: disable=g-import-not-at-top
+    ssp_driver.validate(config)
 
 
 @dataclasses.dataclass
@@ -309,7 +270,7 @@ def _join(run: _Run) -> None:
   joined = ssp.join(_checkpointed_start(run))
   run.first_clock = joined.next_clock
   if joined.updates:
-    run.local = _add_to_params(run.local, protocol.sum_updates(joined.updates))
+    run.local = ssp_steps.add_to_params(run.local, protocol.sum_updates(joined.updates))
     run.local = run.local.replace(step=run.local.step + len(joined.updates))
   warmup_steps = int(run.parallel.ssp_warmup_steps)
   if run.first_clock > warmup_steps and run.proportional:
@@ -339,7 +300,7 @@ def _apply_visible_updates(run: _Run, clock: int) -> None:
   ready = [u for u in run.pending if u.clock <= visible]
   run.pending = [u for u in run.pending if u.clock > visible]
   if ready:
-    run.local = _add_to_params(run.local, protocol.sum_updates(ready))
+    run.local = ssp_steps.add_to_params(run.local, protocol.sum_updates(ready))
     for u in ready:
       run.worker.counters.applied_staleness[clock - 1 - u.clock] += 1
 
@@ -418,7 +379,7 @@ def _finish(run: _Run, loop_s: float) -> tuple[Any, list[dict[str, Any]], list[f
   me, num_workers = worker.me, worker.num_workers
   rest = run.ssp.drain(run.total_steps - 1) + run.pending
   if rest:
-    run.local = _add_to_params(run.local, protocol.sum_updates(rest))
+    run.local = ssp_steps.add_to_params(run.local, protocol.sum_updates(rest))
   drained = worker_ckpt.to_host(run.local)
   store.set(_key(run_id, 'report', me),
             json.dumps(worker_report(worker, run.ssp, loop_s, run.first_clock)).encode(),
@@ -469,7 +430,9 @@ def train(exp: context.Experiment, state: state_lib.TrainState, *, tx,
   """SSP training for ``config.num_epochs`` epochs (see the module docstring).
 
   Every process of the job calls this; the processes never meet in a collective, only
-  through the store. ``config.max_steps`` caps the clocks.
+  through the store. ``config.max_steps`` caps the clocks. With ``parallel.engine = 'ray'``
+  this one process drives the job on Ray instead (`ray_engine.ssp_driver.train`); the
+  arguments after ``checkpointer`` are the jax engine's.
 
   Args:
     exp: the experiment (config, workdir, dataset, mesh, preprocess, graphdef, timer, writer).
@@ -496,6 +459,18 @@ def train(exp: context.Experiment, state: state_lib.TrainState, *, tx,
   if checkpointer is not None:
     raise ValueError('SSP training keeps per-worker checkpoints; pass checkpointer=None.')
   config = exp.config
+  if config.parallel.engine == 'ray':
+    validate(config, exp.dataset)
+    if store is not None:
+      raise ValueError('A store is for parallel.engine=jax; the Ray engine moves updates '
+                       'through its parameter-server actors. Set config.parallel.engine=jax.')
+    if jax.process_count() > 1:
+      raise ValueError(
+          'config.parallel.engine=ray runs SSP from one driver process that starts '
+          f'parallel.num_workers actors, but this job has {jax.process_count()} processes: '
+          'drop the launcher / --num_processes, or set --config.parallel.engine=jax.')
+    from pdcnno_jax.parallel.ray_engine import ssp_driver  # pylint: disable=g-import-not-at-top
+    return ssp_driver.train(exp, state, tx=tx)
   validate(config, exp.dataset)
   parallel = config.parallel
   num_workers, me = jax.process_count(), jax.process_index()
@@ -530,7 +505,7 @@ def train(exp: context.Experiment, state: state_lib.TrainState, *, tx,
   if me == 0:  # The last point is the final state, after the drain.
     run.snapshots.append((drain_end - run.loop_start, run.total_steps,
                           (final_local.params, final_local.model_state)))
-    report['accuracy_vs_time'] = _evaluate_snapshots(exp, local_mesh, final_local,
+    report['accuracy_vs_time'] = ssp_steps.evaluate_snapshots(exp, local_mesh, final_local,
                                                      run.snapshots)
   metrics_lib.log_line(
       f'[ssp] done: wall {report["wall_s"]:.1f}s, {report["throughput_examples_per_s"]:.0f} '
@@ -572,24 +547,3 @@ def worker_report(worker: Worker, ssp: protocol.SSPWorker, loop_s: float,
       'dropped': stats['dropped'],
       'gc_deleted': stats['gc_deleted'],
   }
-
-
-def _evaluate_snapshots(exp: context.Experiment, local_mesh: jax.sharding.Mesh,
-                        like: state_lib.TrainState,
-                        snapshots: list[tuple[float, int, Any]]) -> list[dict[str, float]]:
-  """Test accuracy of worker 0's snapshots, on its local devices."""
-  local_exp = dataclasses.replace(exp, mesh=local_mesh, writer=None)
-  eval_step = steps_lib.make_eval_step(exp.graphdef, exp.preprocess, local_mesh)
-  rep = sharding_lib.replicated(local_mesh)
-  split = exp.eval_split
-  curve = []
-  with exp.timer.phase('eval'):
-    for wall_s, clock, (params, model_state) in snapshots:
-      state = like.replace(params=jax.device_put(params, rep),
-                           model_state=jax.device_put(model_state, rep))
-      result = evaluation.evaluate(local_exp, state, split, eval_step)
-      curve.append({'wall_s': wall_s, 'clock': clock, 'split': split, **result})
-      if exp.writer:
-        exp.writer.write(clock, {'accuracy': result['accuracy'], 'wall_s': wall_s},
-                         prefix=f'ssp_{split}')
-  return curve

@@ -1,0 +1,190 @@
+"""SSP transport: the Ray parameter server next to the coordination-service store, in one run.
+
+Measures, side by side on this machine:
+
+  * Ray PS: 2 local worker actors push a VGG-16-sized delta (the vgg16 model at width 1.0 on
+    28x28x1, ~15M float32 parameters, ~60 MB) to ``--shards`` parameter-server shards and read
+    the parameters back, clock after clock (`ps_client.PSClient.step`, ASP so no read waits);
+    effective throughput = (bytes_sent + bytes_received) / transfer_seconds over both workers,
+    and the transfer seconds per clock of one worker;
+  * the old store: one set by process 0 and one get by process 1 of a ``--store_mib`` MiB random
+    payload through JAX's coordination service (`parallel/ssp/coordination.py`, 2 processes
+    joined by jax.distributed), as MiB moved per second;
+  * LeNet-5: SSP on Ray, 2 workers, 128 examples per worker, generated data: transfer seconds
+    per clock as a fraction of the compute of a step.
+
+Bars (issue #15): Ray PS >= 500 MiB/s, <= 0.4 s of transfer per clock for VGG-16, LeNet-5
+overhead <= 10% of a step. Prints the figures, their ratios and os.getloadavg() (the machine may
+be shared: run it on a quiet one).
+
+Usage:
+  python benchmarks/bench_ssp_transport.py [--clocks=10] [--store_mib=64] [--shards=1]
+  python benchmarks/bench_ssp_transport.py --quick   # VGG-16 at width 0.25, 4 MiB, few clocks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def _vgg_leaves(width):
+  """Random float32 arrays shaped like vgg16's parameters at ``width`` (28x28x1, 10 classes)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax import testing  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.models import factory  # pylint: disable=g-import-not-at-top
+  config = testing.section('model', name='vgg16', width_multiplier=width, batch_norm=False,
+                           dropout_rate=0.0)
+  abstract = nnx.eval_shape(lambda: factory.build_model(
+      config, num_classes=10, input_shape=(28, 28, 1), rngs=nnx.Rngs(0)))
+  shapes = [x.shape for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))]
+  rng = np.random.default_rng(0)
+  return [(1e-3 * rng.standard_normal(s)).astype(np.float32) for s in shapes]
+
+
+def _ray_ps(ray, leaves, clocks, num_shards, workdir):
+  from pdcnno_jax.parallel.ray_engine import ps  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.parallel.ray_engine import transport  # pylint: disable=g-import-not-at-top
+  assignment = ps.split_by_bytes([x.nbytes for x in leaves], num_shards)
+  shard_cls = ray.remote(ps.ParameterShard)
+  shards = [shard_cls.options(num_cpus=1, max_concurrency=100).remote(
+      i, [leaves[j] for j in a], 2, None, workdir, 0, 300.0) for i, a in enumerate(assignment)]
+
+  @ray.remote(num_cpus=1)
+  class Pusher:
+
+    def run(self, me, delta):
+      from pdcnno_jax.parallel.ray_engine import ps_client  # pylint: disable=g-import-not-at-top
+      client = ps_client.PSClient(shards, assignment, me, None, 300.0)
+      client.step(0, delta, 1)  # Warm-up: first touch of the object store's pages.
+      first = client.log.as_dict()
+      for clock in range(1, clocks + 1):
+        client.step(clock, delta, clock + 1)
+      log = client.log
+      log.bytes_sent -= first['bytes_sent']
+      log.bytes_received -= first['bytes_received']
+      log.transfer_seconds -= first['transfer_seconds']
+      log.transfers -= 1
+      return log
+
+  delta_ref = ray.put(leaves)
+  logs = ray.get([Pusher.remote().run.remote(k, delta_ref) for k in range(2)])
+  for shard in shards:
+    ray.kill(shard)
+  job = transport.job_transport(logs)
+  return dict(mib_per_s=job['mib_per_s'], clocks=clocks,
+              transfer_s_per_clock=max(w['transfer_seconds'] for w in job['workers']) / clocks,
+              mib_per_clock=sum(x.nbytes for x in leaves) * 2 / 2**20)
+
+
+def _store_worker(args):
+  """One process of the old-store measurement (``--process_id``)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.parallel.ssp import coordination  # pylint: disable=g-import-not-at-top
+  coordination.initialize(f'127.0.0.1:{args.port}', 2, args.process_id, heartbeat_timeout_s=60)
+  store = coordination.CoordinationStore()
+  payload = np.random.default_rng(0).bytes(args.store_mib * 2**20)
+  store.barrier('bench_start', 300.0, [0, 1])
+  start = time.perf_counter()
+  if args.process_id == 0:
+    store.set('bench/payload', payload)
+    store.barrier('bench_set', 300.0, [0, 1])
+    seconds = time.perf_counter() - start
+  else:
+    store.barrier('bench_set', 300.0, [0, 1])
+    start = time.perf_counter()
+    got = store.get('bench/payload', 300.0)
+    seconds = time.perf_counter() - start
+    assert len(got) == len(payload)
+  print('RESULT ' + json.dumps({'seconds': seconds}), flush=True)
+  coordination.shutdown(store)
+
+
+def _old_store(store_mib):
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  procs = [subprocess.Popen([sys.executable, __file__, f'--process_id={pid}', f'--port={port}',
+                             f'--store_mib={store_mib}'], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True) for pid in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  if any(p.returncode for p in procs):
+    raise SystemExit(f'old-store processes failed: {[p.returncode for p in procs]}\n{outputs}')
+  set_s, get_s = (json.loads([l for l in o.splitlines() if l.startswith('RESULT ')][-1][7:])
+                  ['seconds'] for o in outputs)
+  return dict(mib=store_mib, set_s=set_s, get_s=get_s, mib_per_s=2 * store_mib / (set_s + get_s))
+
+
+def _lenet(clocks, workdir):
+  """SSP on Ray for LeNet-5, 2 workers x 128 examples: transfer per clock vs a step."""
+  from pdcnno_jax.parallel.ray_engine import ssp_driver  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.testing import experiments  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.train import sharding  # pylint: disable=g-import-not-at-top
+  config = experiments.mapreduce_config(mode='ssp', engine='ray', num_workers=2, staleness=3)
+  config.data.batch_size = 256
+  config.num_epochs = 1
+  config.checkpoint_every_steps = 0
+  exp, tx, host_state = experiments.make_experiment(config, workdir, num_devices=1,
+                                                    num_train=256 * (clocks + 1))
+  _, report = ssp_driver.train(exp, sharding.replicate(host_state, exp.mesh), tx=tx)
+  steps = sum(r['steps'] for r in report['per_worker'])
+  transfer = report['transport']['transfer_seconds'] / steps
+  step = sum(r['busy_s'] for r in report['per_worker']) / steps
+  return dict(clocks=report['clocks'], transfer_s_per_clock=transfer, step_s=step,
+              overhead=transfer / step)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--clocks', type=int, default=10)
+  parser.add_argument('--store_mib', type=int, default=64)
+  parser.add_argument('--shards', type=int, default=1)
+  parser.add_argument('--quick', action='store_true')
+  parser.add_argument('--process_id', type=int, default=None)
+  parser.add_argument('--port', type=int, default=None)
+  args = parser.parse_args()
+  if args.process_id is not None:
+    _store_worker(args)
+    return
+  if args.quick:
+    args.clocks, args.store_mib = 3, 4
+  from pdcnno_jax.parallel.ray_engine import runtime  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.testing import config as config_testing  # pylint: disable=g-import-not-at-top
+  print(f'load average (1, 5, 15 min) at start: {os.getloadavg()}')
+  old = _old_store(args.store_mib)
+  config = config_testing.default_config()
+  config.parallel.ps_shards = args.shards
+  ray = runtime.start(config)
+  width = 0.25 if args.quick else 1.0
+  leaves = _vgg_leaves(width)
+  with tempfile.TemporaryDirectory() as workdir:
+    new = _ray_ps(ray, leaves, args.clocks, args.shards, workdir)
+    lenet = _lenet(4 if args.quick else 40, workdir)
+  runtime.stop()
+  params = sum(x.size for x in leaves)
+  print(f'load average (1, 5, 15 min) at end: {os.getloadavg()}')
+  print(f'\nvgg16 width {width}: {params:,} params ({4 * params / 2**20:.1f} MiB float32)')
+  print(f'  Ray PS ({args.shards} shard(s), 2 workers, {new["clocks"]} clocks): '
+        f'{new["mib_per_s"]:.0f} MiB/s, {new["transfer_s_per_clock"]:.3f} s transfer per '
+        f'clock ({new["mib_per_clock"]:.0f} MiB pushed + pulled per worker)   bars: >= 500 MiB/s, '
+        '<= 0.4 s')
+  print(f'  old coordination store ({old["mib"]} MiB): set {old["set_s"]:.2f} s + get '
+        f'{old["get_s"]:.2f} s = {old["mib_per_s"]:.1f} MiB/s')
+  print(f'  ratio Ray PS / old store: {new["mib_per_s"] / old["mib_per_s"]:.1f}x')
+  print(f'\nlenet5, 2 workers x 128 examples, {lenet["clocks"]} clocks: transfer '
+        f'{1e3 * lenet["transfer_s_per_clock"]:.1f} ms per clock, step '
+        f'{1e3 * lenet["step_s"]:.1f} ms: overhead {100 * lenet["overhead"]:.1f}% of a step '
+        '(bar: <= 10%)')
+
+
+if __name__ == '__main__':
+  main()

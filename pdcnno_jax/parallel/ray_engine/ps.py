@@ -1,0 +1,218 @@
+"""One shard of the SSP parameter server (Petuum Bösen style): a Ray actor over NumPy leaves.
+
+`split_by_bytes` gives each of ``parallel.ps_shards`` shards a byte-balanced set of parameter
+leaves. A shard applies pushed deltas and serves reads under the SSP rule (Ho et al. 2013): a
+read for clock c returns parameters that include every update stamped <= c - s - 1 from every
+worker, the reader's own (it pushes before it reads, in the same call), possibly newer ones;
+s = 0 is BSP, s = None ASP. A read that must wait is answered with the parameters at the moment
+the bound is met, so under BSP it holds exactly the updates through c - 1. Leaves are never
+changed in place (``p = p + d``), so a reply is a consistent snapshot while later pushes arrive.
+
+Exactly once: a shard applies worker k's clocks in order and ignores a clock it has applied
+(a restarted worker or a re-send). Every ``ps_snapshot_every_clocks`` clocks of all workers it
+writes ``<workdir>/ssp_ps_<i>/snapshot.npz`` (leaves and applied clocks) and acknowledges the
+clocks it covers; workers keep their deltas until acknowledged, so a shard that Ray restarts
+reloads its snapshot and gets back, by re-send, every delta it lost.
+
+References:
+  Ho et al., "More effective distributed ML via a stale synchronous parallel parameter
+    server", NIPS 2013, section 2; DESIGN.md, "SSP".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+SNAPSHOT_NAME = 'snapshot.npz'
+
+
+def split_by_bytes(nbytes: Sequence[int], num_shards: int) -> list[list[int]]:
+  """Leaf indices of each shard: largest leaves first, each to the lightest shard so far.
+
+  Raises:
+    ValueError: ``num_shards`` < 1 or more shards than leaves.
+  """
+  if not 1 <= num_shards <= len(nbytes):
+    raise ValueError(f'config.parallel.ps_shards={num_shards} must be in [1, {len(nbytes)}] '
+                     '(the number of parameter arrays of the model).')
+  loads, shards = [0] * num_shards, [[] for _ in range(num_shards)]
+  for index in sorted(range(len(nbytes)), key=lambda i: (-nbytes[i], i)):
+    lightest = min(range(num_shards), key=lambda s: (loads[s], s))
+    shards[lightest].append(index)
+    loads[lightest] += int(nbytes[index])
+  return [sorted(s) for s in shards]
+
+
+def snapshot_dir(workdir: str, shard: int) -> str:
+  """``<workdir>/ssp_ps_<shard>``."""
+  return os.path.join(workdir, f'ssp_ps_{shard}')
+
+
+def read_bound(clock: int, staleness: int | None) -> int | None:
+  """The newest clock every worker's updates must be in for a read at ``clock`` (None: ASP)."""
+  return None if staleness is None else clock - staleness - 1
+
+
+class ParameterShard:
+  """Shard ``shard`` of the parameter server (an async Ray actor: `ray.remote` wraps it).
+
+  Args:
+    shard: this shard's index.
+    leaves: its initial parameter leaves (NumPy).
+    num_workers: workers pushing to it.
+    staleness: s >= 0, or None (ASP).
+    workdir: where its snapshots go.
+    snapshot_every: clocks (of every worker) between snapshots; 0: never.
+    timeout_s: longest wait of a read for its bound.
+    kill_after_pushes: test hook: the first incarnation SIGKILLs itself after applying this
+      many pushes (0: never).
+    resume: start from the snapshot in the workdir (a rerun after the driver died); a shard
+      that Ray restarts always does.
+  """
+
+  def __init__(self, shard: int, leaves: Sequence[np.ndarray], num_workers: int,
+               staleness: int | None, workdir: str, snapshot_every: int, timeout_s: float,
+               kill_after_pushes: int = 0, resume: bool = False):
+    import ray  # pylint: disable=g-import-not-at-top
+    self.shard = shard
+    self.num_workers = num_workers
+    self.staleness = staleness
+    self.timeout_s = float(timeout_s)
+    self.directory = snapshot_dir(workdir, shard)
+    self.snapshot_every = int(snapshot_every)
+    self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+    self.kill_after = 0 if self.restarted else int(kill_after_pushes)
+    self.leaves = [np.asarray(x) for x in leaves]  # Read-only is fine: never changed in place.
+    self.applied = np.full(num_workers, -1, np.int64)
+    self.speeds = np.full(num_workers, np.nan)
+    if self.restarted or resume:
+      self._restore()
+    else:
+      os.makedirs(self.directory, exist_ok=True)
+      path = os.path.join(self.directory, SNAPSHOT_NAME)
+      if os.path.exists(path):
+        os.remove(path)
+    self.acked = self.applied.copy()
+    self.pushes = 0
+    self.duplicates = 0
+    self.snapshots = 0
+    self.rejoins = 0
+    self._since_snapshot = 0
+    self._waiters: list[tuple[int, asyncio.Future]] = []
+    self._speed_waiters: list[asyncio.Future] = []
+
+  def _restore(self) -> None:
+    path = os.path.join(self.directory, SNAPSHOT_NAME)
+    if not os.path.exists(path):
+      return  # Killed before its first snapshot: the workers re-send everything.
+    with np.load(path, allow_pickle=False) as snap:
+      self.leaves = [np.array(snap[f'leaf_{i}']) for i in range(len(self.leaves))]
+      self.applied = np.array(snap['applied'])
+      self.speeds = np.array(snap['speeds'])
+
+  def _snapshot(self) -> None:
+    path = os.path.join(self.directory, SNAPSHOT_NAME)
+    tmp = f'{path}.tmp.npz'
+    np.savez(tmp, applied=self.applied, speeds=self.speeds,
+             **{f'leaf_{i}': x for i, x in enumerate(self.leaves)})
+    os.replace(tmp, path)
+    self.acked = self.applied.copy()
+    self.snapshots += 1
+    self._since_snapshot = 0
+
+  def _apply(self, worker: int, clock: int, delta: Sequence[np.ndarray]) -> bool:
+    """Applies one delta unless it is a duplicate; False: clocks before it are missing."""
+    last = int(self.applied[worker])
+    if clock <= last:
+      self.duplicates += 1  # Already applied (a re-send or a restarted worker): once only.
+      return True
+    if clock != last + 1:
+      return False  # This shard restarted from a snapshot: the worker re-sends from last + 1.
+    self.leaves = [p + d for p, d in zip(self.leaves, delta)]
+    self.applied[worker] = clock
+    self.pushes += 1
+    self._since_snapshot += 1
+    if self.snapshot_every and self._since_snapshot >= self.snapshot_every * self.num_workers:
+      self._snapshot()
+    if self.kill_after and self.pushes >= self.kill_after:
+      os.kill(os.getpid(), signal.SIGKILL)
+    return True
+
+  def _view(self, wait_s: float) -> dict[str, Any]:
+    return dict(leaves=list(self.leaves), applied=self.applied.copy(), acked=self.acked.copy(),
+                wait_s=wait_s)
+
+  def _wake(self) -> None:
+    lowest = int(self.applied.min())
+    still = []
+    for bound, future in self._waiters:
+      if bound <= lowest and not future.done():
+        future.set_result(self._view(0.0))  # The parameters at the moment the bound is met.
+      elif not future.done():
+        still.append((bound, future))
+    self._waiters = still
+
+  async def push_and_read(self, worker: int, clock: int, delta: Sequence[np.ndarray] | None,
+                          read_clock: int | None) -> dict[str, Any]:
+    """Applies ``delta`` (worker's clock ``clock``; None: no push), then reads for ``read_clock``.
+
+    Returns:
+      ``leaves`` (None when ``read_clock`` is None), the ``applied`` and acknowledged
+      (``acked``) clock of every worker, and ``wait_s``, the seconds the read waited for its
+      bound; with ``resend_from`` and nothing applied when this shard lacks the worker's
+      clocks from ``resend_from`` on (it restarted from a snapshot).
+    """
+    if delta is not None:
+      if not self._apply(worker, clock, delta):
+        return dict(self._view(0.0), leaves=None, resend_from=int(self.applied[worker]) + 1)
+      self._wake()
+    if read_clock is None:
+      return dict(self._view(0.0), leaves=None)
+    bound = read_bound(read_clock, self.staleness)
+    if bound is None or bound <= int(self.applied.min()):
+      return self._view(0.0)
+    start = time.perf_counter()
+    future = asyncio.get_running_loop().create_future()
+    self._waiters.append((bound, future))
+    try:
+      view = await asyncio.wait_for(future, self.timeout_s)
+    except asyncio.TimeoutError as e:
+      raise TimeoutError(
+          f'PS shard {self.shard}: worker {worker} waited {self.timeout_s:.3g} s for every '
+          f'worker to reach clock {bound} (applied {self.applied.tolist()}); raise '
+          'config.parallel.ssp_timeout_s if workers are that slow.') from e
+    return dict(view, wait_s=time.perf_counter() - start)
+
+  async def applied_clocks(self) -> np.ndarray:
+    """The newest clock applied from each worker (a restarted or resumed worker asks)."""
+    self.rejoins += 1
+    return self.applied.copy()
+
+  async def exchange_speed(self, worker: int, speed: float) -> list[float]:
+    """Records ``worker``'s warm-up speed; returns every worker's once all have one."""
+    if np.isnan(self.speeds[worker]):
+      self.speeds[worker] = speed
+    if np.isnan(self.speeds).any():
+      future = asyncio.get_running_loop().create_future()
+      self._speed_waiters.append(future)
+      await asyncio.wait_for(future, self.timeout_s)
+    else:
+      for future in self._speed_waiters:
+        if not future.done():
+          future.set_result(None)
+      self._speed_waiters = []
+    return self.speeds.tolist()
+
+  async def final(self) -> dict[str, Any]:
+    """The shard's leaves and counters at the end of the run."""
+    return dict(self._view(0.0), pushes=self.pushes, duplicates=self.duplicates,
+                snapshots=self.snapshots, rejoins=self.rejoins, restarted=self.restarted)
+
+  async def pid(self) -> int:
+    return os.getpid()

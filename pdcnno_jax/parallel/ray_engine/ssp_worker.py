@@ -1,0 +1,214 @@
+"""One SSP worker as a Ray actor: its own JAX, its piece of every global batch, its clocks.
+
+Worker k at clock c trains one step on the parameters the server returned for clock c (they hold
+every update through c - s - 1, its own through c - 1), pushes ``delta_k = (b_k / B) u_k``
+(`ssp.steps.ssp_train_step`) and reads the parameters for clock c + 1 in the same call
+(`ps_client.PSClient.step`). Batches are its consecutive piece of global batch c of the epoch's
+permutation, equal or proportional to the speeds measured over the first ``ssp_warmup_steps``
+clocks; `slowdown.Slowdown` injects stragglers. Every ``checkpoint_every_steps`` clocks it
+writes its optimizer and model state to ``<workdir>/ssp_worker_<k>/``; restarted by Ray after a
+crash it loads the newest one and goes on after the last clock every shard applied, so none of
+its clocks is applied twice.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import time
+from typing import Any, Sequence
+
+import ml_collections
+import numpy as np
+
+
+class SSPWorkerActor:
+  """Worker ``me`` of ``num_workers`` (`ray.remote` wraps it; all JAX work happens in here).
+
+  Args:
+    me: this worker's index.
+    num_workers: workers in the job.
+    config: the experiment config.
+    workdir: the run's directory.
+    dataset: the data set (its training split; arrays read zero-copy from the object store).
+    graphdef: the model's graphdef.
+    tx: the optimizer.
+    host_state: the starting `TrainState` as host arrays.
+    shards: the parameter-server shard handles.
+    assignment: leaf indices of each shard.
+    total_steps: clocks of the run.
+    kill_at_clock: test hook: the first incarnation SIGKILLs itself after pushing this clock
+      (-1: never).
+    hold_at_clock: test hook: the worker stops after pushing this clock until it is killed
+      (-1: never), so that a test can stop the whole job at a known point.
+    resume: rejoin the server's clocks from the workdir (a rerun after the driver died), as
+      an actor that Ray restarts always does.
+  """
+
+  def __init__(self, me: int, num_workers: int, config: ml_collections.ConfigDict,
+               workdir: str, dataset: Any, graphdef: Any, tx: Any, host_state: Any,
+               shards: Sequence[Any], assignment: Sequence[Sequence[int]], total_steps: int,
+               kill_at_clock: int = -1, hold_at_clock: int = -1, resume: bool = False):
+    import jax  # pylint: disable=g-import-not-at-top
+    import ray  # pylint: disable=g-import-not-at-top
+    from pdcnno_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+    from pdcnno_jax.loop import batching  # pylint: disable=g-import-not-at-top
+    from pdcnno_jax.parallel import slowdown  # pylint: disable=g-import-not-at-top
+    from pdcnno_jax.parallel.ray_engine import ps_client  # pylint: disable=g-import-not-at-top
+    from pdcnno_jax.parallel.ssp import protocol  # pylint: disable=g-import-not-at-top
+    from pdcnno_jax.parallel.ssp import steps as ssp_steps  # pylint: disable=g-import-not-at-top
+    from pdcnno_jax.train import sharding  # pylint: disable=g-import-not-at-top
+    self.me, self.num_workers, self.config, self.workdir = me, num_workers, config, workdir
+    self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+    self.kill_at_clock = -1 if self.restarted else int(kill_at_clock)
+    self.hold_at_clock = int(hold_at_clock)
+    self.resume = self.restarted or resume
+    self.split = dataset.host_splits['train']
+    self.global_batch = int(config.data.batch_size)
+    self.steps_per_epoch = input_pipeline.steps_per_epoch(dataset, 'train', self.global_batch)
+    self.total_steps = int(total_steps)
+    mesh = sharding.make_mesh(jax.local_devices())
+    self.granularity = mesh.devices.size
+    self.data_sharding = sharding.batch_sharded(mesh)
+    self.replicated = sharding.replicated(mesh)
+    preprocess = functools.partial(input_pipeline.normalize, dataset=dataset)
+    self.step_fn = ssp_steps.make_ssp_train_step(graphdef, tx, preprocess, mesh)
+    self.host_state = host_state
+    self.treedef = jax.tree.structure(host_state.params)
+    self.staleness = protocol.normalise_staleness(config.parallel.staleness)
+    self.client = ps_client.PSClient(shards, assignment, me, self.staleness,
+                                     float(config.parallel.ssp_timeout_s))
+    self.shard0 = shards[0]
+    self.slow = slowdown.Slowdown.from_config(config.parallel, me, num_workers, seed=config.seed)
+    self.sizes = batching.equal_batch_sizes(self.global_batch, num_workers, self.granularity)
+    self.checkpoint_dir = os.path.join(workdir, f'ssp_worker_{me}')
+    self._order_epoch, self._order = -1, None
+
+  def _batch(self, clock: int) -> dict[str, Any]:
+    import jax  # pylint: disable=g-import-not-at-top
+    from pdcnno_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+    from pdcnno_jax.loop import batching  # pylint: disable=g-import-not-at-top
+    epoch, index = divmod(clock, self.steps_per_epoch)
+    if epoch != self._order_epoch:
+      self._order = input_pipeline.epoch_permutation(len(self.split.labels),
+                                                     int(self.config.seed), epoch)
+      self._order_epoch = epoch
+    rows = batching.worker_rows(self._order, index, self.sizes, self.me)
+    return jax.device_put({'image': self.split.images[rows], 'label': self.split.labels[rows]},
+                          self.data_sharding)
+
+  def _balance(self, warmup_step_s: list[float]) -> None:
+    """Proportional batches from every worker's median warm-up speed (kept by shard 0)."""
+    import ray  # pylint: disable=g-import-not-at-top
+    from pdcnno_jax.loop import batching  # pylint: disable=g-import-not-at-top
+    step_s = float(np.median(warmup_step_s or [1.0]))
+    speed = float(self.sizes[self.me]) / max(step_s, 1e-9)
+    speeds = ray.get(self.shard0.exchange_speed.remote(self.me, speed))
+    self.sizes = batching.proportional_batch_sizes(self.global_batch, np.asarray(speeds),
+                                                   self.granularity)
+
+  def _start(self) -> tuple[Any, int]:
+    """The state to train from and the first clock: a restart resumes after its last push."""
+    from pdcnno_jax.loop import placement  # pylint: disable=g-import-not-at-top
+    from pdcnno_jax.parallel.ssp import worker_checkpoints  # pylint: disable=g-import-not-at-top
+    state = self.host_state
+    if not self.resume:
+      for path in worker_checkpoints.list_worker_checkpoints(self.checkpoint_dir):
+        os.remove(path)  # A previous job's: no consistent cut with this one's server.
+      return placement.to_local(state, self.replicated, copy=True), 0
+    restored = worker_checkpoints.load_worker_checkpoint(self.checkpoint_dir, state)
+    if restored is not None:
+      state = restored[0]
+    first = self.client.applied_clock() + 1
+    state = state.replace(step=np.asarray(first, np.asarray(state.step).dtype))
+    return placement.to_local(state, self.replicated, copy=True), first
+
+  def run(self) -> dict[str, Any]:
+    """Trains clocks until ``total_steps``; this worker's report (worker 0: its state too)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    from pdcnno_jax.parallel.ssp import worker_checkpoints  # pylint: disable=g-import-not-at-top
+    from pdcnno_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
+    from pdcnno_jax.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+    config, parallel = self.config, self.config.parallel
+    state, first = self._start()
+    warmup = int(parallel.ssp_warmup_steps)
+    proportional = parallel.ssp_batch_balancer == 'proportional'
+    if proportional and first > warmup:
+      self._balance([])  # Shard 0 kept every speed: this only reads them back.
+    eval_every = (int(parallel.ssp_eval_every_steps)
+                  or max(1, int(config.eval_every_epochs) * self.steps_per_epoch))
+    compiled: dict[int, Any] = {}
+    warmup_step_s, snapshots, losses = [], [], []
+    busy_s, examples, steps = 0.0, 0, 0
+    # Clock 0 trains on the starting parameters: a read could already hold a faster worker's
+    # clock 0, which BSP must not see.
+    if first == 0 and not self.resume:
+      leaves = jax.tree.leaves(self.host_state.params)
+    else:
+      leaves = self.client.step(first, None, first) if first < self.total_steps else None
+    loop_start = time.perf_counter()
+    for clock in range(first, self.total_steps):
+      if proportional and clock == warmup:
+        self._balance(warmup_step_s)
+      params = jax.tree.unflatten(self.treedef, [jnp.asarray(x) for x in leaves])
+      state = state.replace(params=jax.device_put(params, self.replicated))
+      weight = jnp.asarray(self.sizes[self.me] / self.global_batch, jnp.float32)
+      batch = self._batch(clock)
+      size = int(self.sizes[self.me])
+      if size not in compiled:
+        compiled[size] = self.step_fn.lower(state, batch, weight).compile()
+      (state, delta, metrics), seconds = self.slow.run(compiled[size], state, batch, weight)
+      delta = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(delta))]
+      read = clock + 1 if clock + 1 < self.total_steps else None
+      leaves = self.client.step(clock, delta, read)
+      if clock == self.kill_at_clock:
+        os.kill(os.getpid(), signal.SIGKILL)
+      while clock == self.hold_at_clock:
+        time.sleep(1.0)
+      busy_s, examples, steps = busy_s + seconds, examples + size, steps + 1
+      losses.append(float(metrics['loss']))
+      if 0 < clock < warmup:
+        warmup_step_s.append(seconds)
+      done = clock + 1
+      if self.me == 0 and done % eval_every == 0 and done < self.total_steps:
+        snapshots.append((time.perf_counter() - loop_start, done,
+                          jax.device_get((state.params, state.model_state))))
+      if config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0:
+        if checkpointing.is_finite(state.params):
+          worker_checkpoints.save_worker_checkpoint(
+              self.checkpoint_dir, done, state,
+              {'next_clock': np.asarray(done, np.int64),
+               'applied': np.full(self.num_workers, -1, np.int64)})
+      if done % int(config.log_every_steps) == 0 or done == self.total_steps:
+        metrics_lib.log_line(f'[ssp/ray] worker {self.me} clock {done}/{self.total_steps} '
+                             f'loss={np.mean(losses[-int(config.log_every_steps):]):.4f}')
+    loop_s = time.perf_counter() - loop_start
+    report = self._report(first, steps, examples, busy_s, loop_s)
+    final = worker_checkpoints.to_host(state) if self.me == 0 else None
+    return dict(report=report, transport=self.client.log, wait_seconds=self.client.wait_seconds,
+                losses=losses, state=final, snapshots=snapshots)
+
+  def _report(self, first: int, steps: int, examples: int, busy_s: float,
+              loop_s: float) -> dict[str, Any]:
+    """The per-worker row of report.json's ``ssp.per_worker`` (`ssp.report.job_report`)."""
+    client = self.client
+    log = client.log
+    waited = float(sum(client.wait_seconds))
+    return {
+        'worker': self.me, 'devices': self.granularity, 'first_clock': first,
+        'clock': self.total_steps, 'steps': steps,
+        'restarted': bool(self.restarted), 'resumed': bool(self.resume), 'examples': examples,
+        'batch_size': int(self.sizes[self.me]), 'loop_s': loop_s, 'busy_s': busy_s,
+        'slept_s': self.slow.slept_s, 'transient_steps': self.slow.transient_steps,
+        'examples_per_s': examples / loop_s if loop_s > 0 else float('nan'),
+        'steps_per_s': steps / loop_s if loop_s > 0 else float('nan'),
+        'wait_s': waited, 'blocked_pulls': int(sum(w > 0 for w in client.wait_seconds)),
+        'pull_s': log.transfer_seconds + waited, 'publish_s': 0.0,
+        'bytes_published': log.bytes_sent, 'bytes_received': log.bytes_received,
+        'payload_bytes': log.bytes_sent // max(steps, 1),
+        'applied_staleness': {int(k): v for k, v in sorted(client.update_age.items())},
+        'view_staleness': {int(k): v for k, v in sorted(client.view_staleness.items())},
+        'resent_deltas': client.resends,
+    }
