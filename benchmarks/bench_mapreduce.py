@@ -60,6 +60,7 @@ def _config(args):
                                      args.rounds_per_epoch)
   config.eval_every_epochs = 10**6  # Evaluate once, after the last round.
   config.log_every_steps = 10**6
+  config.parallel.engine = 'jax'  # The process jobs; _ray_job sets 'ray'.
   return config
 
 

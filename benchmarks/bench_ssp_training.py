@@ -99,6 +99,7 @@ def _worker(args) -> None:
 
   base = config_lib.load_config(os.path.join(_REPO, 'configs', 'ssp_lenet.py'))
   base.data.data_dir = args.data_dir
+  base.parallel.engine = 'jax'  # One process per worker (launch_local).
   base.parallel.ssp_timeout_s = 600.0
   base.log_every_steps = 10_000
   exp = experiment.setup(base, os.path.join(args.out_dir, 'setup'))

@@ -141,7 +141,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.parallel.mode = 'sync'  # sync | mapreduce | ssp
   # How MapReduce and SSP run: ray (worker actors started by the one driver process) | jax
   # (one process per worker joined by jax.distributed, started by launch/local.py).
-  config.parallel.engine = 'jax'  # ray | jax
+  config.parallel.engine = 'ray'  # ray | jax
   config.parallel.num_workers = 2  # engine=ray: worker actors the driver starts.
   config.parallel.ps_shards = 1  # engine=ray: SSP server shards; MapReduce Reduce leaf groups (split by bytes).
   config.parallel.ps_snapshot_every_clocks = 10  # engine=ray, SSP: PS snapshot every N clocks; 0: never.

@@ -1,19 +1,19 @@
-"""LeNet-5 on Fashion-MNIST with MapReduce training over 4 heterogeneous worker processes.
+"""LeNet-5 on Fashion-MNIST with MapReduce training over 4 heterogeneous workers.
 
-Four local CPU processes stand for four nodes of different speeds (slowdown factors 1, 1, 2, 4);
-every round each trains its own copy on the blocks the DLBPCE balancer gave it, then the copies
-are averaged (weighted by examples) with an all-reduce across the processes:
+Four workers stand for four nodes of different speeds (slowdown factors 1, 1, 2, 4); every
+round each trains its own copy on the blocks the DLBPCE balancer gave it, then the copies are
+averaged (weighted by examples). On Ray (the default engine) one driver process starts the 4
+workers as actors and computes the Reduce:
+
+  python -m pdcnno_jax.main --config=configs/mapreduce_lenet.py --workdir=workdirs/mapreduce_lenet
+
+On the jax engine, 4 local processes average with an all-reduce:
 
   python -m pdcnno_jax.launch_local --num_processes=4 -- \
-      --config=configs/mapreduce_lenet.py --workdir=workdirs/mapreduce_lenet
+      --config=configs/mapreduce_lenet.py --workdir=workdirs/mapreduce_lenet_jax \
+      --config.parallel.engine=jax
 
-(single process: `python -m pdcnno_jax.main --config=configs/mapreduce_lenet.py
---workdir=... --config.parallel.slowdown=''`). Other balancers: `--config.parallel.balancer=
-equal|proportional|lbrla`. On Ray, one driver process starts the 4 workers as actors:
-
-  python -m pdcnno_jax.main --config=configs/mapreduce_lenet.py \
-      --workdir=workdirs/mapreduce_lenet_ray --config.parallel.engine=ray
-
+Other balancers: `--config.parallel.balancer=equal|proportional|lbrla`.
 Expected result: about 87.5% test accuracy after 5 epochs (measured 87.67%, 4 min with the
 machine's 2 cores shared with other jobs; the synchronous default reaches ~89% in 10 epochs).
 Round 0 splits the 64 blocks of a round equally; from then on the balancer follows the

@@ -215,6 +215,6 @@ def test_zero_workers_are_refused_with_the_key():
 
 def test_actor_env_gives_each_worker_one_cpu_device(monkeypatch):
   monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8 --xla_foo=1')
-  env = ray_mapreduce.actor_env(_config())
+  env = runtime.actor_env(_config())
   assert env['JAX_PLATFORMS'] == 'cpu'
   assert env['XLA_FLAGS'] == '--xla_foo=1 --xla_force_host_platform_device_count=1'

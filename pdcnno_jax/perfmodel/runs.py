@@ -167,6 +167,7 @@ def main(argv=None) -> None:
   base = config_lib.load_config(os.path.join(_REPO, 'configs', 'default.py'))
   base.data.data_dir = args.data_dir
   base.parallel.mode = 'ssp' if args.recoverable else 'sync'
+  base.parallel.engine = 'jax'  # These runs are processes joined by jax.distributed.
   base.parallel.ssp_timeout_s = 600.0
   base.parallel.ssp_eval_every_steps = 10**6
   base.log_every_steps = 10**6

@@ -45,6 +45,7 @@ def mapreduce_config(**parallel):
   config.log_every_steps = 1000
   config.checkpoint_every_steps = 1
   config.parallel.mode = 'mapreduce'
+  config.parallel.engine = 'jax'  # The collective engine (tests of the Ray one set 'ray').
   config.parallel.update(parallel)
   return config
 

@@ -28,7 +28,6 @@ References:
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import time
 from typing import Any, Sequence
 
@@ -36,7 +35,6 @@ import jax
 import ml_collections
 import numpy as np
 
-import pdcnno_jax
 from pdcnno_jax.data import input_pipeline
 from pdcnno_jax.loop import batching
 from pdcnno_jax.loop import context
@@ -55,7 +53,7 @@ _MAX_RESTARTS = 3
 _UNAVAILABLE_WAIT_S = 0.25
 _MAX_UNAVAILABLE = 240
 # Environment variables the actors inherit from the driver as they are.
-_PASSED_ENV = ('TF_CPP_MIN_LOG_LEVEL', map_worker.KILL_MAP_ENV)
+_PASSED_ENV = (map_worker.KILL_MAP_ENV,)
 
 
 def validate(config: ml_collections.ConfigDict, dataset: input_pipeline.Dataset) -> None:
@@ -67,27 +65,6 @@ def validate(config: ml_collections.ConfigDict, dataset: input_pipeline.Dataset)
   if int(config.parallel.ps_shards) < 1:
     raise ValueError(f'config.parallel.ps_shards={config.parallel.ps_shards}: the Reduce '
                      'needs at least 1 shard.')
-
-
-def actor_env(config: ml_collections.ConfigDict) -> dict[str, str]:
-  """Environment of a worker actor: its own JAX, one CPU device unless it is given GPUs.
-
-  The driver's XLA_FLAGS may fake several host devices (the tests do); an actor gets exactly
-  one CPU device, or the GPUs Ray assigns it (CUDA_VISIBLE_DEVICES).
-  """
-  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
-           if not f.startswith('--xla_force_host_platform_device_count')]
-  env = {name: os.environ[name] for name in _PASSED_ENV if name in os.environ}
-  if config.parallel.gpus_per_worker > 0:
-    env['JAX_PLATFORMS'] = os.environ.get('JAX_PLATFORMS', '')
-  else:
-    env['JAX_PLATFORMS'] = 'cpu'
-    flags.append('--xla_force_host_platform_device_count=1')
-  env['XLA_FLAGS'] = ' '.join(flags)
-  package_root = os.path.dirname(os.path.dirname(os.path.abspath(pdcnno_jax.__file__)))
-  env['PYTHONPATH'] = os.pathsep.join(
-      p for p in (package_root, os.environ.get('PYTHONPATH', '')) if p)
-  return env
 
 
 def shard_leaves(nbytes: Sequence[int], num_shards: int) -> list[list[int]]:
@@ -158,7 +135,7 @@ class _Maps:
                    for k in range(num_workers)]
     remote = ray.remote(map_worker.MapWorker)
     options = dict(runtime.worker_options(config), max_restarts=_MAX_RESTARTS,
-                   max_task_retries=0, runtime_env={'env_vars': actor_env(config)})
+                   max_task_retries=0, runtime_env={'env_vars': runtime.actor_env(config, _PASSED_ENV)})
     self.actors = [remote.options(**options).remote(box) for box in self._boxes]
     self.logs = [transport.TransferLog() for _ in range(num_workers)]
     self.info = ray.get([a.info.remote() for a in self.actors])

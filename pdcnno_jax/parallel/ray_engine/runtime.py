@@ -83,6 +83,33 @@ def worker_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return dict(num_cpus=1, num_gpus=config.parallel.gpus_per_worker)
 
 
+def actor_env(config: ml_collections.ConfigDict,
+              passed: tuple[str, ...] = ()) -> dict[str, str]:
+  """Environment variables of a worker actor: its own JAX on its own devices.
+
+  The driver's XLA_FLAGS may fake several host devices (the tests do); a CPU worker gets
+  ``parallel.ray_worker_cpu_devices`` of them instead, a GPU worker the GPUs Ray assigns it
+  (CUDA_VISIBLE_DEVICES). The package's own root leads PYTHONPATH, so the actors import the
+  same pdcnno_jax as the driver; ``passed`` names further variables copied from the driver.
+  """
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+           if not f.startswith('--xla_force_host_platform_device_count')]
+  env = {name: os.environ[name] for name in ('TF_CPP_MIN_LOG_LEVEL',) + tuple(passed)
+         if name in os.environ}
+  if config.parallel.gpus_per_worker > 0:
+    env['JAX_PLATFORMS'] = os.environ.get('JAX_PLATFORMS', '')
+  else:
+    env['JAX_PLATFORMS'] = 'cpu'
+    flags.append('--xla_force_host_platform_device_count='
+                 f'{int(config.parallel.ray_worker_cpu_devices)}')
+  env['XLA_FLAGS'] = ' '.join(flags)
+  package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__)))))
+  env['PYTHONPATH'] = os.pathsep.join(
+      p for p in (package_root, os.environ.get('PYTHONPATH', '')) if p)
+  return env
+
+
 def stop() -> None:
   """Disconnects (and, when embedded, shuts the local instance down)."""
   import ray  # pylint: disable=g-import-not-at-top

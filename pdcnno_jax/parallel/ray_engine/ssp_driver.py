@@ -107,15 +107,6 @@ def validate(config) -> None:
   batching.equal_batch_sizes(int(config.data.batch_size), int(parallel.num_workers))
 
 
-def _worker_env(config) -> dict[str, str]:
-  """Each worker's own JAX: its CPU device count, and CPU only unless it has GPUs."""
-  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count='
-                      f'{int(config.parallel.ray_worker_cpu_devices)}'}
-  if not config.parallel.gpus_per_worker:
-    env['JAX_PLATFORMS'] = 'cpu'
-  return env
-
-
 @dataclasses.dataclass
 class _Job:
   """The running job's actors, the leaf assignment and the object refs restarts need."""
@@ -153,7 +144,7 @@ def _start_actors(ray, exp: context.Experiment, host_state, tx, total_steps: int
   workers = [
       worker_cls.options(**runtime.worker_options(config), max_restarts=MAX_RESTARTS,
                          max_task_retries=MAX_RESTARTS,
-                         runtime_env={'env_vars': _worker_env(config)}).remote(
+                         runtime_env={'env_vars': runtime.actor_env(config)}).remote(
           k, int(parallel.num_workers), config, exp.workdir, data_ref, exp.graphdef, tx,
           state_ref, shards, assignment, total_steps, faults.worker_clock.get(k, -1),
           faults.driver_clock, resume)
