@@ -76,14 +76,11 @@ def test_ssp_contract_over_coordination_service(tmp_path):
     for staleness in (1, 3):
       stats = results[pid]['stats'][f'exact_s{staleness}']
       assert max(map(int, stats['view_staleness'])) == staleness
-  # Round-robin stragglers: larger s absorbs them (logical count and the
-  # within-run ratio of waiting time).
+  # Round-robin stragglers: larger s absorbs them (a count of blocked pulls, not a time:
+  # waiting seconds depend on the machine's load).
   blocked = {s: sum(r['stats'][f'straggler_s{s}']['blocked_pulls']
                     for r in results) for s in (0, 5)}
-  wait = {s: sum(r['stats'][f'straggler_s{s}']['wait_s'] for r in results)
-          for s in (0, 5)}
   assert blocked[5] <= blocked[0] // 3, blocked
-  assert wait[5] < 0.5 * wait[0], wait
   message = results[0]['timeout_message']
   assert 'worker 0 at clock 1 waited' in message
   assert 'update (1, 0)' in message
