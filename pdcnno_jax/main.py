@@ -130,6 +130,10 @@ def error_lines(error: Exception) -> tuple[int, list[str]]:
   checks = sys.modules.get('pdcnno_jax.loop.checks')
   collapse = sys.modules.get('pdcnno_jax.diagnostics.collapse')
   checkpointing = sys.modules.get('pdcnno_jax.train.checkpointing')
+  ray_exceptions = sys.modules.get('ray.exceptions')
+  while (ray_exceptions and isinstance(error, ray_exceptions.RayTaskError)
+         and isinstance(error.cause, Exception)):
+    error = error.cause  # What a Ray worker actor raised, without Ray's wrapping traceback.
   if isinstance(error, config_validation.ConfigError):
     return EXIT_CONFIG, [f'Config error: {line}' for line in error.problems]
   if isinstance(error, config_validation.WorkdirError):

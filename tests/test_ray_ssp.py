@@ -210,6 +210,24 @@ def test_killed_worker_then_killed_driver_the_rerun_resumes_from_the_workdir(ray
   assert not os.path.exists(os.path.join(tmp_path, ssp_driver.JOB_FILE))
 
 
+def test_a_non_finite_loss_stops_the_job_with_the_one_message(ray, tmp_path):
+  from pdcnno_jax.loop import checks  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.parallel.ray_engine import ssp_driver  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.testing import experiments  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.train import sharding  # pylint: disable=g-import-not-at-top
+  del ray
+  config = _config(staleness=1)
+  config.optimizer.learning_rate = 1e12
+  config.log_every_steps = 2
+  config.diagnostics.collapse_check = False
+  exp, tx, host_state = experiments.make_experiment(config, tmp_path, num_devices=1)
+  with pytest.raises(checks.NonFiniteLossError, match='Training loss is (nan|inf) at clock') as e:
+    ssp_driver.train(exp, sharding.replicate(host_state, exp.mesh), tx=tx)
+  from pdcnno_jax import main  # pylint: disable=g-import-not-at-top
+  code, lines = main.error_lines(e.value)  # The one line main prints, without Ray's wrapping.
+  assert code == 4 and len(lines) == 1 and lines[0].startswith('Training diverged: Training loss')
+
+
 def test_bad_ray_keys_are_clear_errors(tmp_path):
   from pdcnno_jax.parallel.ssp import training  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.testing import experiments  # pylint: disable=g-import-not-at-top

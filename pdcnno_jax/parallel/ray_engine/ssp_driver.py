@@ -153,18 +153,22 @@ def _start_actors(ray, exp: context.Experiment, host_state, tx, total_steps: int
 
 
 def _wait(ray, workers: list[Any], shards: list[Any], faults: FaultPlan) -> list[dict[str, Any]]:
-  """Every worker's result; `FaultPlan.driver_clock` stops the job there instead."""
+  """Every worker's result; `FaultPlan.driver_clock` stops the job there instead.
+
+  The first worker that fails (e.g. a non-finite loss) raises here at once, while the others
+  may still wait for its clocks.
+  """
   runs = [w.run.remote() for w in workers]
-  if faults.driver_clock < 0:
-    return ray.get(runs)
-  while True:
-    done, _ = ray.wait(runs, num_returns=len(runs), timeout=0.2)
-    if len(done) == len(runs):
-      return ray.get(runs)
+  pending = list(runs)
+  while pending:
+    done, pending = ray.wait(pending, num_returns=1,
+                             timeout=0.2 if faults.driver_clock >= 0 else None)
     ray.get(done)  # A worker that failed raises here.
-    finals = ray.get([s.final.remote() for s in shards])
-    if all(int(np.min(f['applied'])) == faults.driver_clock for f in finals):
-      raise DriverCrash(f'FaultPlan.driver_clock={faults.driver_clock}', finals)
+    if faults.driver_clock >= 0 and pending:
+      finals = ray.get([s.final.remote() for s in shards])
+      if all(int(np.min(f['applied'])) == faults.driver_clock for f in finals):
+        raise DriverCrash(f'FaultPlan.driver_clock={faults.driver_clock}', finals)
+  return ray.get(runs)
 
 
 def _job_report(exp: context.Experiment, results: list[dict[str, Any]],

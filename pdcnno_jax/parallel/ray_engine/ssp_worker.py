@@ -129,6 +129,7 @@ class SSPWorkerActor:
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     from pdcnno_jax.parallel.ssp import worker_checkpoints  # pylint: disable=g-import-not-at-top
+    from pdcnno_jax.loop import checks  # pylint: disable=g-import-not-at-top
     from pdcnno_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
     from pdcnno_jax.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
     config, parallel = self.config, self.config.parallel
@@ -141,7 +142,7 @@ class SSPWorkerActor:
                   or max(1, int(config.eval_every_epochs) * self.steps_per_epoch))
     compiled: dict[int, Any] = {}
     warmup_step_s, snapshots, losses = [], [], []
-    busy_s, examples, steps = 0.0, 0, 0
+    busy_s, examples, steps, saved = 0.0, 0, 0, None
     # Clock 0 trains on the starting parameters: a read could already hold a faster worker's
     # clock 0, which BSP must not see.
     if first == 0 and not self.resume:
@@ -177,13 +178,17 @@ class SSPWorkerActor:
                           jax.device_get((state.params, state.model_state))))
       if config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0:
         if checkpointing.is_finite(state.params):
+          saved = done
           worker_checkpoints.save_worker_checkpoint(
               self.checkpoint_dir, done, state,
               {'next_clock': np.asarray(done, np.int64),
                'applied': np.full(self.num_workers, -1, np.int64)})
       if done % int(config.log_every_steps) == 0 or done == self.total_steps:
+        window = float(np.mean(losses[-int(config.log_every_steps):]))
         metrics_lib.log_line(f'[ssp/ray] worker {self.me} clock {done}/{self.total_steps} '
-                             f'loss={np.mean(losses[-int(config.log_every_steps):]):.4f}')
+                             f'loss={window:.4f}')
+        checks.check_finite_loss(window, where=f'clock {done} of SSP worker {self.me}',
+                                 last_good=saved, workdir=self.checkpoint_dir)
     loop_s = time.perf_counter() - loop_start
     report = self._report(first, steps, examples, busy_s, loop_s)
     final = worker_checkpoints.to_host(state) if self.me == 0 else None
