@@ -38,16 +38,6 @@ def _config(**parallel):
   return mode_fixtures.mapreduce_config(**options)
 
 
-@pytest.fixture(name='ray_session', scope='module')
-def fixture_ray_session():
-  try:
-    ray = runtime.start(_config())
-  except runtime.RayUnavailableError as e:
-    pytest.skip(str(e))
-  yield ray
-  runtime.stop()
-
-
 @pytest.fixture(name='two_workers', scope='module')
 def fixture_two_workers(ray_session, tmp_path_factory):
   """(experiment, host state at the start, final state, report) of the failure-free run."""

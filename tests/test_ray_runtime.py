@@ -9,17 +9,6 @@ from pdcnno_jax.testing import config as config_testing
 
 
 
-@pytest.fixture(name='ray_session', scope='module')
-def fixture_ray_session():
-  # `runtime.start` imports Ray itself: the loopback switch is read at Ray's first import.
-  try:
-    ray = runtime.start(config_testing.default_config())
-  except runtime.RayUnavailableError as e:
-    pytest.skip(str(e))
-  yield ray
-  runtime.stop()
-
-
 def test_embedded_node_is_loopback(ray_session):
   assert runtime.node_address() == '127.0.0.1'
   assert ray_session.get_runtime_context().gcs_address.startswith('127.0.0.1:')

@@ -12,21 +12,9 @@ import numpy as np
 import pytest
 
 from pdcnno_jax.parallel.ray_engine import ps
-from pdcnno_jax.parallel.ray_engine import runtime
-from pdcnno_jax.testing import config as config_testing
 
 _WORKERS = 2
 _CLOCKS = 12
-
-
-@pytest.fixture(name='ray', scope='module')
-def fixture_ray():
-  try:
-    ray = runtime.start(config_testing.default_config())
-  except runtime.RayUnavailableError as e:
-    pytest.skip(str(e))
-  yield ray
-  runtime.stop()
 
 
 def test_split_by_bytes_balances_and_covers_every_leaf():
@@ -110,8 +98,8 @@ def _assert_views_within_bound(results, staleness):
 
 
 @pytest.mark.parametrize('staleness', [0, 2, None])
-def test_every_update_once_and_the_bound_holds(ray, tmp_path, staleness):
-  results, finals, final = _run_one_hot(ray, tmp_path, staleness)
+def test_every_update_once_and_the_bound_holds(ray_session, tmp_path, staleness):
+  results, finals, final = _run_one_hot(ray_session, tmp_path, staleness)
   np.testing.assert_array_equal(final, 1.0)
   assert [f['duplicates'] for f in finals] == [0, 0]
   reached = _assert_views_within_bound(results, staleness)
@@ -121,16 +109,16 @@ def test_every_update_once_and_the_bound_holds(ray, tmp_path, staleness):
     assert reached >= 1  # The slow worker really lagged: the check is not vacuous.
 
 
-def test_killed_worker_restarts_and_nothing_is_applied_twice(ray, tmp_path):
-  results, finals, final = _run_one_hot(ray, tmp_path, 1, kill_worker_at=5)
+def test_killed_worker_restarts_and_nothing_is_applied_twice(ray_session, tmp_path):
+  results, finals, final = _run_one_hot(ray_session, tmp_path, 1, kill_worker_at=5)
   np.testing.assert_array_equal(final, 1.0)  # Clock 5's push landed once, before the kill.
   assert results[1][0][0][0] == 6  # The restarted worker's first view is for clock 6.
   assert all(f['applied'].tolist() == [_CLOCKS - 1] * _WORKERS for f in finals)
   _assert_views_within_bound(results, 1)
 
 
-def test_killed_shard_restarts_from_its_snapshot_and_gets_the_lost_deltas(ray, tmp_path):
-  results, finals, final = _run_one_hot(ray, tmp_path, 1, kill_shard_after=11)
+def test_killed_shard_restarts_from_its_snapshot_and_gets_the_lost_deltas(ray_session, tmp_path):
+  results, finals, final = _run_one_hot(ray_session, tmp_path, 1, kill_shard_after=11)
   np.testing.assert_array_equal(final, 1.0)  # Equal to a run without the failure, bitwise.
   assert finals[1]['restarted'] and not finals[0]['restarted']
   assert sum(r[2] for r in results) > 0  # Deltas after the snapshot were re-sent.
@@ -153,14 +141,14 @@ def _config(**parallel):
   return config
 
 
-def test_bsp_on_ray_matches_synchronous_training_through_a_shard_kill(ray, tmp_path):
+def test_bsp_on_ray_matches_synchronous_training_through_a_shard_kill(ray_session, tmp_path):
   """s = 0, 2 shards, shard 1 SIGKILLed after 13 pushes: the parameters of synchronous SGD."""
   import jax  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.parallel import sync  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.parallel.ray_engine import ssp_driver  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.testing import experiments  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.train import sharding  # pylint: disable=g-import-not-at-top
-  del ray
+  del ray_session
   config = _config(staleness=0, ps_shards=2, slowdown='1,3', ps_snapshot_every_clocks=4)
   exp, tx, host_state = experiments.make_experiment(config, tmp_path, num_devices=1)
   plain = sync.train_epochs(exp, sharding.replicate(host_state, exp.mesh), tx=tx,
@@ -182,12 +170,12 @@ def test_bsp_on_ray_matches_synchronous_training_through_a_shard_kill(ray, tmp_p
   assert report['accuracy_vs_time'][-1]['clock'] == 16
 
 
-def test_killed_worker_then_killed_driver_the_rerun_resumes_from_the_workdir(ray, tmp_path):
+def test_killed_worker_then_killed_driver_the_rerun_resumes_from_the_workdir(ray_session, tmp_path):
   from pdcnno_jax.parallel.ray_engine import ssp_driver  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.parallel.ssp import training  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.testing import experiments  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.train import sharding  # pylint: disable=g-import-not-at-top
-  del ray
+  del ray_session
   config = _config(staleness=1, ps_snapshot_every_clocks=2)
   exp, tx, host_state = experiments.make_experiment(config, tmp_path, num_devices=1)
   # Worker 1 is SIGKILLed after its clock 5 (Ray restarts it: it resumes from its clock-4
@@ -210,12 +198,12 @@ def test_killed_worker_then_killed_driver_the_rerun_resumes_from_the_workdir(ray
   assert not os.path.exists(os.path.join(tmp_path, ssp_driver.JOB_FILE))
 
 
-def test_a_non_finite_loss_stops_the_job_with_the_one_message(ray, tmp_path):
+def test_a_non_finite_loss_stops_the_job_with_the_one_message(ray_session, tmp_path):
   from pdcnno_jax.loop import checks  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.parallel.ray_engine import ssp_driver  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.testing import experiments  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.train import sharding  # pylint: disable=g-import-not-at-top
-  del ray
+  del ray_session
   config = _config(staleness=1)
   config.optimizer.learning_rate = 1e12
   config.log_every_steps = 2
