@@ -34,6 +34,15 @@ from pdcnno_jax.train import sharding as sharding_lib
 from pdcnno_jax.train import state as state_lib
 
 
+def fresh_opt_state(tx, params):
+  """``tx.init(params)`` in buffers of its own.
+
+  Some optimizer states start as the parameters themselves (CGMSE keeps the previous
+  iterate); the training step donates both, and XLA refuses one buffer donated twice.
+  """
+  return jax.tree.map(jnp.copy, tx.init(params))
+
+
 def first_batches(exp: context.Experiment, count: int, *,
                   seed_offset: int) -> list[dict[str, Any]]:
   """The first ``count`` training batches of a seeded order distinct from training's."""
@@ -63,7 +72,7 @@ def initialise(exp: context.Experiment, state: state_lib.TrainState,
   exp.stage_reports['init'] = init_report
   metrics_lib.log_line(f'[init] {method}: {init_report.get("gradient_steps", 0)} gradient '
                        f'steps charged, {init_report.get("wall_time_s", 0):.1f} s.')
-  return state.replace(params=params, opt_state=tx.init(params))
+  return state.replace(params=params, opt_state=fresh_opt_state(tx, params))
 
 
 def pretraining_subset(exp: context.Experiment) -> input_pipeline.Dataset:
@@ -93,7 +102,7 @@ def _pretrain(exp: context.Experiment, state: state_lib.TrainState,
   pretrain_tx = optim_factory.build_optimizer(
       config.optimizer, total_steps=max(1, pretrain_steps),
       steps_per_epoch=max(1, pretrain_steps // max(1, config.prune.pretrain_epochs)))
-  state = state.replace(opt_state=pretrain_tx.init(state.params))
+  state = state.replace(opt_state=fresh_opt_state(pretrain_tx, state.params))
   return sync.train_epochs(exp, state, tx=pretrain_tx, num_epochs=config.prune.pretrain_epochs,
                            dataset=subset, phase='prune_pretrain', log_prefix='pretrain')
 
@@ -105,7 +114,7 @@ def _finetune_fn(exp: context.Experiment):
     exp.graphdef = graphdef
     finetune_tx = exp.build_optimizer(num_epochs=epochs)
     pruned_state = pruned_state.replace(step=jnp.zeros((), jnp.int32),
-                                        opt_state=finetune_tx.init(pruned_state.params))
+                                        opt_state=fresh_opt_state(finetune_tx, pruned_state.params))
     return sync.train_epochs(exp, sharding_lib.replicate(pruned_state, exp.mesh),
                              tx=finetune_tx, num_epochs=epochs, phase='prune_finetune',
                              log_prefix='finetune')
@@ -188,7 +197,8 @@ def run_stages(exp: context.Experiment, state: state_lib.TrainState, tx, checkpo
     with exp.timer.phase('prune'):
       state = prune(exp, state)
     # The compacted model is a new parameter tree: fresh optimizer state, step 0.
-    state = state.replace(step=jnp.zeros((), jnp.int32), opt_state=tx.init(state.params))
+    state = state.replace(step=jnp.zeros((), jnp.int32),
+                          opt_state=fresh_opt_state(tx, state.params))
     state = sharding_lib.replicate(state, exp.mesh)
   if checkpointer and (config.init.method != 'he' or config.prune.method != 'none'):
     saving.save(exp, checkpointer, state, phase='stages')

@@ -1,6 +1,7 @@
 """End to end: training on tiny synthetic data, report, NaN stop, resume after a real kill."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -174,3 +175,23 @@ def test_init_and_pruning_stages_then_resume_rebuilds_compacted_model(data_dir, 
   assert again['resumed_from_step'] == report['steps']
   assert again['test'] == report['test']
   assert again['model']['macs'] == report['model']['macs']
+
+
+def test_cgmse_trains_through_the_pruning_stage(data_dir, tmp_path):
+  """PDCNNO's pipeline: FMP pre-training, compaction and fine-tuning, all with CGMSE.
+
+  CGMSE's state starts as the parameters themselves; each fresh optimizer state the stages
+  build must own its buffers, or the donating training step fails.
+  """
+  config = tiny_config(data_dir, num_epochs=1)
+  config.model.name = 'lenet5_caffe'
+  config.optimizer.name = 'cgmse'
+  config.optimizer.mode = 'minibatch'
+  config.prune.method = 'fmp'
+  config.prune.pretrain_fraction = 0.5
+  config.prune.pretrain_epochs = 1
+  config.prune.selection = 'global_macs'
+  config.prune.target_mac_reduction = 2.0
+  report = experiment.train_and_evaluate(config, str(tmp_path / 'cgmse_fmp'))
+  assert report['prune']['compacted'] and report['prune']['mac_reduction'] >= 2.0
+  assert math.isfinite(report['test']['loss'])
