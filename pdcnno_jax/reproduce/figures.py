@@ -80,7 +80,8 @@ def mr_fpdcnn_pruning(ax_pair, rows):
                  label=method, s=14)
   ax.set_xlabel('MACs per example')
   ax.set_ylabel('test accuracy (%)')
-  ax.legend(fontsize=6)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=6)
   _bars(ax_pair[1], rows, 'mr_fpdcnn', ('dense_sgd', 'ifas'), 'accuracy',
         'test accuracy (%), He vs IFAS', 100.0)
 
