@@ -136,7 +136,7 @@ def test_grids_resolve_to_valid_configs(scale, tmp_path):
 
 
 def test_cell_key_follows_the_seed_and_a_bad_override_is_named(tmp_path):
-  a, b = grids.grid('pdcnno', 'smoke', str(tmp_path))[:2]
+  a, b = grids.grid('pdcnno', 'full', str(tmp_path))[:2]
   assert a.method == b.method and a.seed != b.seed and a.key() != b.key()
   bad = grids.Cell('pdcnno', ('P1',), 'x', 0, overrides={'optimizer.no_such_key': 1})
   with pytest.raises(KeyError, match='optimizer.no_such_key'):

@@ -62,7 +62,7 @@ def write(path: str, rows: Sequence[dict[str, Any]], *, scale: str, papers: Sequ
       f'{summary["failed"]} failed; wall time {summary["wall_s"]:.0f} s.', '',
   ]
   if scale == 'smoke':
-    lines += ['**Smoke scale**: generated data, one epoch, two seeds. The verdicts test the '
+    lines += ['**Smoke scale**: generated data, one epoch, one seed. The verdicts test the '
               'pipeline, not the papers.', '']
   lines += ['## Verdict rule', '', stats.RULE, '', '## Verdicts', '',
             '| claim | paper | verdict |', '|---|---|---|']
