@@ -1,4 +1,4 @@
-"""Verdict rules, confidence intervals, claims and grids of pdcnno_jax.reproduce on made-up numbers."""
+"""Verdict rules, t-intervals, claims and grids of pdcnno_jax.reproduce on made-up numbers."""
 
 import math
 import os
