@@ -74,7 +74,7 @@ class Claim:
   paper: str
   statement: str
   where: str  # Figure / table / section of the paper.
-  figure: str  # PNG of REPORT.md.
+  figures: tuple[str, ...]  # PNGs of REPORT.md.
   evaluate: Callable[[Rows], list[Part]]
   note: str = ''
 
@@ -172,17 +172,17 @@ def _d3(rows):
 CLAIMS: tuple[Claim, ...] = (
     Claim('P1', 'pdcnno', 'PDCNNO (FMP + CGMSE + LBRLA MapReduce) runs in 20.42% (SVHN) to '
           '21.96% (ILSVRC2012) of the time of the same pipeline without compression (PDCNN).',
-          'Fig. 4(a), section 5.2', 'pdcnno_time_memory.png',
+          'Fig. 4(a), section 5.2', ('pdcnno_time_memory.png',),
           lambda rows: [part('time PDCNNO / PDCNN', paired(rows, 'pdcnno', 'pdcnno', 'pdcnn',
                                                            'time_s'), ('<=', 0.2196),
                              ('<', 1.0))]),
     Claim('P2', 'pdcnno', "PDCNNO's memory usage is 57.65% of PDCNN's (SVHN).",
-          'Fig. 4(b), section 5.2', 'pdcnno_time_memory.png',
+          'Fig. 4(b), section 5.2', ('pdcnno_time_memory.png',),
           lambda rows: [part('peak RSS PDCNNO / PDCNN', paired(rows, 'pdcnno', 'pdcnno',
                                                                'pdcnn', 'peak_rss_mb'),
                              ('<=', 0.5765), ('<', 1.0))]),
     Claim('P3', 'pdcnno', "PDCNNO runs in 20-41% of its competitors' time (MR-DCNN, PP-CNN, "
-          'CNN-ABC).', 'Fig. 4(a), section 5.2', 'pdcnno_time_memory.png',
+          'CNN-ABC).', 'Fig. 4(a), section 5.2', ('pdcnno_time_memory.png',),
           lambda rows: [part(f'time PDCNNO / dense synchronous {o}', paired(
               rows, 'pdcnno', 'pdcnno', f'dense_{o}', 'time_s'), ('<=', 0.4147), ('<', 1.0))
                         for o in ('sgd', 'adam')],
@@ -190,15 +190,15 @@ CLAIMS: tuple[Claim, ...] = (
                'user would run instead: dense synchronous data-parallel SGD (momentum) and '
                'Adam on the same data.'),
     Claim('P4', 'pdcnno', 'The speed-up of PDCNNO grows near-linearly with the number of '
-          'nodes, up to 8.', 'Fig. 5', 'pdcnno_speedup.png', _p4,
+          'nodes, up to 8.', 'Fig. 5', ('pdcnno_speedup.png',), _p4,
           note='Beyond this machine the speed-up is a cluster-model prediction (7 x Ryzen 7 + '
                'RTX 2070, 1 Gb/s) from the measured per-example time.'),
     Claim('P5', 'pdcnno', 'CGMSE speeds up network convergence (faster than SGD).',
-          'section 3.2 and the discussion of Fig. 4(a)', 'pdcnno_accuracy.png',
+          'section 3.2 and the discussion of Fig. 4(a)', ('pdcnno_accuracy.png',),
           lambda rows: _better_and_faster(rows, 'pdcnno', 'cgmse', 'dense_sgd', 'CGMSE - SGD',
                                           'CGMSE / SGD at equal epochs')),
     Claim('P6', 'pdcnno', 'FMP removes redundant parameters without hurting accuracy.',
-          'section 3.1, Fig. 4', 'pdcnno_accuracy.png',
+          'section 3.1, Fig. 4', ('pdcnno_accuracy.png',),
           lambda rows: [
               part('accuracy FMP - dense (SGD)',
                    paired(rows, 'pdcnno', 'fmp_sgd', 'dense_sgd', 'accuracy', 'diff'),
@@ -209,7 +209,7 @@ CLAIMS: tuple[Claim, ...] = (
     Claim('M1', 'mr_fpdcnn', 'FMPTL (Taylor-loss feature-map pruning) reduces the cost and '
           'keeps the accuracy, against FMP, L1 and random pruning at equal MACs and at equal '
           'measured latency.', 'section 2.1 (FMPTL, Definition 2); no experiment figure',
-          'mr_fpdcnn_pruning.png',
+          ('mr_fpdcnn_pruning.png',),
           lambda rows: [
               part('MACs FMPTL / dense', paired(rows, 'mr_fpdcnn', 'fmptl_macs', 'dense_caffe',
                                                 'macs'), ('<', 1.0), ('<', 1.0)),
@@ -222,24 +222,24 @@ CLAIMS: tuple[Claim, ...] = (
                    _best_other(rows, 'latency'), ('>=', _MAX_FALL), ('>=', _MAX_FALL))]),
     Claim('M2', 'mr_fpdcnn', 'IFAS (glowworm swarm with information sharing) initialisation '
           'speeds up training and improves the starting point.',
-          'section 2.2 (IFAS); no experiment figure', 'mr_fpdcnn_pruning.png',
+          'section 2.2 (IFAS); no experiment figure', ('mr_fpdcnn_pruning.png',),
           lambda rows: _better_and_faster(rows, 'mr_fpdcnn', 'ifas', 'dense_sgd', 'IFAS - He',
                                           'IFAS / He, search cost charged')),
     Claim('M3', 'mr_fpdcnn', 'DLBPCE (parallel computing entropy) balances the load of '
           'heterogeneous nodes.', 'section 2.3, Definition 1, eq. (5)',
-          'mr_fpdcnn_balancers.png', _m3,
+          ('mr_fpdcnn_balancers.png',), _m3,
           note='Deterministic simulation of one round on drawn node speeds (4 nodes, speeds '
                'uniform in [1, 4], 64 blocks); one draw per seed, so the interval is the '
                'range over draws.'),
     Claim('M4', 'mr_fpdcnn', 'The speed-up of MR-FPDCNN is about 1.6 at 2 nodes and 9.3 at '
-          '8 nodes (super-linear).', 'Fig. 2, section 4', 'mr_fpdcnn_speedup.png', _m4,
+          '8 nodes (super-linear).', 'Fig. 2, section 4', ('mr_fpdcnn_speedup.png',), _m4,
           note='Cluster-model prediction (7 task nodes of Ryzen 9 + RTX 2080 Ti, 1 Gb/s). '
                'S(N) > N needs a serial baseline that does more work per example than a '
                'parallel node, e.g. an unpruned serial run against a pruned parallel one: the '
                'figure shows that curve too.'),
     Claim('D1', 'delay_sync', 'In the best case delay synchronization (SSP, s = 3) is almost '
           'three times faster than synchronous data parallel training on heterogeneous nodes.',
-          'Figs. 11-12, section 5.2', 'delay_sync_staleness.png',
+          'Figs. 11-12, section 5.2', ('delay_sync_staleness.png',),
           lambda rows: [
               part('measured T_train(s=0) / T_train(s=3), nodes of speed 1 and 1/2',
                    paired(rows, 'delay_sync', 'ssp_s0_hetero', 'ssp_s3_hetero',
@@ -249,12 +249,13 @@ CLAIMS: tuple[Claim, ...] = (
                    source='model', deterministic=True)]),
     Claim('D2', 'delay_sync', 'Accuracy falls as the number of processes increases, faster '
           'for SSP than for synchronous data parallel.', 'Figs. 11-13, sections 5.2-5.3',
-          'delay_sync_processes.png', _d2),
+          ('delay_sync_processes.png',), _d2),
     Claim('D3', 'delay_sync', 'With unrelated load added (10 processes), synchronous training '
-          'slows down and SSP does not.', 'section 5.2', 'delay_sync_load.png', _d3,
+          'slows down and SSP does not.', 'section 5.2', ('delay_sync_load.png',), _d3,
           note='Load: each step is 4x slower with probability 0.3 (parallel/slowdown.py).'),
     Claim('D4', 'delay_sync', 'A larger maximum interval s trains faster but less accurately '
-          '(s = 1, 2, 3).', 'Figs. 14-15, section 5.4', 'delay_sync_staleness.png',
+          '(s = 1, 2, 3).', 'Figs. 14-15, section 5.4',
+          ('delay_sync_staleness.png', 'delay_sync_accuracy_time.png'),
           lambda rows: [
               part('T_train(s=1) / T_train(s=3)', paired(rows, 'delay_sync', 'ssp_s1_hetero',
                                                          'ssp_s3_hetero', 'time_train_s'),

@@ -124,6 +124,19 @@ def delay_sync_processes(ax_pair, rows):
       ax.legend(fontsize=7)
 
 
+def delay_sync_accuracy_time(ax, rows):
+  for method in [f'ssp_s{s}_hetero' for s in range(4)]:
+    for i, e in enumerate(claims_lib.extras(rows, 'delay_sync', method)):
+      curve = e.get('accuracy_vs_time', [])
+      if curve:
+        ax.plot([t for t, _ in curve], [100 * a for _, a in curve], marker='.',
+                label=method if i == 0 else None)
+  ax.set_xlabel('training wall time (s)')
+  ax.set_ylabel('test accuracy (%), worker 0')
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=7)
+
+
 def delay_sync_load(ax, rows):
   labels, values = [], []
   for e in claims_lib.extras(rows, 'delay_sync', 'model_ssp_vs_sync'):
@@ -153,6 +166,7 @@ FIGURES: dict[str, tuple[str, int, Callable]] = {
     'mr_fpdcnn_speedup.png': ('mr_fpdcnn', 1, mr_fpdcnn_speedup),
     'delay_sync_staleness.png': ('delay_sync', 2, delay_sync_staleness),
     'delay_sync_processes.png': ('delay_sync', 2, delay_sync_processes),
+    'delay_sync_accuracy_time.png': ('delay_sync', 1, delay_sync_accuracy_time),
     'delay_sync_load.png': ('delay_sync', 1, delay_sync_load),
 }
 

@@ -77,8 +77,8 @@ def write(path: str, rows: Sequence[dict[str, Any]], *, scale: str, papers: Sequ
     lines += [f'| {p.name} | {p.source} | {p.estimate} | {p.target} | {p.weak} | '
               f'{p.verdict} |' for p in e['parts']]
     lines += ['']
-    if claim.figure in figures:
-      lines += [f'![{claim.figure}]({claim.figure})', '']
+    lines += [f'![{name}]({name})' for name in claim.figures if name in figures]
+    lines += ['']
     lines += [f'Verdict {claim.id}: **{e["verdict"]}**{_reason(e)}', '']
   failed = [r for r in rows if r['status'] == 'failed']
   if failed:

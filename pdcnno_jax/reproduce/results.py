@@ -59,8 +59,11 @@ def _train_fields(r: dict[str, Any], cell: grids.Cell, report: dict[str, Any]) -
   if 'mapreduce' in report:
     r['speedup'] = report['mapreduce']['speedup']['speedup']
   if 'ssp' in report:
-    r['extra'] = json.dumps({'wait_s': report['ssp']['wait_s'],
-                             'throughput': report['ssp']['throughput_examples_per_s']})
+    r['extra'] = json.dumps({
+        'wait_s': report['ssp']['wait_s'],
+        'throughput': report['ssp']['throughput_examples_per_s'],
+        'accuracy_vs_time': [[p['wall_s'], p['accuracy']]
+                             for p in report['ssp']['accuracy_vs_time']]})
 
 
 def write_csv(path: str, rows: Sequence[dict[str, Any]]) -> None:
