@@ -15,11 +15,6 @@ from typing import Any, Sequence
 from pdcnno_jax.reproduce import claims as claims_lib
 from pdcnno_jax.reproduce import stats
 
-_NOT_TESTABLE_WHY = {
-    'pdcnno': 'SVHN / EMNIST / ILSVRC2012 and 8 GPU nodes are not on this machine',
-    'mr_fpdcnn': 'the paper gives no experiment for this claim beyond its method section',
-    'delay_sync': 'heterogeneous servers and 10+ processes are not on this machine',
-}
 
 
 def _commit() -> str:
@@ -44,8 +39,8 @@ def _reason(entry: dict[str, Any]) -> str:
   missing = [p.name for p in entry['parts'] if p.verdict == stats.NOT_TESTABLE]
   if not missing:
     return ''
-  return (f' (no numbers for: {"; ".join(missing)} — cells not in this grid or failed; '
-          f'{_NOT_TESTABLE_WHY[entry["paper"]]})')
+  return (f' (no numbers for: {"; ".join(missing)}; their cells are not in the grid at this '
+          'scale, were left out by --methods / --max_seeds, or failed)')
 
 
 def write(path: str, rows: Sequence[dict[str, Any]], *, scale: str, papers: Sequence[str],

@@ -2,7 +2,8 @@
 
 Times are wall seconds by phase of the experiment's report (`time_s` = total - data_load, the
 pipeline's own running time); memory is the peak host RSS of the cell's process 0; MACs are
-multiply-accumulates per example of the final (compacted) model.
+multiply-accumulates per example of the final (compacted) model; `source` is measured (a run),
+simulation (balancer makespans) or model (cluster-model predictions).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, Sequence
 
 from pdcnno_jax.reproduce import grids
 
+SOURCES = {'train': 'measured', 'balancer': 'simulation', 'model': 'model'}
 PHASES = ('data_load', 'compile', 'init', 'prune', 'train', 'eval')
 COLUMNS = ('paper', 'claim', 'method', 'kind', 'source', 'seed', 'nodes', 'dataset', 'status',
            'accuracy', 'loss', 'time_s', 'time_total_s') + tuple(
@@ -25,7 +27,7 @@ def row(cell: grids.Cell, report: dict[str, Any] | None, error: str = '') -> dic
   """The results.csv row of `cell` (report None: a failed cell, with its error)."""
   r = {c: '' for c in COLUMNS}
   r.update(paper=cell.paper, claim=';'.join(cell.claims), method=cell.method, kind=cell.kind,
-           seed=cell.seed, cell=cell.key(), source='model' if cell.kind == 'model' else 'measured',
+           seed=cell.seed, cell=cell.key(), source=SOURCES[cell.kind],
            status='failed' if report is None else 'ok', error=error)
   if report is None:
     return r

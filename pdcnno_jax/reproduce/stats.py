@@ -48,10 +48,14 @@ class Estimate:
   lo: float
   hi: float
   n: int
+  exact: bool = False  # A deterministic metric: [lo, hi] is the range of its values.
 
   def __str__(self) -> str:
     if self.n == 0:
       return 'n/a'
+    if self.exact:
+      return (f'{self.mean:.4g} (exact)' if self.n == 1 else
+              f'{self.mean:.4g}, range [{self.lo:.4g}, {self.hi:.4g}] (n={self.n})')
     if self.n == 1 or math.isinf(self.hi - self.lo):
       return f'{self.mean:.4g} (n={self.n}, no CI)'
     return f'{self.mean:.4g} +- {(self.hi - self.lo) / 2:.2g} (95% CI, n={self.n})'
@@ -72,7 +76,7 @@ def mean_ci(values: Sequence[float], *, deterministic: bool = False,
     return Estimate(math.nan, math.nan, math.nan, 0)
   mean = sum(xs) / n
   if deterministic:
-    return Estimate(mean, min(xs), max(xs), n)
+    return Estimate(mean, min(xs), max(xs), n, exact=True)
   if n == 1:
     return Estimate(mean, -math.inf, math.inf, 1)
   sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
