@@ -93,7 +93,8 @@ def _configure(base, overrides: dict[str, Any]):
     node = config
     for part in section.split('.') if section else ():
       node = node[part]
-    node[field] = value
+    with node.ignore_type():  # e.g. a fractional num_epochs for an int default.
+      node[field] = value
   return config
 
 
