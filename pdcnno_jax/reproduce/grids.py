@@ -75,6 +75,8 @@ class Cell:
                        'exist in configs/default.py; fix the grid override.')
       target[leaf] = value
     config.seed = self.seed
+    if self.processes > 1:  # Processes joined by jax.distributed through the local launcher.
+      config.parallel.engine = 'jax'
     return config
 
   def key(self) -> str:
