@@ -15,6 +15,7 @@ sets that switch before the first ``import ray`` of the process (and its childre
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Any
 
 import ml_collections
@@ -41,6 +42,18 @@ def _import_ray(embedded: bool):
   return ray
 
 
+def _session_root() -> str:
+  """Where the embedded instance keeps its session (sockets, logs).
+
+  Ray's Unix socket paths live under it and may not exceed 107 bytes: a long TMPDIR (Bazel's
+  sandbox has one) moves it to a short directory of this user under /tmp.
+  """
+  root = os.path.join(tempfile.gettempdir(), 'ray')
+  if len(root) > 40 and os.path.isdir('/tmp'):
+    root = f'/tmp/ray_{os.getuid()}'
+  return root
+
+
 def start(config: ml_collections.ConfigDict) -> Any:
   """Starts the embedded cluster or joins ``config.parallel.ray_address``; returns ``ray``.
 
@@ -60,7 +73,7 @@ def start(config: ml_collections.ConfigDict) -> Any:
       # Ray only uses the count to schedule actors, the OS shares the cores.
       num_cpus = max(os.cpu_count() or 1,
                      config.parallel.num_workers + config.parallel.ps_shards + 1)
-      ray.init(num_cpus=num_cpus, **kwargs)
+      ray.init(num_cpus=num_cpus, _temp_dir=_session_root(), **kwargs)
       if node_address() != '127.0.0.1':
         logging.warning('The embedded Ray node uses %s, not 127.0.0.1: Ray was imported before '
                         'runtime.start; import it only through runtime.start.', node_address())
