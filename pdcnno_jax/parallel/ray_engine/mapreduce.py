@@ -42,6 +42,7 @@ from pdcnno_jax.parallel import mapreduce_core as core
 from pdcnno_jax.parallel.ray_engine import map_worker
 from pdcnno_jax.parallel.ray_engine import runtime
 from pdcnno_jax.parallel.ray_engine import transport
+from pdcnno_jax.parallel.ssp import serialization
 from pdcnno_jax.train import checkpointing
 from pdcnno_jax.train import sharding as sharding_lib
 from pdcnno_jax.train import state as state_lib
@@ -72,13 +73,7 @@ def shard_leaves(nbytes: Sequence[int], num_shards: int) -> list[list[int]]:
 
   Every leaf is in exactly one group; groups are never empty when there are enough leaves.
   """
-  num_shards = max(1, min(int(num_shards), len(nbytes)))
-  groups, loads = [[] for _ in range(num_shards)], np.zeros(num_shards)
-  for leaf in sorted(range(len(nbytes)), key=lambda i: (-nbytes[i], i)):
-    lightest = int(np.argmin(loads))
-    groups[lightest].append(leaf)
-    loads[lightest] += nbytes[leaf]
-  return [sorted(g) for g in groups]
+  return transport.balance_by_bytes(nbytes, max(1, min(int(num_shards), len(nbytes))))
 
 
 def average_leaf(values: Sequence[np.ndarray], weights: np.ndarray) -> np.ndarray:
@@ -178,7 +173,7 @@ class _Maps:
         reexecuted[k].update(ran_on=ran_on, attempts=attempt + 1)
       received, received_s = result['received']
       self.logs[k].record(received=received, seconds=received_s)
-      self.logs[k].record(sent=transport.tree_nbytes(jax.tree.leaves(result['state'])),
+      self.logs[k].record(sent=serialization.payload_nbytes(jax.tree.leaves(result['state'])),
                           seconds=time.perf_counter() - ready)
       results[k], ready_at[k] = result, ready
     return results, {'wait_seconds': float(max(ready_at) - min(ready_at)),

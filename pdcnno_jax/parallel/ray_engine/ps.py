@@ -29,6 +29,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from pdcnno_jax.parallel.ray_engine import transport
+
 SNAPSHOT_NAME = 'snapshot.npz'
 
 
@@ -41,12 +43,7 @@ def split_by_bytes(nbytes: Sequence[int], num_shards: int) -> list[list[int]]:
   if not 1 <= num_shards <= len(nbytes):
     raise ValueError(f'config.parallel.ps_shards={num_shards} must be in [1, {len(nbytes)}] '
                      '(the number of parameter arrays of the model).')
-  loads, shards = [0] * num_shards, [[] for _ in range(num_shards)]
-  for index in sorted(range(len(nbytes)), key=lambda i: (-nbytes[i], i)):
-    lightest = min(range(num_shards), key=lambda s: (loads[s], s))
-    shards[lightest].append(index)
-    loads[lightest] += int(nbytes[index])
-  return [sorted(s) for s in shards]
+  return transport.balance_by_bytes(nbytes, num_shards)
 
 
 def snapshot_dir(workdir: str, shard: int) -> str:

@@ -12,16 +12,19 @@ import dataclasses
 import time
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 
+def balance_by_bytes(nbytes: Sequence[int], num_groups: int) -> list[list[int]]:
+  """Leaf indices in ``num_groups`` groups of about equal bytes (greedy, largest leaf first).
 
-def tree_nbytes(tree: Any) -> int:
-  """Bytes of every array leaf of a nested dict/list/tuple of NumPy-convertible arrays."""
-  if isinstance(tree, dict):
-    return sum(tree_nbytes(v) for v in tree.values())
-  if isinstance(tree, (list, tuple)):
-    return sum(tree_nbytes(v) for v in tree)
-  return int(np.asarray(tree).nbytes) if tree is not None else 0
+  Each leaf goes to the lightest group so far (ties to the lower index); every leaf is in
+  exactly one group. The SSP shards and MapReduce's Reduce leaf groups both split this way.
+  """
+  loads, groups = [0] * num_groups, [[] for _ in range(num_groups)]
+  for index in sorted(range(len(nbytes)), key=lambda i: (-nbytes[i], i)):
+    lightest = min(range(num_groups), key=lambda g: (loads[g], g))
+    groups[lightest].append(index)
+    loads[lightest] += int(nbytes[index])
+  return [sorted(g) for g in groups]
 
 
 @dataclasses.dataclass
