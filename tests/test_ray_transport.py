@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 
 from pdcnno_jax.parallel.ray_engine import transport
+from pdcnno_jax.parallel.ssp import serialization
 
 
-def test_tree_nbytes_counts_every_leaf():
+def test_payload_nbytes_counts_every_leaf():
   tree = {'a': np.zeros((3, 4), np.float32), 'b': [np.zeros(5, np.int8), (np.ones(2),)]}
-  assert transport.tree_nbytes(tree) == 48 + 5 + 16
+  assert serialization.payload_nbytes(tree) == 48 + 5 + 16
 
 
 def test_job_transport_sums_workers_and_keeps_each():

@@ -32,7 +32,7 @@ import numpy as np
 from pdcnno_jax.parallel import mapreduce_core as core
 from pdcnno_jax.parallel import monitor as monitor_lib
 from pdcnno_jax.parallel import slowdown as slowdown_lib
-from pdcnno_jax.parallel.ray_engine import transport
+from pdcnno_jax.parallel.ssp import serialization
 from pdcnno_jax.train import sharding as sharding_lib
 
 KILL_MAP_ENV = 'PDCNNO_MAPREDUCE_FAULT_KILL_MAP'
@@ -132,7 +132,7 @@ class MapWorker:
     state, figures = core.map_phase(self._worker, state, indices)
     trained = np.asarray(indices[:figures['steps'] * self._spec.batch])
     return {'state': jax.device_get(state), 'figures': figures, 'trained': trained,
-            'received': (transport.tree_nbytes(jax.tree.leaves(host_state)), received_s),
+            'received': (serialization.payload_nbytes(jax.tree.leaves(host_state)), received_s),
             'slept_s': self._worker.slow.slept_s - slept_before, 'pid': os.getpid()}
 
   def warm_up(self, state_box: list[Any], indices: np.ndarray) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pdcnno_jax.parallel.ray_engine import transport
+from pdcnno_jax.parallel.ssp import serialization
 
 
 class PSClient:
@@ -74,7 +75,7 @@ class PSClient:
       if first <= clock < upto:
         ray.get(self.shards[shard].push_and_read.remote(self.worker, clock, part, None))
         self.resends += 1
-        self.log.record(sent=transport.tree_nbytes(part))
+        self.log.record(sent=serialization.payload_nbytes(part))
 
   def step(self, clock: int, delta: Sequence[np.ndarray] | None,
            read_clock: int | None) -> list[np.ndarray] | None:
@@ -110,8 +111,8 @@ class PSClient:
       replies.append(reply)
     elapsed = time.perf_counter() - start
     wait = max(r['wait_s'] for r in replies)
-    received = sum(transport.tree_nbytes(r['leaves']) for r in replies if r['leaves'])
-    self.log.record(sent=sum(transport.tree_nbytes(p) for p in parts if p),
+    received = sum(serialization.payload_nbytes(r['leaves']) for r in replies if r['leaves'])
+    self.log.record(sent=sum(serialization.payload_nbytes(p) for p in parts if p),
                     received=received, seconds=max(elapsed - wait, 0.0))
     self.wait_seconds.append(wait)
     for shard, reply in enumerate(replies):
