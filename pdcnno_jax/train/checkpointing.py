@@ -279,9 +279,9 @@ class Checkpointer:
     self._best_loss: float | None = None
     self._reference_norm: float | None = None
     self._scanned = False
-    # The state the scan read and verified (step, arrays on one device), so a single-process
-    # resume places it instead of reading the step a second time.
-    self._verified: tuple[int, Any] | None = None
+    # What the scan read and verified (step, arrays on one device, meta, checksum record), so a
+    # single-process resume places it instead of reading the step a second time.
+    self._verified: tuple[int, Any, dict, dict] | None = None
     self._incomplete = self._warn_incomplete()
     _quiet_disk_full_tracebacks()
     policy = _KeepLatestAndLastGood(
@@ -348,13 +348,13 @@ class Checkpointer:
       if self._status.get(step, None) is not None:
         continue
       try:
-        state, _, record = self._read(step, None)
+        state, meta, record = self._read(step, None)
       except _Corrupt as e:
         self._mark_bad(step, str(e))
         continue
       self._adopt(step, record)
       if jax.process_count() == 1:
-        self._verified = (step, state)
+        self._verified = (step, state, meta, record)
       return
 
   def _mark_bad(self, step: int, why: str) -> None:
@@ -458,16 +458,14 @@ class Checkpointer:
     verified, self._verified = self._verified, None
     if verified is None or verified[0] != step:
       return None
-    jsons = self._manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore(), **{CHECKSUM_ITEM: ocp.args.JsonRestore()}))
-    record = jsons[CHECKSUM_ITEM]
+    _, host_state, meta, record = verified
     self._check_layout(step, record, target)
     by_name = {leaf_name(path): x
-               for path, x in jax.tree_util.tree_flatten_with_path(verified[1])[0]}
+               for path, x in jax.tree_util.tree_flatten_with_path(host_state)[0]}
     state = jax.tree_util.tree_map_with_path(
         lambda path, t: jax.device_put(by_name[leaf_name(path)], getattr(t, 'sharding', None)),
         target)
-    return state, jsons['meta'], record
+    return state, meta, record
 
   def read_meta(self, step: int | None = None) -> dict[str, Any]:
     """The JSON record of ``step`` (the newest intact one by default) without the state."""
