@@ -1,12 +1,11 @@
 """The embedded Ray cluster runs on the loopback address only."""
 
-import subprocess
+import ipaddress
 
-import pytest
+import psutil
 
 from pdcnno_jax.parallel.ray_engine import runtime
 from pdcnno_jax.testing import config as config_testing
-
 
 
 def test_embedded_node_is_loopback(ray_session):
@@ -24,13 +23,18 @@ def test_actor_connections_are_loopback(ray_session):
 
   import numpy as np  # pylint: disable=g-import-not-at-top
   assert ray_session.get(Echo.remote().size.remote(np.zeros(1 << 16, np.float32))) == 1 << 18
-  ss = subprocess.run(['ss', '-tn', 'state', 'established'], capture_output=True, text=True,
-                      check=False)
-  if ss.returncode != 0:
-    pytest.skip('ss is not available')
-  peers = [line.split()[-1] for line in ss.stdout.splitlines()[1:] if line.strip()]
-  outside = [p for p in peers if not p.rsplit(':', 1)[0].strip('[]').endswith('127.0.0.1')
-             and not p.startswith('[::1]')]
+  # Every TCP connection of this driver and of the Ray processes it started (GCS, raylet,
+  # workers: its descendants), whatever else the machine is connected to.
+  processes = [psutil.Process()] + psutil.Process().children(recursive=True)
+  peers = []
+  for process in processes:
+    try:
+      peers += [c.raddr.ip for c in process.net_connections(kind='tcp')
+                if c.status == psutil.CONN_ESTABLISHED and c.raddr]
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+      continue
+  assert peers, 'no connection of the Ray processes was seen'
+  outside = [ip for ip in peers if not ipaddress.ip_address(ip.removeprefix('::ffff:')).is_loopback]
   assert not outside, f'connections outside loopback: {outside}'
 
 

@@ -130,7 +130,8 @@ class _Maps:
                    for k in range(num_workers)]
     remote = ray.remote(map_worker.MapWorker)
     options = dict(runtime.worker_options(config), max_restarts=_MAX_RESTARTS,
-                   max_task_retries=0, runtime_env={'env_vars': runtime.actor_env(config, _PASSED_ENV)})
+                   max_task_retries=0,
+                   runtime_env={'env_vars': runtime.actor_env(config, _PASSED_ENV)})
     self.actors = [remote.options(**options).remote(box) for box in self._boxes]
     self.logs = [transport.TransferLog() for _ in range(num_workers)]
     self.info = ray.get([a.info.remote() for a in self.actors])

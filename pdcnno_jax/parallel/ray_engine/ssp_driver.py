@@ -195,7 +195,8 @@ def _job_report(exp: context.Experiment, results: list[dict[str, Any]],
                         clocks=total_steps, wait_seconds=[r['wait_seconds'] for r in results]),
       'ps': [{key: f[key] for key in ('pushes', 'duplicates', 'snapshots', 'rejoins',
                                       'restarted')}
-             | {'applied': f['applied'].tolist(), 'nbytes': serialization.payload_nbytes(f['leaves'])}
+             | {'applied': f['applied'].tolist(),
+                'nbytes': serialization.payload_nbytes(f['leaves'])}
              for f in finals],
   })
   return report
