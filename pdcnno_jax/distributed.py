@@ -159,10 +159,8 @@ class PeerWatchdog:
   Each process increments its own counter every ``interval_s``; a peer whose counter has not
   changed for ``limit_s`` (measured on this host's clock, so host clocks need not agree)
   calls ``on_lost(process_id, peer, silent_s)``; an unreachable service counts as the death
-  of process 0 (``silent_s < 0``). A process that finishes marks itself done (`finish`, at
-  exit) and is no longer watched by its peers, but it goes on watching them while it waits in
-  JAX's exit barrier, so a peer that dies then ends it with one line, not a C++ abort. `stop`
-  ends the watching too.
+  of process 0 (``silent_s < 0``). A process that finishes marks itself done (`stop`, also
+  at exit) and is no longer watched.
   """
 
   def __init__(self, client, process_id: int, num_processes: int, limit_s: float, *,
@@ -171,24 +169,12 @@ class PeerWatchdog:
     self._client, self._id, self._n = client, process_id, num_processes
     self._limit_s, self._interval_s, self._on_lost = limit_s, interval_s, on_lost
     self._stopped = threading.Event()
-    self._finished = threading.Event()
     self._thread = threading.Thread(target=self._run, name='PeerWatchdog', daemon=True)
 
   def start(self) -> 'PeerWatchdog':
     self._thread.start()
-    atexit.register(self.finish)  # Runs before JAX's own exit handler (registered earlier).
+    atexit.register(self.stop)  # Runs before JAX's own exit handler (registered earlier).
     return self
-
-  def finish(self) -> None:
-    """Marks this process done; keeps watching the peers that are not."""
-    self._finished.set()
-    self._mark_done()
-
-  def _mark_done(self) -> None:
-    try:
-      self._client.key_value_set(f'{_LIVENESS_DIR}{self._id}', _DONE, allow_overwrite=True)
-    except Exception:  # pylint: disable=broad-except
-      pass  # The service is gone: nobody is left to watch this process.
 
   def stop(self) -> None:
     """Marks this process done and stops watching."""
@@ -196,7 +182,10 @@ class PeerWatchdog:
       return
     self._stopped.set()
     self._thread.join(timeout=2 * self._interval_s)
-    self._mark_done()
+    try:
+      self._client.key_value_set(f'{_LIVENESS_DIR}{self._id}', _DONE, allow_overwrite=True)
+    except Exception:  # pylint: disable=broad-except
+      pass  # The service is gone: nobody is left to watch this process.
 
   def _run(self) -> None:
     beats, seen, now = 0, {}, time.monotonic()
@@ -205,16 +194,13 @@ class PeerWatchdog:
     while not self._stopped.wait(self._interval_s):
       now = time.monotonic()
       try:
-        if not self._finished.is_set():
-          beats += 1
-          self._client.key_value_set(f'{_LIVENESS_DIR}{self._id}', str(beats),
-                                     allow_overwrite=True)
+        beats += 1
+        self._client.key_value_set(f'{_LIVENESS_DIR}{self._id}', str(beats),
+                                   allow_overwrite=True)
         values = dict(self._client.key_value_dir_get(_LIVENESS_DIR))
         reached = now
       except Exception:  # pylint: disable=broad-except
-        # After `finish` the service may be gone because the job ended: not a death.
-        if (now - reached > self._limit_s and not self._stopped.is_set()
-            and not self._finished.is_set()):
+        if now - reached > self._limit_s and not self._stopped.is_set():
           self._on_lost(self._id, 0, -(now - reached))
           return
         continue

@@ -141,11 +141,9 @@ def test_local_job_listens_on_loopback_only(probes):
     assert distributed.is_loopback(address), found
 
 
-@pytest.mark.parametrize('when', ['mid_run', 'at_exit'])
-def test_a_frozen_peer_ends_the_survivor_with_one_line(probes, when):
+def test_a_frozen_peer_ends_the_survivor_with_one_line(probes):
   out = io.StringIO()
-  extra = ['--at_exit'] if when == 'at_exit' else []
-  code = launch_local.launch(2, ['--victim=1', '--heartbeat_s=10'] + extra, module='peer_probe',
+  code = launch_local.launch(2, ['--victim=1', '--heartbeat_s=10'], module='peer_probe',
                              timeout_s=120, stdout=out)
   survivor = [line for line in out.getvalue().splitlines() if line.startswith('[p0]')]
   assert code == distributed.EXIT_PEER_LOST, out.getvalue()[-3000:]
@@ -192,34 +190,6 @@ def test_watchdog_reports_a_silent_peer_and_an_unreachable_service():
   store.fail = True
   lost = _watch(store, bool)
   assert lost and lost[0][:2] == (0, 0) and lost[0][2] < -0.2
-
-
-def test_a_finished_process_still_watches_its_peers_but_not_the_service():
-  store = _FakeStore()
-  store.values['pdcnno_liveness/1'] = '7'  # A peer that dies while this one waits at exit.
-  lost = []
-  watchdog = distributed.PeerWatchdog(store, 0, 2, 0.2, interval_s=0.01,
-                                      on_lost=lambda *a: lost.append(a))
-  watchdog.start()
-  watchdog.finish()
-  assert store.values['pdcnno_liveness/0'] == 'done'
-  deadline = time.monotonic() + 30
-  while not lost and time.monotonic() < deadline:
-    time.sleep(0.01)
-  assert lost and lost[0][:2] == (0, 1)
-  assert store.values['pdcnno_liveness/0'] == 'done'  # No beats after finish.
-  watchdog.stop()
-  store = _FakeStore()
-  store.values['pdcnno_liveness/1'] = 'done'
-  watchdog = distributed.PeerWatchdog(store, 0, 2, 0.2, interval_s=0.01,
-                                      on_lost=lambda *a: lost.append(a))
-  lost.clear()
-  watchdog.start()
-  watchdog.finish()
-  store.fail = True  # The job ended and process 0 took the service with it.
-  time.sleep(0.6)
-  watchdog.stop()
-  assert not lost
 
 
 def test_watchdog_ignores_a_peer_that_finished():
