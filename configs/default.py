@@ -139,8 +139,8 @@ def get_config() -> ml_collections.ConfigDict:
   # --- parallel (pdcnno_jax/parallel) ---
   config.parallel = ml_collections.ConfigDict()
   config.parallel.mode = 'sync'  # sync | mapreduce | ssp
-  # How MapReduce and SSP run: ray (worker actors started by the one driver process) | jax
-  # (one process per worker joined by jax.distributed, started by launch/local.py).
+  # How MapReduce runs: ray (worker actors started by the one driver process) | jax (one
+  # process per worker joined by jax.distributed, started by launch/local.py). SSP: ray only.
   config.parallel.engine = 'ray'  # ray | jax
   config.parallel.num_workers = 2  # engine=ray: worker actors the driver starts.
   config.parallel.ps_shards = 1  # engine=ray: SSP server shards; MapReduce Reduce leaf groups (split by bytes).
@@ -160,10 +160,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.parallel.dlbpce_entropy_target = 0.999  # H_b (0.99 costs ~18% makespan: bench_balancers).
   # SSP (delay synchronization).
   config.parallel.staleness = 2  # -1: infinite (ASP); 0: BSP.
-  config.parallel.ssp_timeout_s = 120.0
-  config.parallel.heartbeat_timeout_s = 10.0  # SSP: a silent worker leaves the bound after this.
-  # JAX's coordination service: a process without heartbeats this long is dead to the runtime
-  # (generous, so a busy host is not declared dead; with SSP the job survives it anyway).
+  config.parallel.ssp_timeout_s = 120.0  # A PS read or push waiting longer is an error.
+  # JAX's coordination service (jax.distributed jobs): a process without heartbeats this long
+  # is dead to the runtime (generous, so that a busy host is not declared dead).
   config.parallel.runtime_heartbeat_timeout_s = 100.0
   config.parallel.ssp_batch_balancer = 'equal'  # equal | proportional (batch ~ speed after warm-up).
   config.parallel.ssp_warmup_steps = 20  # Clocks over which each worker's speed is measured.

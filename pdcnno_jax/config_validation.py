@@ -126,9 +126,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'parallel.staleness': ((lambda v: _is_int(v) and v >= -1),
                            'an integer >= 0, or -1 for no bound (ASP)'),
     'parallel.ssp_timeout_s': _POSITIVE,
-    'parallel.heartbeat_timeout_s': _POSITIVE,
     'parallel.runtime_heartbeat_timeout_s': _number(1.0),
-    'parallel.ssp_warmup_steps': _int_at_least(0),
+    # Speeds are measured on clocks 1 .. warmup - 1 (clock 0 may include first-touch costs).
+    'parallel.ssp_warmup_steps': _int_at_least(2),
     'parallel.ssp_eval_every_steps': _int_at_least(0),
 }
 
@@ -220,6 +220,10 @@ def _check_combinations(config: ml_collections.ConfigDict) -> list[str]:
   if slowdown and not re.fullmatch(r'\s*\d+(\.\d+)?(\s*,\s*\d+(\.\d+)?)*\s*', slowdown):
     problems.append(f"config.parallel.slowdown={slowdown!r} must be comma-separated "
                     "factors, e.g. '1,1,2,4'.")
+  if config.parallel.mode == 'ssp' and config.parallel.engine == 'jax':
+    problems.append('config.parallel.engine=jax with parallel.mode=ssp: SSP runs on the Ray '
+                    'engine (one driver, parallel.num_workers actors); drop '
+                    '--config.parallel.engine=jax.')
   if config.parallel.lbrla_weights:
     try:
       balancers.parse_lbrla_weights(config.parallel.lbrla_weights)

@@ -63,21 +63,14 @@ def main(argv: list[str]) -> None:
       raise config_validation.ConfigError(flag_error_message(e, sys.argv)) from e
   workdir = _WORKDIR.value
   config_validation.preflight(config, workdir)
-  from pdcnno_jax import modes  # pylint: disable=g-import-not-at-top
-  # A mode whose workers never meet in a collective may lose one and have it rejoin: the
-  # runtime must survive a dead process.
-  recoverable = modes.get_mode(config.parallel.mode).MESH == 'local'
-  joined = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                                  mode=_DISTRIBUTED.value, recoverable=recoverable,
-                                  heartbeat_timeout_s=config.parallel.runtime_heartbeat_timeout_s,
-                                  bind_address=_BIND.value)
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                         mode=_DISTRIBUTED.value,
+                         heartbeat_timeout_s=config.parallel.runtime_heartbeat_timeout_s,
+                         bind_address=_BIND.value)
   import jax  # pylint: disable=g-import-not-at-top
   config_validation.check_devices(config, jax.device_count(), jax.process_count())
   from pdcnno_jax import experiment  # pylint: disable=g-import-not-at-top
   report = experiment.train_and_evaluate(config, workdir)
-  if joined and recoverable:  # With recoverability, process 0 must leave last.
-    from pdcnno_jax.parallel.ssp import coordination  # pylint: disable=g-import-not-at-top
-    coordination.shutdown(coordination.CoordinationStore())
   logging.info('Report written to %s', os.path.join(workdir, 'report.json'))
   print(f'test_accuracy={report["test"]["accuracy"]:.4f} '
         f'test_loss={report["test"]["loss"]:.4f} workdir={workdir}', flush=True)

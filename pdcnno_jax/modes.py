@@ -43,8 +43,9 @@ MODES: dict[str, Mode] = {
 }
 
 
-# How the MapReduce and SSP modes run: 'ray' (worker actors of one driver process,
-# `parallel.ray_engine`) or 'jax' (one process per worker joined by jax.distributed).
+# How the MapReduce mode runs: 'ray' (worker actors of one driver process,
+# `parallel.ray_engine`) or 'jax' (one process per worker joined by jax.distributed). SSP runs
+# on Ray only (config_validation rejects 'jax' with it).
 ENGINES = ('ray', 'jax')
 
 

@@ -1,8 +1,8 @@
 """Fault injection for the resume and rejoin tests: SIGKILL this process at a chosen point.
 
 ``PDCNNO_FAULT_KILL_AT_STEP=<step>`` kills a synchronous or MapReduce run right after it saved
-``step`` (the asynchronous save may still be writing: exactly the case resuming must survive);
-``PDCNNO_SSP_FAULT_KILL_AT_CLOCK=<clock>`` kills an SSP worker right after it published ``clock``.
+``step`` (the asynchronous save may still be writing: exactly the case resuming must survive).
+The Ray engine's faults are planned per actor instead (`ray_engine.ssp_driver.FaultPlan`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import os
 import signal
 
 STEP_ENV = 'PDCNNO_FAULT_KILL_AT_STEP'
-SSP_CLOCK_ENV = 'PDCNNO_SSP_FAULT_KILL_AT_CLOCK'
 
 
 def maybe_kill(env_var: str, count: int) -> None:

@@ -138,7 +138,7 @@ def optimizer_update(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
 
   Returns:
     ``(updates, opt_state, new_model_state, metrics)``; the train steps of every mode
-    (sync here, SSP in ``parallel/ssp/training.py``) apply ``updates`` their own way.
+    (sync here, SSP in ``parallel/ssp/steps.py``) apply ``updates`` their own way.
   """
   loss_fn = functools.partial(chunked_loss, model_state=state.model_state, batch=batch,
                               graphdef=graphdef, preprocess=preprocess, num_chunks=num_chunks,

@@ -21,11 +21,6 @@ Decoding trusts nothing: the CRC is checked before the header is parsed, every
 header field is validated, and a compressed body is inflated to at most its
 declared size. Any malformed payload raises `PayloadError`, and nothing else.
 
-Format choice (benchmarks/bench_ssp_overhead.py, 2 CPU processes on a shared
-2-core machine): moving an update through JAX's coordination service costs
-0.2-1.4 s per 3.7 MiB (gRPC gzips every write), against 1.2 ms to encode and
-1.3 ms to check and decode 3.7 MiB of float32 numpy leaves (best of 5, CRC
-included; it runs at ~1.5 GB/s).
 Float32 deltas have high-entropy mantissas, so zlib level 1 saves only ~7% at
 a far higher CPU cost: raw float32 ('none') is the default; 'zlib' remains for
 slow networks and `cast_floats_to='bfloat16'` halves the bytes, lossily.

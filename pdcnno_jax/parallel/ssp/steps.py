@@ -1,4 +1,4 @@
-"""The SSP worker step and what both SSP engines (jax processes, Ray actors) share around it.
+"""The SSP worker step (run by the Ray worker actors) and the accuracy-vs-time evaluation.
 
 ``delta_k = (b_k / B) u_k``: worker k's optimizer update on its piece b_k of global batch B,
 scaled so that the deltas of one clock sum to one synchronous step on B for optimizers linear
@@ -52,12 +52,6 @@ def make_ssp_train_step(graphdef, tx: optax.GradientTransformation,
   rep, data = sharding_lib.replicated(mesh), sharding_lib.batch_sharded(mesh)
   return jax.jit(step, in_shardings=(rep, data, rep), out_shardings=(rep, rep, rep),
                  donate_argnums=(0,))
-
-
-@functools.partial(jax.jit, donate_argnums=(0,))
-def add_to_params(state: state_lib.TrainState, delta: Any) -> state_lib.TrainState:
-  """``state`` with ``delta`` added to its parameters (``state`` donated)."""
-  return state.replace(params=optax.apply_updates(state.params, delta))
 
 
 def evaluate_snapshots(exp: context.Experiment, local_mesh: jax.sharding.Mesh,

@@ -45,11 +45,6 @@ def from_host(host: Any, like: Any) -> Any:
   return jax.tree.map(put, host, like)
 
 
-def worker_checkpoint_dir(workdir: str, worker: int) -> str:
-  """``<workdir>/ssp_worker_<worker>``."""
-  return os.path.join(workdir, f'ssp_worker_{worker}')
-
-
 def save_worker_checkpoint(directory: str, clock: int, state: Any,
                            ssp_state: dict[str, np.ndarray], keep: int = KEEP_CHECKPOINTS) -> str:
   """Writes one worker's replica and SSP state atomically; keeps the newest ``keep``.
@@ -58,7 +53,8 @@ def save_worker_checkpoint(directory: str, clock: int, state: Any,
     directory: the worker's checkpoint directory.
     clock: the worker's next clock (steps done).
     state: the worker's `TrainState` (device or host arrays).
-    ssp_state: `SSPWorker.state()`.
+    ssp_state: the worker's SSP position: ``next_clock`` and ``applied`` (per worker, the
+      last clock applied; -1 where none), NumPy integers.
     keep: checkpoints kept.
 
   Returns:
