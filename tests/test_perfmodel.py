@@ -259,14 +259,20 @@ def _synthetic_results(truth, share):
       report['rounds'] = [{'busy_s': [busy * steps / rounds], 'steps': [steps / rounds],
                            'makespan_s': 1.0, 'round_s': 1.0 + outside + (0.5 if r == 0 else 0)}
                           for r in range(rounds)]
+    if spec['mode'] == 'ssp':  # Each worker's transfers, as report.json's transport has them.
+      per_clock = truth['transfer_s']['ssp'][str(p)] / share
+      report['transport'] = {'clocks': steps,
+                             'workers': [{'transfer_seconds': steps * per_clock}] * p}
     if spec.get('conv_widths'):
       measured = steps * busy
     else:
       measured = calibration.predict_run(spec, truth, capacity=share)
     results.append({'name': spec['name'], 'mode': spec['mode'], 'spec': spec,
                     'measured_s': measured, 'report': report, 'param_bytes': 1000,
-                    # Process 0's probe: the processes pinned to its core split the share.
-                    'core_share': share / len(range(0, p, 2))})
+                    # Process 0's probe: the processes pinned to its core split the share;
+                    # SSP's probe is its one driver.
+                    'core_share': (share if spec['mode'] == 'ssp'
+                                   else share / len(range(0, p, 2)))})
   return results
 
 
@@ -276,8 +282,11 @@ def test_calibration_fit_recovers_the_model_it_was_measured_on(share):
   truth = {'num_cores': 2, 'costs': {m: cost for m in model.MODES},
            'pruned_sync_cost': {'per_example_s': 2e-4, 'fixed_s': 3e-3, 'host_s': 0.0},
            'overhead_s': {m: {'1': 0.0, '2': 0.01, '4': 0.03} for m in model.MODES},
-           # gloo's set-up: once per sync run, told apart by the half-length runs.
-           'run_overhead_s': {'sync': {'2': 0.4, '4': 0.7}}}
+           # gloo's set-up (sync), the first step's compilation (SSP): once per run, told
+           # apart by the half-length runs.
+           'run_overhead_s': {'sync': {'2': 0.4, '4': 0.7},
+                              'ssp': {'1': 0.9, '2': 1.1, '4': 1.5}},
+           'transfer_s': {'ssp': {'1': 0.002, '2': 0.003, '4': 0.005}}}
   calib = calibration.fit(_synthetic_results(truth, share), num_cores=2)
   for mode in model.MODES:
     assert calib['costs'][mode]['per_example_s'] == pytest.approx(4e-4)
@@ -285,10 +294,10 @@ def test_calibration_fit_recovers_the_model_it_was_measured_on(share):
     for p in ('2', '4'):
       assert calib['overhead_s'][mode][p] == pytest.approx(truth['overhead_s'][mode][p],
                                                            abs=1e-9)
-  for p in ('2', '4'):
-    assert calib['run_overhead_s']['sync'][p] == pytest.approx(
-        truth['run_overhead_s']['sync'][p])
-  assert set(calib['run_overhead_s']) == {'sync'}
+  for mode, p in (('sync', '2'), ('sync', '4'), ('ssp', '1'), ('ssp', '2'), ('ssp', '4')):
+    assert calib['run_overhead_s'][mode][p] == pytest.approx(truth['run_overhead_s'][mode][p])
+  assert set(calib['run_overhead_s']) == {'sync', 'ssp'}
+  assert calib['transfer_s']['ssp'] == pytest.approx(truth['transfer_s']['ssp'])
   assert calib['pruned_sync_cost']['per_example_s'] == pytest.approx(2e-4)
   for spec in calibration.validation_runs(quick=True):
     assert calibration.predict_run(spec, calib, capacity=share) == pytest.approx(

@@ -1,23 +1,27 @@
 """Calibration and validation runs of the cluster model on this machine (pure Python).
 
-Calibration (`calibration_runs`, `fit`): per mode, the step cost on one pinned core at two
-batch sizes (affine fit: fixed + per example x batch; for MapReduce and SSP from the busy time
-the workers measure, i.e. the jitted step), for the dense and a pruned (compacted) LeNet-5,
-and one framework constant per mode and process count: the measured wall time minus the
-model's prediction without it, per step (sync, SSP: the gloo all-reduce or the coordination
-service's key-value round trips, plus the loop's host work); MapReduce's per-round constant
-is measured directly, as the median time a round spends outside its Map (`round_overhead`:
-the gloo all-reduce of the Reduce, the all-gather of the figures and the balancer). Those runs
-are homogeneous (no slowdown, equal split, SSP with s = 0). Processes pinned to one core are
-scheduled fairly (`LOCAL_SLEEPER_CREDIT_S`): a slowdown's sleep is wall time but not core time.
+Calibration (`calibration_runs`, `fit`): per mode, the step cost on one core at two batch
+sizes (affine fit: fixed + per example x batch; for MapReduce and SSP from the busy time the
+workers measure, i.e. the jitted step), for the dense and a pruned (compacted) LeNet-5, and
+the framework constants per mode and process (worker) count: the measured wall time minus the
+model's prediction without them, split by a second run of half the length into a constant per
+run and one per step (sync: gloo's set-up and all-reduce plus the loop's host work; SSP: the
+first-step compilation inside the workers' loops, and the driver's and server's host work per
+clock). SSP's transfer per clock (`transfer_s`: a worker's push and read through Ray's object
+store, minus its wait under the staleness rule) is read off report.json's ``transport``
+section. MapReduce's per-round constant is measured directly, as the median time a round
+spends outside its Map (`round_overhead`: the gloo all-reduce of the Reduce, the all-gather of
+the figures and the balancer). Those runs are homogeneous (no slowdown, equal split, SSP with
+s = 0). Processes pinned to one core are scheduled fairly (`LOCAL_SLEEPER_CREDIT_S`): a
+slowdown's sleep is wall time but not core time.
 
 Validation (`validation_runs`, `predict_run`) uses other conditions: other batch sizes,
 MapReduce with every balancer under slowdowns 1, 1, 2, 4, SSP with s = 0 and 3 under transient
-stragglers (p = 0.1, 4x), and compares the model's wall time with the measured one. Processes
-are pinned one core each (launch_local --cores_per_process=1): 1 and 2 processes are one and
-two real nodes; 4 processes share the 2 cores two by two, which the model simulates
-(processor sharing, `engine.pinned`).
-"""
+stragglers (p = 0.1, 4x), and compares the model's wall time with the measured one. Sync and
+MapReduce processes are pinned one core each (launch_local --cores_per_process=1): 1 and 2
+processes are one and two real nodes; 4 processes share the 2 cores two by two, which the model
+simulates (processor sharing, `engine.pinned`). SSP's worker actors run single-threaded XLA
+and time-share the cores the same way."""
 
 from __future__ import annotations
 
@@ -66,10 +70,12 @@ def calibration_runs(quick: bool) -> list[dict[str, Any]]:
     pruned = _run(f'cal_sync_p1_b{batch}_pruned', 'sync', 1, batch, z)
     pruned['conv_widths'] = list(PRUNED_WIDTHS)
     runs.append(pruned)
+  runs.append(_run('cal_ssp_p1_b128_half', 'ssp', 1, 128, z, epochs=0.5))
   for p in (2, 4):
     for mode in ('sync', 'mapreduce', 'ssp'):
       runs.append(_run(f'cal_{mode}_p{p}', mode, p, 128, z))
-    runs.append(_run(f'cal_sync_p{p}_half', 'sync', p, 128, z, epochs=0.5))
+    for mode in ('sync', 'ssp'):
+      runs.append(_run(f'cal_{mode}_p{p}_half', mode, p, 128, z, epochs=0.5))
   return runs
 
 
@@ -134,11 +140,13 @@ def units(result: dict[str, Any]) -> int:
 
 def capacity(result: dict[str, Any], num_cores: int) -> float:
   """Cores' worth of one core this run had: process 0's `core_share` times the processes
-  pinned with it (they probed at the same moment and split the core), at most 1."""
+  pinned with it (they probed at the same moment and split the core), at most 1. An SSP run's
+  probe is its one driver process, after the actors ended."""
   share = result.get('core_share')
   if share is None:
     return 1.0
-  on_core = len(range(0, result['spec']['processes'], num_cores))
+  on_core = (1 if result['mode'] == 'ssp'
+             else len(range(0, result['spec']['processes'], num_cores)))
   return float(min(1.0, max(share * on_core, 1e-3)))
 
 
@@ -166,7 +174,12 @@ def fit(results: list[dict[str, Any]], num_cores: int) -> dict[str, Any]:
            'pruned_sync_cost': {'per_example_s': per_example, 'fixed_s': fixed, 'host_s': 0.0},
            'param_bytes': by_name['cal_sync_p1_b128']['param_bytes'],
            'pruned_param_bytes': by_name['cal_sync_p1_b128_pruned']['param_bytes'],
-           'pruned_conv_widths': list(PRUNED_WIDTHS), 'overhead_s': {}, 'run_overhead_s': {}}
+           'pruned_conv_widths': list(PRUNED_WIDTHS), 'overhead_s': {}, 'run_overhead_s': {},
+           'transfer_s': {'ssp': {}}}
+  for p in (1, 2, 4):
+    result = by_name[f'cal_ssp_p{p}' if p > 1 else 'cal_ssp_p1_b128']
+    calib['transfer_s']['ssp'][str(p)] = transfer_per_clock(result) * capacity(result,
+                                                                                num_cores)
   for mode in ('sync', 'mapreduce', 'ssp'):
     calib['overhead_s'][mode] = {}
     for p in (1, 2, 4):
@@ -202,6 +215,14 @@ def _residual_fit(results: list[dict[str, Any]], calib: dict[str, Any],
     per_unit = max((r1 - r2) / (n1 - n2), 0.0)
     return per_unit, max(r1 - per_unit * n1, 0.0)
   return max(points[0][1] / points[0][0], 0.0), 0.0
+
+
+def transfer_per_clock(result: dict[str, Any]) -> float:
+  """Mean seconds per clock a worker of an SSP run spent in transfers (report.json
+  ``ssp.transport``: each worker's ``transfer_seconds``, its waits excluded, over the clocks)."""
+  transport = result['report']['transport']
+  return float(np.mean([w['transfer_seconds'] for w in transport['workers']])
+               / max(transport['clocks'], 1))
 
 
 def round_overhead(result: dict[str, Any]) -> float:
@@ -245,7 +266,8 @@ def predict_run(spec: dict[str, Any], calib: dict[str, Any], *, overhead: bool =
   Args:
     spec: the run.
     calib: `fit`'s figures.
-    overhead: add the per-mode framework constant.
+    overhead: add the per-mode framework constants (the measured SSP transfer is always
+      charged).
     capacity: share of each core the run had (`capacity`; 1 on a quiet machine).
   """
   o = spec['overrides']
@@ -263,9 +285,10 @@ def predict_run(spec: dict[str, Any], calib: dict[str, Any], *, overhead: bool =
                                       param_bytes=0.0, overhead_s=extra).wall_s
   if mode == 'ssp':
     staleness = o.get('parallel.staleness', 0)
-    return model.simulate_ssp(cost, cluster, local_batch=local, clocks=steps,
-                              staleness=None if staleness < 0 else staleness, param_bytes=0.0,
-                              overhead_s=extra).wall_s
+    extra += calib.get('transfer_s', {}).get('ssp', {}).get(str(p), 0.0) / capacity
+    return once + model.simulate_ssp(cost, cluster, local_batch=local, clocks=steps,
+                                     staleness=None if staleness < 0 else staleness,
+                                     param_bytes=0.0, overhead_s=extra).wall_s
   return model.simulate_mapreduce(
       cost, cluster, num_examples=n, num_blocks=o['parallel.num_blocks'],
       rounds_per_epoch=o['parallel.rounds_per_epoch'], epochs=o['num_epochs'],

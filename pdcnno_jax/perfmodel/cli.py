@@ -1,7 +1,8 @@
 """python -m pdcnno_jax.perfmodel --calibrate | --validate | --predict [--quick].
 
-  --calibrate  runs `calibration.calibration_runs` as real local jobs (1, 2, 4 processes,
-               one core each) and writes the fitted inputs to --calibration_file.
+  --calibrate  runs `calibration.calibration_runs` as real local jobs (sync and MapReduce:
+               1, 2, 4 processes, one core each; SSP: one Ray driver with 1, 2, 4 worker
+               actors) and writes the fitted inputs to --calibration_file.
   --validate   runs `calibration.validation_runs` and prints predicted vs measured wall time
                per run, then `max relative error: X`.
   --from_saved re-uses the raw runs a previous --calibrate / --validate saved in --workdir
@@ -18,6 +19,7 @@ import argparse
 import io
 import json
 import os
+import subprocess
 import sys
 import time
 import zlib
@@ -33,6 +35,26 @@ _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 def _load() -> str:
   return '/'.join(f'{v:.2f}' for v in os.getloadavg())
+
+
+def _ssp_job(workers: int, args: list[str], *, timeout_s: float, stdout) -> int:
+  """One SSP driver process starting ``workers`` Ray actors; its exit code.
+
+  Each actor's XLA runs single-threaded, as a process pinned to one core would: ``workers``
+  actors time-share the machine's cores the way ``workers`` pinned processes did.
+  """
+  env = launch_local.process_env(1)
+  env['XLA_FLAGS'] += ' --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'
+  cmd = [sys.executable, '-m', 'pdcnno_jax.perfmodel.runs', *args, f'--ssp_workers={workers}']
+  try:
+    done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          timeout=timeout_s, check=False, text=True)
+  except subprocess.TimeoutExpired as e:
+    stdout.write(e.stdout.decode(errors='replace') if isinstance(e.stdout, bytes)
+                 else e.stdout or '')
+    return 124
+  stdout.write(done.stdout)
+  return done.returncode
 
 
 def run_jobs(specs: list[dict[str, Any]], *, data_dir: str, timeout_s: float,
@@ -62,12 +84,15 @@ def run_jobs(specs: list[dict[str, Any]], *, data_dir: str, timeout_s: float,
       before, start = _load(), time.perf_counter()
       args = [f'--spec={spec_path}', f'--out={out}', f'--data_dir={data_dir}',
               f'--cache_dir={cache_dir}']
-      code = launch_local.launch(processes, args + (['--recoverable'] if ssp else []),
-                                 module='pdcnno_jax.perfmodel.runs', timeout_s=timeout_s,
-                                 stdout=log, cores_per_process=1)
+      if ssp:
+        code = _ssp_job(processes, args, timeout_s=timeout_s, stdout=log)
+      else:
+        code = launch_local.launch(processes, args, module='pdcnno_jax.perfmodel.runs',
+                                   timeout_s=timeout_s, stdout=log, cores_per_process=1)
       done = _read(out)
       complete = sorted(r['name'] for r in done) == sorted(names)
-      print(f'  job: {processes} process(es), {"SSP" if ssp else "sync/MapReduce"}, '
+      what = 'Ray SSP worker(s)' if ssp else 'process(es), sync/MapReduce'
+      print(f'  job: {processes} {what}, '
             f'{len(group)} runs, {time.perf_counter() - start:.0f} s, exit {code}; load average '
             f'{before} -> {_load()}', flush=True)
       with open(os.path.join(jobs_dir, f'log_{tag}.txt'), 'w') as f:
@@ -114,7 +139,8 @@ def calibrate(args) -> None:
   with open(args.calibration_file, 'w') as f:
     json.dump(calib, f, indent=2)
   print(json.dumps({k: calib[k] for k in ('costs', 'pruned_sync_cost', 'param_bytes',
-                                           'pruned_param_bytes', 'overhead_s')}, indent=1))
+                                           'pruned_param_bytes', 'overhead_s', 'run_overhead_s',
+                                           'transfer_s')}, indent=1))
   print(f'calibration written to {args.calibration_file}')
 
 
@@ -134,7 +160,8 @@ def validate(args) -> float:
     print(f'{spec["name"]:40s} {predicted:11.2f} {result["measured_s"]:10.2f} {error:8.3f} '
           f'{share:10.2f}')
   print(f'framework constants (calibrated, per step or round): {calib["overhead_s"]}; per run: '
-        f'{calib.get("run_overhead_s", {})}')
+        f'{calib.get("run_overhead_s", {})}; SSP transfer per clock: '
+        f'{calib.get("transfer_s", {})}')
   print(f'max relative error: {worst:.3f}')
   return worst
 
@@ -144,9 +171,9 @@ def predictions(calib: dict[str, Any], *, num_examples: int = 60000,
   """Speed-up curves for every paper setting, mode and pruning choice (1..16 nodes).
 
   Only the measured step costs and parameter bytes are carried over from the calibration; its
-  framework constants (gloo on loopback, the coordination service, this runtime's per-round
-  host work) belong to the local runtime, so a cluster's communication is the network model's
-  alone.
+  framework constants (gloo on loopback, Ray's calls to the parameter server, this runtime's
+  per-round host work) belong to the local runtime, so a cluster's communication is the
+  network model's alone.
   """
   dense = calibration.cost_of(calib, 'sync')
   pruned = model.StepCost(**calib['pruned_sync_cost'])

@@ -266,8 +266,8 @@ def simulate_ssp(cost: StepCost, cluster: Cluster, *, local_batch: int | Sequenc
   others' through the parameter store: with the 'ring' topology the store is sharded over the
   nodes (each node's link carries 2 (n - 1) / n of the parameters per clock, as in a ring
   all-reduce); with 'ps' one server's link is a FIFO queue that every push and pull crosses.
-  `overhead_s` is the measured per-clock cost of the real store (encode, decode, key-value
-  round trips) on top of the network.
+  `overhead_s` is the measured per-clock cost of the real engine (Ray's calls to the
+  parameter server and the host work around them) on top of the network.
   """
   n = cluster.size
   batches = ([int(local_batch)] * n if np.ndim(local_batch) == 0

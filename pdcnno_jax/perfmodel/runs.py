@@ -1,17 +1,21 @@
 """Real training runs for calibration and validation (and the MapReduce / SSP benchmarks).
 
-One process of a local multi-process job (`launch_local`), run as
+Synchronous and MapReduce runs: one process of a local multi-process job (`launch_local`),
 
   python -m pdcnno_jax.perfmodel.runs --spec=runs.json --out=results.json \
       --coordinator_address=... --num_processes=N --process_id=i
 
-where runs.json lists runs {name, mode: sync | mapreduce | ssp, overrides: {config key: value},
+SSP runs: one driver process on Ray, ``--ssp_workers=N`` (``parallel.num_workers`` actors with
+one CPU device each, time-sharing the machine's cores, one parameter-server shard).
+runs.json lists runs {name, mode: sync | mapreduce | ssp, overrides: {config key: value},
 train_subset, conv_widths}; every run starts from a fresh model and reports its training wall
-time without compilation and evaluation (`measured_s`), its parameter bytes and the mode's
-report, and the share of its core the process got right after it (`core_share`: the machine
-may be shared). `train_mapreduce_once`, `train_ssp_once` and `subset_train` are shared with
-benchmarks/bench_mapreduce.py and bench_ssp_training.py. This module imports JAX (inside its
-functions); the rest of `perfmodel` does not.
+time (`measured_s`: sync and MapReduce without compilation and evaluation; SSP the shortest
+worker loop, i.e. from the start of the last actor Ray brought up, with its first-step
+compilation), its parameter bytes and the mode's report, and the share of a core the process
+got right after it (`core_share`: the machine may be shared). `train_mapreduce_once`,
+`train_ssp_once` and `subset_train` are shared with benchmarks/bench_mapreduce.py and
+bench_ssp_training.py. This module imports JAX (inside its functions); the rest of `perfmodel`
+does not.
 """
 
 from __future__ import annotations
@@ -56,15 +60,15 @@ def train_mapreduce_once(exp, config) -> dict[str, Any]:
   return report
 
 
-def train_ssp_once(exp, config, *, workdir: str, run_id: str, dataset=None) -> dict[str, Any]:
-  """Fresh model, SSP training in its own workdir and store namespace; the SSP report."""
+def train_ssp_once(exp, config, *, workdir: str, dataset=None) -> dict[str, Any]:
+  """Fresh model, SSP training on Ray in its own workdir; the SSP report."""
   from pdcnno_jax.parallel.ssp import training  # pylint: disable=g-import-not-at-top
   run = dataclasses.replace(exp, config=config, workdir=workdir,
                             dataset=exp.dataset if dataset is None else dataset,
                             graphdef=None, writer=None,
                             stage_reports={}, mode_resume={})
   tx, state = _fresh_state(run)
-  _, report = training.train(run, state, tx=tx, worker_checkpoints=False, run_id=run_id)
+  _, report = training.train(run, state, tx=tx)
   return report
 
 
@@ -125,15 +129,14 @@ def run_one(exp, base, spec: dict[str, Any], out_dir: str) -> dict[str, Any]:
     elif spec['mode'] == 'mapreduce':
       report = train_mapreduce_once(exp, config)
     elif spec['mode'] == 'ssp':
-      report = train_ssp_once(exp, config, workdir=os.path.join(out_dir, spec['name']),
-                              run_id=spec['name'].replace('.', '_'))
+      report = train_ssp_once(exp, config, workdir=os.path.join(out_dir, spec['name']))
     else:
       raise ValueError(f'Unknown mode {spec["mode"]!r} in run {spec["name"]}.')
   finally:
     exp.dataset = full
   spent = {k: v - timer_before.get(k, 0.0) for k, v in exp.timer.seconds.items()}
-  if spec['mode'] == 'ssp':
-    measured = report['wall_s']
+  if spec['mode'] == 'ssp':  # Ray starts the actors seconds apart: time the last one's loop.
+    measured = min(r['loop_s'] for r in report['per_worker'])
   else:
     measured = report['train_wall_s'] - spent.get('compile', 0.0) - spent.get('eval', 0.0)
   return {'name': spec['name'], 'mode': spec['mode'], 'measured_s': measured,
@@ -143,12 +146,14 @@ def run_one(exp, base, spec: dict[str, Any], out_dir: str) -> dict[str, Any]:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  for name in ('spec', 'out', 'coordinator_address'):
+  for name in ('spec', 'out'):
     parser.add_argument(f'--{name}', required=True)
-  parser.add_argument('--num_processes', type=int, required=True)
-  parser.add_argument('--process_id', type=int, required=True)
+  parser.add_argument('--coordinator_address', default='')
+  parser.add_argument('--num_processes', type=int, default=1)
+  parser.add_argument('--process_id', type=int, default=0)
+  parser.add_argument('--ssp_workers', type=int, default=0,
+                      help='SSP runs: this one driver starts that many Ray worker actors')
   parser.add_argument('--data_dir', default=os.path.join(_REPO, 'data', 'tfds'))
-  parser.add_argument('--recoverable', action='store_true', help='SSP runs: recoverable runtime')
   parser.add_argument('--cache_dir', default='',
                       help='persistent compilation cache (runs of one shape compile once)')
   args = parser.parse_args(argv)
@@ -157,8 +162,9 @@ def main(argv=None) -> None:
     jax.config.update('jax_compilation_cache_dir', args.cache_dir)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   from pdcnno_jax import distributed  # pylint: disable=g-import-not-at-top
-  distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
-                         recoverable=args.recoverable, heartbeat_timeout_s=60)
+  if args.num_processes > 1:
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                           heartbeat_timeout_s=60)
   import jax  # pylint: disable=g-import-not-at-top
   from pdcnno_jax import config_lib  # pylint: disable=g-import-not-at-top
   from pdcnno_jax import experiment  # pylint: disable=g-import-not-at-top
@@ -167,10 +173,14 @@ def main(argv=None) -> None:
     specs = json.load(f)
   base = config_lib.load_config(os.path.join(_REPO, 'configs', 'default.py'))
   base.data.data_dir = args.data_dir
-  base.parallel.mode = 'ssp' if args.recoverable else 'sync'
-  base.parallel.engine = 'jax'  # These runs are processes joined by jax.distributed.
+  base.parallel.mode = 'ssp' if args.ssp_workers else 'sync'
+  base.parallel.engine = 'ray' if args.ssp_workers else 'jax'  # MapReduce: the process job.
+  base.parallel.num_workers = max(args.ssp_workers, 1)
+  base.parallel.ray_worker_cpu_devices = 1
   base.parallel.ssp_timeout_s = 600.0
   base.parallel.ssp_eval_every_steps = 10**6
+  base.parallel.ps_snapshot_every_clocks = 0  # No snapshots or worker checkpoints: the runs
+  base.checkpoint_every_steps = 10**6  # time training and its transport alone.
   base.log_every_steps = 10**6
   base.eval_every_epochs = 10**6
   out_dir = os.path.dirname(os.path.abspath(args.out))
@@ -181,9 +191,9 @@ def main(argv=None) -> None:
     if jax.process_index() == 0:  # After every run, so that a cut-short job still reports.
       with open(args.out, 'w') as f:
         json.dump(results, f)
-  if args.recoverable:
-    from pdcnno_jax.parallel.ssp import coordination  # pylint: disable=g-import-not-at-top
-    coordination.shutdown(coordination.CoordinationStore(), timeout_s=120)
+  if args.ssp_workers:
+    from pdcnno_jax.parallel.ray_engine import runtime  # pylint: disable=g-import-not-at-top
+    runtime.stop()
   elif jax.process_count() > 1:  # Reach the runtime's shutdown barrier together.
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices('perfmodel_runs_done')
