@@ -4,12 +4,12 @@ Calibration (`calibration_runs`, `fit`): per mode, the step cost on one core at 
 sizes (affine fit: fixed + per example x batch; for MapReduce and SSP from the busy time the
 workers measure, i.e. the jitted step), for the dense and a pruned (compacted) LeNet-5, and
 the framework constants per mode and process (worker) count: the measured wall time minus the
-model's prediction without them, split by a second run of half the length into a constant per
-run and one per step (sync: gloo's set-up and all-reduce plus the loop's host work; SSP: the
-first-step compilation inside the workers' loops, and the driver's and server's host work per
-clock). SSP's transfer per clock (`transfer_s`: a worker's push and read through Ray's object
-store, minus its wait under the staleness rule) is read off report.json's ``transport``
-section. MapReduce's per-round constant is measured directly, as the median time a round
+model's prediction without them, per step (sync: gloo's all-reduce plus the loop's host work,
+and with a second run of half the length a constant per run, gloo's set-up; SSP, timed at its
+steady rate (`runs.ssp_steady_wall_s`): the host work per clock of the driver, the server and
+the workers outside their step and transfers). SSP's transfer per clock (`transfer_s`: a
+worker's push and read through Ray's object store, minus its wait under the staleness rule) is
+read off report.json's ``transport`` section. MapReduce's per-round constant is measured directly, as the median time a round
 spends outside its Map (`round_overhead`: the gloo all-reduce of the Reduce, the all-gather of
 the figures and the balancer). Those runs are homogeneous (no slowdown, equal split, SSP with
 s = 0). Processes pinned to one core are scheduled fairly (`LOCAL_SLEEPER_CREDIT_S`): a
@@ -70,12 +70,10 @@ def calibration_runs(quick: bool) -> list[dict[str, Any]]:
     pruned = _run(f'cal_sync_p1_b{batch}_pruned', 'sync', 1, batch, z)
     pruned['conv_widths'] = list(PRUNED_WIDTHS)
     runs.append(pruned)
-  runs.append(_run('cal_ssp_p1_b128_half', 'ssp', 1, 128, z, epochs=0.5))
   for p in (2, 4):
     for mode in ('sync', 'mapreduce', 'ssp'):
       runs.append(_run(f'cal_{mode}_p{p}', mode, p, 128, z))
-    for mode in ('sync', 'ssp'):
-      runs.append(_run(f'cal_{mode}_p{p}_half', mode, p, 128, z, epochs=0.5))
+    runs.append(_run(f'cal_sync_p{p}_half', 'sync', p, 128, z, epochs=0.5))
   return runs
 
 
