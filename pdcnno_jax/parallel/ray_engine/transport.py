@@ -3,6 +3,8 @@
 Every Ray mode counts what each worker pushes (``bytes_sent``) and pulls (``bytes_received``)
 through the object store and the seconds those transfers took, so a run's effective throughput,
 ``(bytes_sent + bytes_received) / transfer_seconds``, can be read off its report.json.
+`FlatLayout` packs a list of arrays into one contiguous buffer per dtype, so that a push or a
+reply is one array for Ray to serialise instead of one per parameter leaf.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import contextlib
 import dataclasses
 import time
 from typing import Any, Iterator, Sequence
+
+import numpy as np
 
 
 def balance_by_bytes(nbytes: Sequence[int], num_groups: int) -> list[list[int]]:
@@ -25,6 +29,57 @@ def balance_by_bytes(nbytes: Sequence[int], num_groups: int) -> list[list[int]]:
     groups[lightest].append(index)
     loads[lightest] += int(nbytes[index])
   return [sorted(g) for g in groups]
+
+
+class FlatLayout:
+  """Where each leaf of a list of arrays lies in one flat buffer per dtype.
+
+  Buffers come in the order their dtype first appears among the leaves; `unpack` returns
+  views into them (no copy), so a read-only buffer from Ray's object store gives read-only
+  leaves. A dtype with a single leaf is packed as a view of it, not a copy.
+
+  Args:
+    leaves: arrays whose shapes and dtypes define the layout.
+  """
+
+  def __init__(self, leaves: Sequence[Any]):
+    self.shapes = [tuple(np.shape(x)) for x in leaves]
+    self.dtypes = [np.dtype(np.asarray(x).dtype) for x in leaves]
+    self.buffer_dtypes = list(dict.fromkeys(self.dtypes))
+    sizes = [0] * len(self.buffer_dtypes)
+    self.slots = []  # (buffer, start, stop) of each leaf.
+    for shape, dtype in zip(self.shapes, self.dtypes):
+      b = self.buffer_dtypes.index(dtype)
+      size = int(np.prod(shape, dtype=np.int64))
+      self.slots.append((b, sizes[b], sizes[b] + size))
+      sizes[b] += size
+    self.buffer_sizes = sizes
+
+  def pack(self, leaves: Sequence[Any]) -> list[np.ndarray]:
+    """One contiguous buffer per dtype holding ``leaves`` in order.
+
+    Raises:
+      ValueError: ``leaves`` differ from the layout in number, shape or dtype.
+    """
+    if len(leaves) != len(self.shapes):
+      raise ValueError(f'FlatLayout.pack: {len(leaves)} arrays for a layout of '
+                       f'{len(self.shapes)}.')
+    parts: list[list[np.ndarray]] = [[] for _ in self.buffer_dtypes]
+    for i, (leaf, (b, _, _)) in enumerate(zip(leaves, self.slots)):
+      leaf = np.asarray(leaf)
+      if leaf.shape != self.shapes[i] or leaf.dtype != self.dtypes[i]:
+        raise ValueError(f'FlatLayout.pack: array {i} is {leaf.dtype}{list(leaf.shape)}, the '
+                         f'layout says {self.dtypes[i]}{list(self.shapes[i])}.')
+      parts[b].append(leaf.ravel())
+    return [np.concatenate(p) if len(p) > 1 else p[0] for p in parts]
+
+  def unpack(self, buffers: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The leaves as views into ``buffers`` (as `pack` returns them)."""
+    return [buffers[b][start:stop].reshape(shape)
+            for (b, start, stop), shape in zip(self.slots, self.shapes)]
+
+  def nbytes(self) -> int:
+    return sum(n * d.itemsize for n, d in zip(self.buffer_sizes, self.buffer_dtypes))
 
 
 @dataclasses.dataclass
