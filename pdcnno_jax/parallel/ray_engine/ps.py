@@ -6,9 +6,10 @@ read for clock c returns parameters that include every update stamped <= c - s -
 worker, the reader's own (it pushes before it reads, in the same call), possibly newer ones;
 s = 0 is BSP, s = None ASP. A read that must wait is answered with the parameters at the moment
 the bound is met, so under BSP it holds exactly the updates through c - 1. A shard keeps its
-leaves packed in one flat buffer per dtype (`transport.FlatLayout`): a push and a reply are one
-array each, whatever the number of leaves. Buffers are never changed in place (``p = p + d``),
-so a reply is a consistent snapshot while later pushes arrive.
+small leaves packed in one flat buffer per dtype, its large ones flat on their own
+(`transport.FlatLayout`): a push and a reply of a small model are one array each. Buffers are
+never changed in place (``p = p + d``), so a reply is a consistent snapshot while later pushes
+arrive.
 
 Exactly once: a shard applies worker k's clocks in order and ignores a clock it has applied
 (a restarted worker or a re-send). Every ``ps_snapshot_every_clocks`` clocks of all workers it
@@ -169,7 +170,7 @@ class ParameterShard:
     Args:
       worker: the pushing worker.
       clock: the clock of ``delta``.
-      delta: the delta packed by this shard's `layout` (one flat buffer per dtype), or None.
+      delta: the delta packed by this shard's `layout` (`transport.FlatLayout`), or None.
       read_clock: the clock the parameters read are for; None: push only.
 
     Returns:

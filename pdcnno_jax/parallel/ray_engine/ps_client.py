@@ -2,11 +2,12 @@
 
 `PSClient` sends each shard (`ps.ParameterShard`) its part of the worker's delta and reads back
 its leaves in one call per shard, all shards at once: O(P) bytes per clock. Each part travels
-packed in one flat buffer per dtype (`transport.FlatLayout`), through Ray's object store or,
-when small, inline in the call (`runtime.start`), and replies are read zero-copy. The client
-keeps every delta until the shard's snapshot acknowledges it; when a shard restarted (Ray raises
-on the call in flight, or the shard asks for ``resend_from``) it re-sends the kept deltas in
-order and repeats the call, so every delta is applied exactly once.
+as a few flat buffers (`transport.FlatLayout`: small leaves packed per dtype, large ones
+alone), through Ray's object store or, when small, inline in the call (`runtime.start`), and
+replies are read zero-copy. The client keeps every delta until the shard's snapshot
+acknowledges it; when a shard restarted (Ray raises on the call in flight, or the shard asks for
+``resend_from``) it re-sends the kept deltas in order and repeats the call, so every delta is
+applied exactly once.
 
 `ClockPipeline` gives a worker the parameters of each clock. Under s >= 1 (and ASP) it prefetches:
 the read for clock c + 1 goes out with the push of clock c - 1 and is answered while clock c
