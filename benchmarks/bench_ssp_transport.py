@@ -150,8 +150,9 @@ def _lenet(clocks, workdir, staleness):
   transfer = report['transport']['transfer_seconds'] / steps
   step = sum(r['busy_s'] for r in report['per_worker']) / steps
   wait = sum(sum(w) for w in report['transport']['wait_seconds']) / steps
+  clock = sum(r['loop_s'] for r in report['per_worker']) / steps
   return dict(clocks=report['clocks'], transfer_s_per_clock=transfer, step_s=step,
-              wait_s_per_clock=wait, overhead=transfer / step)
+              wait_s_per_clock=wait, clock_s=clock, overhead=transfer / step)
 
 
 def _print_vgg(new, old, width, params, shards):
@@ -210,7 +211,7 @@ def main():
           f'transfer {1e3 * row["transfer_s_per_clock"]:.1f} ms per clock, step '
           f'{1e3 * row["step_s"]:.1f} ms: overhead {100 * row["overhead"]:.1f}% of a step '
           f'(bar: <= 10%); wait for the bound {1e3 * row["wait_s_per_clock"]:.1f} ms per clock '
-          '(not counted)')
+          f'(not counted); a whole clock {1e3 * row["clock_s"]:.1f} ms')
 
 
 if __name__ == '__main__':

@@ -35,10 +35,6 @@ import numpy as np
 from pdcnno_jax.parallel.ray_engine import transport
 
 
-def _nbytes(buffers: Sequence[np.ndarray] | None) -> int:
-  return sum(int(b.nbytes) for b in buffers) if buffers else 0
-
-
 @dataclasses.dataclass
 class PendingCall:
   """One push-and-read in flight to every shard (`PSClient.issue`)."""
@@ -111,7 +107,7 @@ class PSClient:
       if first <= clock < upto:
         ray.get(self.shards[shard].push_and_read.remote(self.worker, clock, part, None))
         self.resends += 1
-        self.log.record(sent=_nbytes(part))
+        self.log.record(sent=transport.nbytes(part))
 
   def issue(self, clock: int, delta: Sequence[np.ndarray] | None,
             read_clock: int | None) -> PendingCall:
@@ -154,8 +150,8 @@ class PSClient:
     elapsed = time.perf_counter() - start
     # The shard's wait for the bound, less the part of it this worker spent on other work.
     wait = min(max(max(r['wait_s'] for r in replies) - (start - call.issued), 0.0), elapsed)
-    self.log.record(sent=sum(_nbytes(p) for p in call.parts),
-                    received=sum(_nbytes(r['buffers']) for r in replies),
+    self.log.record(sent=sum(transport.nbytes(p) for p in call.parts),
+                    received=sum(transport.nbytes(r['buffers']) for r in replies),
                     seconds=call.issue_s + elapsed - wait)
     if new_clock or not self.wait_seconds:
       self.wait_seconds.append(wait)

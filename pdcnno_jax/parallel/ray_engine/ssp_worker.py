@@ -3,12 +3,12 @@
 Worker k at clock c trains one step on the parameters the server returned for clock c (they hold
 every update through c - s - 1, its own through c - 1) and pushes ``delta_k = (b_k / B) u_k``
 (`ssp.steps.ssp_train_step`); `ps_client.ClockPipeline` reads the parameters for clock c + 1 in
-the same call under s = 0, and prefetches them during the step under s >= 1 (and ASP). Batches are its consecutive piece of global batch c of the epoch's
-permutation, equal or proportional to the speeds measured over the first ``ssp_warmup_steps``
-clocks; `slowdown.Slowdown` injects stragglers. Every ``checkpoint_every_steps`` clocks it
-writes its optimizer and model state to ``<workdir>/ssp_worker_<k>/``; restarted by Ray after a
-crash it loads the newest one and goes on after the last clock every shard applied, so none of
-its clocks is applied twice.
+the same call under s = 0, and prefetches them during the step under s >= 1 (and ASP). Batches
+are its consecutive piece of global batch c of the epoch's permutation, equal or proportional to
+the speeds measured over the first ``ssp_warmup_steps`` clocks; `slowdown.Slowdown` injects
+stragglers. Every ``checkpoint_every_steps`` clocks it writes its optimizer and model state to
+``<workdir>/ssp_worker_<k>/``; restarted by Ray after a crash it loads the newest one and goes on
+after the last clock every shard applied, so none of its clocks is applied twice.
 """
 
 from __future__ import annotations
