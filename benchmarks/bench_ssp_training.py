@@ -38,8 +38,9 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _REPO = os.path.dirname(_HERE)
 
 
-def _scenarios(seeds: list[int], only: str) -> list[tuple[str, dict]]:
-  """(name, config overrides) of every run, in order."""
+def _scenarios(seeds: list[int], only: str,
+               stalenesses: tuple[int, ...] = (0, 3)) -> list[tuple[str, dict]]:
+  """(name, config overrides) of every run, in order (of (a), only ``stalenesses``)."""
   lenet = {'data.batch_size': 512, 'optimizer.learning_rate': 0.05,
            'optimizer.warmup_epochs': 0.25, 'optimizer.schedule': 'constant'}
   transient = {**lenet, 'num_epochs': 3, 'parallel.straggler_probability': 0.1,
@@ -47,7 +48,7 @@ def _scenarios(seeds: list[int], only: str) -> list[tuple[str, dict]]:
   runs = []
   if 'a' in only:
     for i, seed in enumerate(seeds):
-      for s in ((0, 3) if i % 2 == 0 else (3, 0)):
+      for s in [s for s in ((0, 3) if i % 2 == 0 else (3, 0)) if s in stalenesses]:
         runs.append((f'a_s{s}_seed{seed}', {**transient, 'parallel.staleness': s, 'seed': seed}))
   if 'b' in only:
     persistent = {**lenet, 'num_epochs': 1, 'parallel.straggler_probability': 0.0,
@@ -152,6 +153,7 @@ def main() -> None:
   parser.add_argument('--out_dir', default='/tmp/bench_ssp_training')
   parser.add_argument('--seeds', default='0,1,2', help='(a) one s=0 / s=3 pair per seed')
   parser.add_argument('--num_workers', type=int, default=2)
+  parser.add_argument('--stalenesses', default='0,3', help='(a) the settings run: 0,3 or one')
   parser.add_argument('--only', default='a', help='scenario letters to run: a, b or ab')
   parser.add_argument('--print_only', action='store_true',
                       help='print the figures of <out_dir>/results.json (e.g. of a cut-short run)')
@@ -178,7 +180,8 @@ def main() -> None:
   start = time.monotonic()
   results = {}
   seeds = [int(s) for s in args.seeds.split(',') if s]
-  for name, overrides in _scenarios(seeds, args.only):
+  stalenesses = tuple(int(s) for s in args.stalenesses.split(','))
+  for name, overrides in _scenarios(seeds, args.only, stalenesses):
     config = _configure(exp.config, overrides, args.num_workers)
     results[name] = report = _train_once(exp, config, os.path.join(args.out_dir, name))
     with open(os.path.join(args.out_dir, 'results.json'), 'w') as f:  # A cut-short job reports.
