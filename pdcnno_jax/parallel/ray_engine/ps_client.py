@@ -11,10 +11,11 @@ applied exactly once.
 
 `ClockPipeline` gives a worker the parameters of each clock. Under s >= 1 (and ASP) it prefetches:
 the read for clock c + 1 goes out with the push of clock c - 1 and is answered while clock c
-trains; the worker adds its own clock-c delta to that view. The shard answers the read under the
-bound of clock c + 1 (every worker's updates through c - s), so the view obeys the SSP rule for
-the clock it is used at. Under s = 0 that bound includes the clock being trained, so the push of
-clock c and the read for c + 1 are one blocking call.
+trains; the worker adds its own clock-c delta to that view where the view lacks it (a read that
+waited for its bound is answered when the bound is met, possibly after the clock-c push). The
+shard answers the read under the bound of clock c + 1 (every worker's updates through c - s),
+so the view obeys the SSP rule for the clock it is used at. Under s = 0 that bound includes the
+clock being trained, so the push of clock c and the read for c + 1 are one blocking call.
 
 Transfer seconds (`transport.TransferLog`) are the seconds a worker's clock is blocked in
 transport: issuing calls (packing, serialising), waiting for replies and adding its own delta to a
@@ -70,6 +71,8 @@ class PSClient:
     self.view_staleness: collections.Counter = collections.Counter()
     self.update_age: collections.Counter = collections.Counter()
     self.resends = 0
+    # Per shard, this worker's newest clock in the view `collect` returned last.
+    self.own_in_view: list[int] = [-1] * len(self.shards)
     self._layouts: list[transport.FlatLayout] | None = None
     self._kept: list[collections.OrderedDict[int, list[np.ndarray]]] = [
         collections.OrderedDict() for _ in self.shards]
@@ -162,6 +165,7 @@ class PSClient:
         del self._kept[shard][kept]
     if call.read_clock is None:
       return None
+    self.own_in_view = [int(r['applied'][self.worker]) for r in replies]
     self._count_staleness(call.read_clock, np.min([r['applied'] for r in replies], axis=0))
     leaves: list[Any] = [None] * self.num_leaves
     for indices, layout, reply in zip(self.assignment, self.layouts(), replies):
@@ -240,8 +244,14 @@ class ClockPipeline:
       return None
     if previous is None or previous.read_clock != clock + 1:
       raise RuntimeError(f'ClockPipeline: no read for clock {clock + 1} in flight (begin first).')
+    # It always sees its own updates: a shard whose view was taken after this push had arrived
+    # (a read that waited for its bound) holds it already; the others get it added here.
     start = time.perf_counter()
-    leaves = [np.add(v, d) for v, d in zip(view, delta)]  # It always sees its own updates.
+    leaves = list(view)
+    for own, indices in zip(self.client.own_in_view, self.client.assignment):
+      if own < clock:
+        for i in indices:
+          leaves[i] = np.add(view[i], delta[i])
     self.client.log.transfer_seconds += time.perf_counter() - start
     return leaves
 
