@@ -8,10 +8,14 @@ Measures, side by side on this machine:
     effective throughput = (bytes_sent + bytes_received) / transfer_seconds over both workers,
     and the transfer seconds per clock of one worker;
   * the old store: one set by process 0 and one get by process 1 of a ``--store_mib`` MiB random
-    payload through JAX's coordination service (`parallel/ssp/coordination.py`, 2 processes
-    joined by jax.distributed), as MiB moved per second;
-  * LeNet-5: SSP on Ray, 2 workers, 128 examples per worker, generated data: transfer seconds
-    per clock as a fraction of the compute of a step.
+    payload through the key-value store of JAX's coordination service (2 processes joined by
+    jax.distributed; the raw client's ``key_value_set_bytes`` and
+    ``blocking_key_value_get_bytes``, as the SSP store used them), as MiB moved per second;
+  * LeNet-5: SSP on Ray, 2 workers, 1 shard, 128 examples per worker, generated data, s = 3
+    (the read for the next clock is prefetched during the step) and s = 0 (BSP: it cannot be):
+    overhead = transfer seconds per clock / compute seconds of a step. Transfer seconds are
+    the seconds a worker's clock is blocked in transport and not waiting for the staleness bound
+    (`ps_client`'s definition; the bound's waits are reported apart, per clock).
 
 Bars (issue #15): Ray PS >= 500 MiB/s, <= 0.4 s of transfer per clock for VGG-16, LeNet-5
 overhead <= 10% of a step. Prints the figures, their ratios and os.getloadavg() (the machine may
@@ -19,6 +23,7 @@ be shared: run it on a quiet one).
 
 Usage:
   python benchmarks/bench_ssp_transport.py [--clocks=10] [--store_mib=64] [--shards=1]
+      [--lenet_clocks=40] [--lenet_repeats=2] [--only=store,vgg,lenet]
   python benchmarks/bench_ssp_transport.py --quick   # VGG-16 at width 0.25, 4 MiB, few clocks
 """
 
@@ -86,26 +91,30 @@ def _ray_ps(ray, leaves, clocks, num_shards, workdir):
 
 
 def _store_worker(args):
-  """One process of the old-store measurement (``--process_id``)."""
+  """One process of the old-store measurement (``--process_id``): JAX's raw key-value client."""
+  import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from pdcnno_jax.parallel.ssp import coordination  # pylint: disable=g-import-not-at-top
-  coordination.initialize(f'127.0.0.1:{args.port}', 2, args.process_id, heartbeat_timeout_s=60)
-  store = coordination.CoordinationStore()
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  jax.distributed.initialize(f'127.0.0.1:{args.port}', 2, args.process_id,
+                             heartbeat_timeout_seconds=60)
+  client = distributed.global_state.client
   payload = np.random.default_rng(0).bytes(args.store_mib * 2**20)
-  store.barrier('bench_start', 300.0, [0, 1])
+  timeout_ms = 300_000
+  client.wait_at_barrier('bench_start', timeout_ms, [0, 1])
   start = time.perf_counter()
   if args.process_id == 0:
-    store.set('bench/payload', payload)
-    store.barrier('bench_set', 300.0, [0, 1])
+    client.key_value_set_bytes('bench/payload', payload)
+    client.wait_at_barrier('bench_set', timeout_ms, [0, 1])
     seconds = time.perf_counter() - start
   else:
-    store.barrier('bench_set', 300.0, [0, 1])
+    client.wait_at_barrier('bench_set', timeout_ms, [0, 1])
     start = time.perf_counter()
-    got = store.get('bench/payload', 300.0)
+    got = client.blocking_key_value_get_bytes('bench/payload', timeout_ms)
     seconds = time.perf_counter() - start
     assert len(got) == len(payload)
   print('RESULT ' + json.dumps({'seconds': seconds}), flush=True)
-  coordination.shutdown(store)
+  client.wait_at_barrier('bench_done', timeout_ms, [0, 1])
+  jax.distributed.shutdown()
 
 
 def _old_store(store_mib):
@@ -124,12 +133,13 @@ def _old_store(store_mib):
   return dict(mib=store_mib, set_s=set_s, get_s=get_s, mib_per_s=2 * store_mib / (set_s + get_s))
 
 
-def _lenet(clocks, workdir):
-  """SSP on Ray for LeNet-5, 2 workers x 128 examples: transfer per clock vs a step."""
+def _lenet(clocks, workdir, staleness):
+  """SSP on Ray for LeNet-5, 2 workers x 128 examples, 1 shard: transfer per clock vs a step."""
   from pdcnno_jax.parallel.ray_engine import ssp_driver  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.testing import experiments  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.train import sharding  # pylint: disable=g-import-not-at-top
-  config = experiments.mapreduce_config(mode='ssp', engine='ray', num_workers=2, staleness=3)
+  config = experiments.mapreduce_config(mode='ssp', engine='ray', num_workers=2,
+                                        staleness=staleness)
   config.data.batch_size = 256
   config.num_epochs = 1
   config.checkpoint_every_steps = 0
@@ -139,8 +149,24 @@ def _lenet(clocks, workdir):
   steps = sum(r['steps'] for r in report['per_worker'])
   transfer = report['transport']['transfer_seconds'] / steps
   step = sum(r['busy_s'] for r in report['per_worker']) / steps
+  wait = sum(sum(w) for w in report['transport']['wait_seconds']) / steps
+  clock = sum(r['loop_s'] for r in report['per_worker']) / steps
   return dict(clocks=report['clocks'], transfer_s_per_clock=transfer, step_s=step,
-              overhead=transfer / step)
+              wait_s_per_clock=wait, clock_s=clock, overhead=transfer / step)
+
+
+def _print_vgg(new, old, width, params, shards):
+  if new:
+    print(f'\nvgg16 width {width}: {params:,} params ({4 * params / 2**20:.1f} MiB float32)')
+    print(f'  Ray PS ({shards} shard(s), 2 workers, {new["clocks"]} clocks): '
+          f'{new["mib_per_s"]:.0f} MiB/s, {new["transfer_s_per_clock"]:.3f} s transfer per '
+          f'clock ({new["mib_per_clock"]:.0f} MiB pushed + pulled per worker)   bars: '
+          '>= 500 MiB/s, <= 0.4 s')
+  if old:
+    print(f'  old coordination store ({old["mib"]} MiB): set {old["set_s"]:.2f} s + get '
+          f'{old["get_s"]:.2f} s = {old["mib_per_s"]:.1f} MiB/s')
+  if new and old:
+    print(f'  ratio Ray PS / old store: {new["mib_per_s"] / old["mib_per_s"]:.1f}x')
 
 
 def main():
@@ -148,6 +174,10 @@ def main():
   parser.add_argument('--clocks', type=int, default=10)
   parser.add_argument('--store_mib', type=int, default=64)
   parser.add_argument('--shards', type=int, default=1)
+  parser.add_argument('--lenet_clocks', type=int, default=40)
+  parser.add_argument('--lenet_repeats', type=int, default=2,
+                      help='LeNet-5 (s=3, s=0) pairs, in A B A B order')
+  parser.add_argument('--only', default='store,vgg,lenet', help='parts to run')
   parser.add_argument('--quick', action='store_true')
   parser.add_argument('--process_id', type=int, default=None)
   parser.add_argument('--port', type=int, default=None)
@@ -156,34 +186,32 @@ def main():
     _store_worker(args)
     return
   if args.quick:
-    args.clocks, args.store_mib = 3, 4
+    args.clocks, args.store_mib, args.lenet_clocks, args.lenet_repeats = 3, 4, 4, 1
+  parts = set(args.only.split(','))
   from pdcnno_jax.parallel.ray_engine import runtime  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.testing import config as config_testing  # pylint: disable=g-import-not-at-top
   print(f'load average (1, 5, 15 min) at start: {os.getloadavg()}')
-  old = _old_store(args.store_mib)
+  old = _old_store(args.store_mib) if 'store' in parts else None
   config = config_testing.default_config()
   config.parallel.ps_shards = args.shards
   ray = runtime.start(config)
   width = 0.25 if args.quick else 1.0
   leaves = _vgg_leaves(width)
+  lenet = []
   with tempfile.TemporaryDirectory() as workdir:
-    new = _ray_ps(ray, leaves, args.clocks, args.shards, workdir)
-    lenet = _lenet(4 if args.quick else 40, workdir)
+    new = _ray_ps(ray, leaves, args.clocks, args.shards, workdir) if 'vgg' in parts else None
+    for _ in range(args.lenet_repeats if 'lenet' in parts else 0):
+      for staleness in (3, 0):
+        lenet.append((staleness, _lenet(args.lenet_clocks, workdir, staleness)))
   runtime.stop()
-  params = sum(x.size for x in leaves)
   print(f'load average (1, 5, 15 min) at end: {os.getloadavg()}')
-  print(f'\nvgg16 width {width}: {params:,} params ({4 * params / 2**20:.1f} MiB float32)')
-  print(f'  Ray PS ({args.shards} shard(s), 2 workers, {new["clocks"]} clocks): '
-        f'{new["mib_per_s"]:.0f} MiB/s, {new["transfer_s_per_clock"]:.3f} s transfer per '
-        f'clock ({new["mib_per_clock"]:.0f} MiB pushed + pulled per worker)   bars: >= 500 MiB/s, '
-        '<= 0.4 s')
-  print(f'  old coordination store ({old["mib"]} MiB): set {old["set_s"]:.2f} s + get '
-        f'{old["get_s"]:.2f} s = {old["mib_per_s"]:.1f} MiB/s')
-  print(f'  ratio Ray PS / old store: {new["mib_per_s"] / old["mib_per_s"]:.1f}x')
-  print(f'\nlenet5, 2 workers x 128 examples, {lenet["clocks"]} clocks: transfer '
-        f'{1e3 * lenet["transfer_s_per_clock"]:.1f} ms per clock, step '
-        f'{1e3 * lenet["step_s"]:.1f} ms: overhead {100 * lenet["overhead"]:.1f}% of a step '
-        '(bar: <= 10%)')
+  _print_vgg(new, old, width, sum(x.size for x in leaves), args.shards)
+  for staleness, row in lenet:
+    print(f'\nlenet5 s={staleness}, 2 workers x 128 examples, 1 shard, {row["clocks"]} clocks: '
+          f'transfer {1e3 * row["transfer_s_per_clock"]:.1f} ms per clock, step '
+          f'{1e3 * row["step_s"]:.1f} ms: overhead {100 * row["overhead"]:.1f}% of a step '
+          f'(bar: <= 10%); wait for the bound {1e3 * row["wait_s_per_clock"]:.1f} ms per clock '
+          f'(not counted); loop {1e3 * row["clock_s"]:.1f} ms per clock (with compilation)')
 
 
 if __name__ == '__main__':

@@ -32,3 +32,33 @@ def test_timed_records_the_body():
     pass
   assert log.bytes_sent == 10 and log.transfers == 1 and log.transfer_seconds >= 0.0
   assert transport.TransferLog().as_dict()['mib_per_s'] is None
+
+
+def test_flat_layout_packs_one_buffer_per_dtype_and_unpacks_views():
+  rng = np.random.default_rng(0)
+  leaves = [rng.standard_normal((3, 4)).astype(np.float32), np.arange(5, dtype=np.int32),
+            np.float32(2.5) * np.ones((), np.float32), rng.standard_normal(7).astype(np.float32)]
+  layout = transport.FlatLayout(leaves)
+  buffers = layout.pack(leaves)
+  assert [(b.dtype, b.shape) for b in buffers] == [(np.float32, (20,)), (np.int32, (5,))]
+  assert layout.nbytes() == sum(x.nbytes for x in leaves)
+  back = layout.unpack(buffers)
+  for got, want in zip(back, leaves):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    assert any(np.shares_memory(got, b) for b in buffers)  # A view, not a copy.
+  with pytest.raises(ValueError, match=r'array 1 is int64\[5\]'):
+    layout.pack([leaves[0], np.arange(5), leaves[2], leaves[3]])
+  with pytest.raises(ValueError, match='3 arrays for a layout of 4'):
+    layout.pack(leaves[:3])
+
+
+def test_flat_layout_sends_large_leaves_alone_without_a_copy():
+  leaves = [np.ones(4, np.float32), np.arange(64, dtype=np.float32).reshape(8, 8),
+            np.zeros(3, np.float32)]
+  layout = transport.FlatLayout(leaves, alone_from_bytes=256)  # The 8x8 leaf is 256 bytes.
+  buffers = layout.pack(leaves)
+  assert [b.shape for b in buffers] == [(7,), (64,)]
+  assert np.shares_memory(buffers[1], leaves[1])
+  for got, want in zip(layout.unpack(buffers), leaves):
+    np.testing.assert_array_equal(got, want)

@@ -5,8 +5,11 @@ leaves. A shard applies pushed deltas and serves reads under the SSP rule (Ho et
 read for clock c returns parameters that include every update stamped <= c - s - 1 from every
 worker, the reader's own (it pushes before it reads, in the same call), possibly newer ones;
 s = 0 is BSP, s = None ASP. A read that must wait is answered with the parameters at the moment
-the bound is met, so under BSP it holds exactly the updates through c - 1. Leaves are never
-changed in place (``p = p + d``), so a reply is a consistent snapshot while later pushes arrive.
+the bound is met, so under BSP it holds exactly the updates through c - 1. A shard keeps its
+small leaves packed in one flat buffer per dtype, its large ones flat on their own
+(`transport.FlatLayout`): a push and a reply of a small model are one array each. Buffers are
+never changed in place (``p = p + d``), so a reply is a consistent snapshot while later pushes
+arrive.
 
 Exactly once: a shard applies worker k's clocks in order and ignores a clock it has applied
 (a restarted worker or a re-send). Every ``ps_snapshot_every_clocks`` clocks of all workers it
@@ -85,7 +88,9 @@ class ParameterShard:
     self.snapshot_every = int(snapshot_every)
     self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
     self.kill_after = 0 if self.restarted else int(kill_after_pushes)
-    self.leaves = [np.asarray(x) for x in leaves]  # Read-only is fine: never changed in place.
+    self.layout = transport.FlatLayout(leaves)
+    # Read-only buffers are fine: they are never changed in place.
+    self.buffers = self.layout.pack([np.asarray(x) for x in leaves])
     self.applied = np.full(num_workers, -1, np.int64)
     self.speeds = np.full(num_workers, np.nan)
     if self.restarted or resume:
@@ -109,7 +114,7 @@ class ParameterShard:
     if not os.path.exists(path):
       return  # Killed before its first snapshot: the workers re-send everything.
     with np.load(path, allow_pickle=False) as snap:
-      self.leaves = [np.array(snap[f'leaf_{i}']) for i in range(len(self.leaves))]
+      self.buffers = self.layout.pack([snap[f'leaf_{i}'] for i in range(len(self.layout.shapes))])
       self.applied = np.array(snap['applied'])
       self.speeds = np.array(snap['speeds'])
 
@@ -117,21 +122,24 @@ class ParameterShard:
     path = os.path.join(self.directory, SNAPSHOT_NAME)
     tmp = f'{path}.tmp.npz'
     np.savez(tmp, applied=self.applied, speeds=self.speeds,
-             **{f'leaf_{i}': x for i, x in enumerate(self.leaves)})
+             **{f'leaf_{i}': x for i, x in enumerate(self.layout.unpack(self.buffers))})
     os.replace(tmp, path)
     self.acked = self.applied.copy()
     self.snapshots += 1
     self._since_snapshot = 0
 
   def _apply(self, worker: int, clock: int, delta: Sequence[np.ndarray]) -> bool:
-    """Applies one delta unless it is a duplicate; False: clocks before it are missing."""
+    """Applies one packed delta unless it is a duplicate; False: clocks before it are missing."""
     last = int(self.applied[worker])
     if clock <= last:
       self.duplicates += 1  # Already applied (a re-send or a restarted worker): once only.
       return True
     if clock != last + 1:
       return False  # This shard restarted from a snapshot: the worker re-sends from last + 1.
-    self.leaves = [p + d for p, d in zip(self.leaves, delta)]
+    if [np.shape(d) for d in delta] != [(n,) for n in self.layout.buffer_sizes]:
+      raise ValueError(f'PS shard {self.shard}: worker {worker} pushed buffers of shapes '
+                       f'{[np.shape(d) for d in delta]}, expected {self.layout.buffer_sizes}.')
+    self.buffers = [p + d for p, d in zip(self.buffers, delta)]
     self.applied[worker] = clock
     self.pushes += 1
     self._since_snapshot += 1
@@ -142,8 +150,8 @@ class ParameterShard:
     return True
 
   def _view(self, wait_s: float) -> dict[str, Any]:
-    return dict(leaves=list(self.leaves), applied=self.applied.copy(), acked=self.acked.copy(),
-                wait_s=wait_s)
+    return dict(buffers=list(self.buffers), applied=self.applied.copy(),
+                acked=self.acked.copy(), wait_s=wait_s)
 
   def _wake(self) -> None:
     lowest = int(self.applied.min())
@@ -159,18 +167,24 @@ class ParameterShard:
                           read_clock: int | None) -> dict[str, Any]:
     """Applies ``delta`` (worker's clock ``clock``; None: no push), then reads for ``read_clock``.
 
+    Args:
+      worker: the pushing worker.
+      clock: the clock of ``delta``.
+      delta: the delta packed by this shard's `layout` (`transport.FlatLayout`), or None.
+      read_clock: the clock the parameters read are for; None: push only.
+
     Returns:
-      ``leaves`` (None when ``read_clock`` is None), the ``applied`` and acknowledged
-      (``acked``) clock of every worker, and ``wait_s``, the seconds the read waited for its
-      bound; with ``resend_from`` and nothing applied when this shard lacks the worker's
-      clocks from ``resend_from`` on (it restarted from a snapshot).
+      ``buffers``, the packed leaves (None when ``read_clock`` is None), the ``applied`` and
+      acknowledged (``acked``) clock of every worker, and ``wait_s``, the seconds the read
+      waited for its bound; with ``resend_from`` and nothing applied when this shard lacks the
+      worker's clocks from ``resend_from`` on (it restarted from a snapshot).
     """
     if delta is not None:
       if not self._apply(worker, clock, delta):
-        return dict(self._view(0.0), leaves=None, resend_from=int(self.applied[worker]) + 1)
+        return dict(self._view(0.0), buffers=None, resend_from=int(self.applied[worker]) + 1)
       self._wake()
     if read_clock is None:
-      return dict(self._view(0.0), leaves=None)
+      return dict(self._view(0.0), buffers=None)
     bound = read_bound(read_clock, self.staleness)
     if bound is None or bound <= int(self.applied.min()):
       return self._view(0.0)
@@ -185,6 +199,10 @@ class ParameterShard:
           f'worker to reach clock {bound} (applied {self.applied.tolist()}); raise '
           'config.parallel.ssp_timeout_s if workers are that slow.') from e
     return dict(view, wait_s=time.perf_counter() - start)
+
+  async def get_layout(self) -> transport.FlatLayout:
+    """How this shard packs its leaves (a client asks once)."""
+    return self.layout
 
   async def applied_clocks(self) -> np.ndarray:
     """The newest clock applied from each worker (a restarted or resumed worker asks)."""
@@ -207,8 +225,9 @@ class ParameterShard:
     return self.speeds.tolist()
 
   async def final(self) -> dict[str, Any]:
-    """The shard's leaves and counters at the end of the run."""
-    return dict(self._view(0.0), pushes=self.pushes, duplicates=self.duplicates,
+    """The shard's ``leaves`` (unpacked) and counters at the end of the run."""
+    return dict(self._view(0.0), leaves=self.layout.unpack(self.buffers), pushes=self.pushes,
+                duplicates=self.duplicates,
                 snapshots=self.snapshots, rejoins=self.rejoins, restarted=self.restarted)
 
   async def pid(self) -> int:

@@ -1,14 +1,14 @@
 """One SSP worker as a Ray actor: its own JAX, its piece of every global batch, its clocks.
 
 Worker k at clock c trains one step on the parameters the server returned for clock c (they hold
-every update through c - s - 1, its own through c - 1), pushes ``delta_k = (b_k / B) u_k``
-(`ssp.steps.ssp_train_step`) and reads the parameters for clock c + 1 in the same call
-(`ps_client.PSClient.step`). Batches are its consecutive piece of global batch c of the epoch's
-permutation, equal or proportional to the speeds measured over the first ``ssp_warmup_steps``
-clocks; `slowdown.Slowdown` injects stragglers. Every ``checkpoint_every_steps`` clocks it
-writes its optimizer and model state to ``<workdir>/ssp_worker_<k>/``; restarted by Ray after a
-crash it loads the newest one and goes on after the last clock every shard applied, so none of
-its clocks is applied twice.
+every update through c - s - 1, its own through c - 1) and pushes ``delta_k = (b_k / B) u_k``
+(`ssp.steps.ssp_train_step`); `ps_client.ClockPipeline` reads the parameters for clock c + 1 in
+the same call under s = 0, and prefetches them during the step under s >= 1 (and ASP). Batches
+are its consecutive piece of global batch c of the epoch's permutation, equal or proportional to
+the speeds measured over the first ``ssp_warmup_steps`` clocks; `slowdown.Slowdown` injects
+stragglers. Every ``checkpoint_every_steps`` clocks it writes its optimizer and model state to
+``<workdir>/ssp_worker_<k>/``; restarted by Ray after a crash it loads the newest one and goes on
+after the last clock every shard applied, so none of its clocks is applied twice.
 """
 
 from __future__ import annotations
@@ -79,6 +79,8 @@ class SSPWorkerActor:
     self.staleness = protocol.normalise_staleness(config.parallel.staleness)
     self.client = ps_client.PSClient(shards, assignment, me, self.staleness,
                                      float(config.parallel.ssp_timeout_s))
+    self.pipeline = ps_client.ClockPipeline(self.client, self.total_steps,
+                                            prefetch=self.staleness != 0)
     self.shard0 = shards[0]
     self.slow = slowdown.Slowdown.from_config(config.parallel, me, num_workers, seed=config.seed)
     self.sizes = batching.equal_batch_sizes(self.global_batch, num_workers, self.granularity)
@@ -145,10 +147,10 @@ class SSPWorkerActor:
     busy_s, examples, steps, saved = 0.0, 0, 0, None
     # Clock 0 trains on the starting parameters: a read could already hold a faster worker's
     # clock 0, which BSP must not see.
-    if first == 0 and not self.resume:
-      leaves = jax.tree.leaves(self.host_state.params)
-    else:
-      leaves = self.client.step(first, None, first) if first < self.total_steps else None
+    if first < self.total_steps:
+      fresh = first == 0 and not self.resume
+      leaves = self.pipeline.begin(first, jax.tree.leaves(self.host_state.params)
+                                   if fresh else None)
     loop_start = time.perf_counter()
     for clock in range(first, self.total_steps):
       if proportional and clock == warmup:
@@ -162,8 +164,9 @@ class SSPWorkerActor:
         compiled[size] = self.step_fn.lower(state, batch, weight).compile()
       (state, delta, metrics), seconds = self.slow.run(compiled[size], state, batch, weight)
       delta = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(delta))]
-      read = clock + 1 if clock + 1 < self.total_steps else None
-      leaves = self.client.step(clock, delta, read)
+      leaves = self.pipeline.advance(clock, delta)
+      if clock in (self.kill_at_clock, self.hold_at_clock):
+        self.pipeline.drain()  # Its push is applied before the hook acts.
       if clock == self.kill_at_clock:
         os.kill(os.getpid(), signal.SIGKILL)
       while clock == self.hold_at_clock:
