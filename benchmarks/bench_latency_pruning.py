@@ -69,6 +69,9 @@ _MEASUREMENTS = flags.DEFINE_integer('measurements', 64, 'prune.latency_measurem
 _STEP = flags.DEFINE_float('step', 0.125, 'prune.latency_step.')
 _CACHE_DIR = flags.DEFINE_string('cache_dir', '', "prune.latency_cache_dir ('' = default).")
 _PARTS = flags.DEFINE_list('parts', ['lenet', 'vgg'], 'Which parts to run.')
+_LENET_RUNS = flags.DEFINE_list(
+    'lenet_runs', [], "LeNet runs to do (empty: all): dense, latency, macs_<t>x. With a fixed "
+    '--workdir_root a run resumes its workdir, so runs can be split over several invocations.')
 _QUICK = flags.DEFINE_bool('quick', False, 'Smoke: seed 0, 1 epoch, MAC target 4, small VGG.')
 
 MIN_LENET_SPEEDUP, MIN_VGG_SPEEDUP = 2.5, 1.9
@@ -133,6 +136,8 @@ def run_lenet(root: str) -> list[dict[str, Any]]:
   dense_epochs = epochs + math.ceil(base.pretrain_epochs * base.pretrain_fraction)
   runs = [('dense', None, 0.0, dense_epochs), ('latency', 'latency', _LENET_SPEEDUP.value, epochs)]
   runs += [(f'macs_{t:g}x', 'global_macs', t, epochs) for t in macs]
+  if _LENET_RUNS.value:
+    runs = [run for run in runs if run[0] in _LENET_RUNS.value]
   rows = []
   for seed in seeds:
     for name, selection, target, run_epochs in runs:
@@ -197,6 +202,8 @@ def print_lenet(rows: list[dict[str, Any]]) -> dict[str, bool]:
   verdicts = {}
   for seed in sorted({r['seed'] for r in rows}):
     by = {r['run']: r for r in rows if r['seed'] == seed}
+    if 'latency' not in by or 'dense' not in by:
+      continue
     lat, dense = by['latency'], by['dense']
     matched = [r for r in rows if r['seed'] == seed and r['run'].startswith('macs_')
                and (r['measured_speedup'] or 0) >= lat['measured_speedup']]
