@@ -11,7 +11,10 @@ compacted ones (``--widths``: conv1, conv2[, fc1]):
 3. conv1 alone at output widths ``--conv1_widths``;
 4. the fixed floor: a trivial jitted function of the same uint8 batch (its sum), i.e. the
    dispatch and synchronisation cost that no pruning removes;
-5. the whole eval step for every ``--networks`` width triple, as a speed-up over the dense one.
+5. the whole eval step for every ``--networks`` width triple, as a speed-up over the dense one;
+6. the same forward pass written out in jax.lax ops, with conv1 either as XLA's convolution or
+   as image patches times a matrix (im2col), for ``--im2col_networks``: how much of conv1's
+   cost is the convolution kernel XLA picks for a one-channel input, not its width.
 
 Every group's calls are interleaved inside each repetition (pdcnno_jax.pruning.latency.median_ms),
 so load changes hit them alike; times are medians in ms.
@@ -47,6 +50,8 @@ _NETWORKS = flags.DEFINE_list(
     'networks', ['20-50-500', '20-4-500', '20-4-250', '20-4-100', '20-4-50', '20-4-20',
                  '20-4-10', '8-4-50', '4-4-20', '20-2-10'],
     'conv1-conv2-fc1 widths of whole eval steps.')
+_IM2COL = flags.DEFINE_list('im2col_networks', ['20-50-500', '20-4-500', '8-4-500', '20-2-10'],
+                            'conv1-conv2-fc1 widths of the jax.lax forward passes.')
 _JSON = flags.DEFINE_string('save_json', '', 'Also write the figures to this JSON file.')
 _STAGES = ('preprocess', 'conv1', 'pool1', 'conv2', 'pool2', 'fc1', 'fc2')
 
@@ -127,6 +132,33 @@ def conv1_widths(widths, batch, reps, inner):
   return latency.median_ms(calls, reps, warmup=2, inner=inner)
 
 
+def _lax_forward(widths, im2col):
+  """LeNet-5 Caffe's forward pass in jax.lax ops (random weights); conv1 by im2col or not."""
+  rng = np.random.default_rng(0)
+  c1, c2, f1 = widths
+  shapes = {'k1': (5, 5, 1, c1), 'k2': (5, 5, c1, c2), 'w1': (5 * 5 * c2, f1), 'w2': (f1, 10)}
+  params = {k: jnp.asarray(0.1 * rng.standard_normal(v), jnp.float32) for k, v in shapes.items()}
+  dims = ('NHWC', 'HWIO', 'NHWC')
+
+  def pool(x):
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID')
+
+  def forward(params, images):
+    x = images.astype(jnp.float32) / 255.0
+    if im2col:
+      patches = jax.lax.conv_general_dilated_patches(x, (5, 5), (1, 1), 'SAME',
+                                                     dimension_numbers=dims)
+      x = patches @ params['k1'].reshape(25, c1)
+    else:
+      x = jax.lax.conv_general_dilated(x, params['k1'], (1, 1), 'SAME', dimension_numbers=dims)
+    x = pool(jax.nn.relu(x))
+    x = jax.lax.conv_general_dilated(x, params['k2'], (1, 1), 'VALID', dimension_numbers=dims)
+    x = pool(jax.nn.relu(x)).reshape((x.shape[0], -1))
+    return jax.nn.relu(x @ params['w1']) @ params['w2']
+
+  return jax.jit(forward), params
+
+
 def _parse(spec):
   return tuple(int(w) for w in spec.split('-'))
 
@@ -156,6 +188,20 @@ def main(argv):
   print(f'\nwhole eval step (conv1-conv2-fc1), speed-up over {_NETWORKS.value[0]}:')
   for spec, ms in networks.items():
     print(f'  {spec:<12} {ms:7.3f} ms  {dense / ms:5.2f}x')
+  calls = {}
+  for spec in _IM2COL.value:
+    for im2col in (False, True):
+      fn, params = _lax_forward(_parse(spec), im2col)
+      calls[(spec, im2col)] = (fn, (params, _images(batch)))
+  lax = latency.median_ms(calls, reps, warmup=2, inner=inner)
+  result['lax_forward'] = {f'{spec}|{"im2col" if i else "conv"}': ms
+                           for (spec, i), ms in lax.items()}
+  first = _IM2COL.value[0]
+  print(f'\njax.lax forward pass, conv1 by XLA convolution | by im2col (speed-up over {first}):')
+  for spec in _IM2COL.value:
+    conv, cols = lax[(spec, False)], lax[(spec, True)]
+    print(f'  {spec:<12} {conv:7.3f} ms {lax[(first, False)] / conv:5.2f}x | {cols:7.3f} ms '
+          f'{lax[(first, True)] / cols:5.2f}x')
   if _JSON.value:
     with open(_JSON.value, 'w', encoding='utf-8') as f:
       json.dump(result, f, indent=2, default=str)
