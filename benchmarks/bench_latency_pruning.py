@@ -55,7 +55,10 @@ import run_flags  # benchmarks/run_flags.py (this directory)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Experiment seeds (LeNet part).')
-_EPOCHS = flags.DEFINE_integer('epochs', 10, 'Fine-tuning epochs (dense: + pre-training).')
+_EPOCHS = flags.DEFINE_float(
+    'epochs', 10, 'Fine-tuning epochs (dense: + pre-training). A tiny value (0.001: no step) '
+    'with a fixed --workdir_root runs the pre-training and selection only; a second invocation '
+    'with the full value resumes that workdir (the selection is timed alone, the training not).')
 _BATCH = flags.DEFINE_integer('batch_size', 128, 'Training (and timing) batch size.')
 _LENET_SPEEDUP = flags.DEFINE_float('lenet_speedup', 2.5, 'LeNet target inference speed-up.')
 _VGG = flags.DEFINE_string('vgg', 'vgg11', 'VGG configuration.')
@@ -92,14 +95,15 @@ def _prune_settings(prune: ml_collections.ConfigDict, selection: str, target: fl
     prune.target_mac_reduction = target
 
 
-def lenet_config(seed: int, selection: str | None, target: float, epochs: int):
+def lenet_config(seed: int, selection: str | None, target: float, epochs: float):
   """``configs/prune_lenet5_caffe.py`` for one run (``selection`` None: the dense model)."""
   config = config_lib.load_config(os.path.join(REPO, 'configs', 'prune_lenet5_caffe.py'))
   config.seed = seed
   config.data.data_dir = run_flags.DATA_DIR.value
   config.data.batch_size = _BATCH.value
-  config.num_epochs = epochs
-  config.eval_every_epochs = epochs
+  with config.ignore_type():  # A fractional number of epochs on default.py's int.
+    config.num_epochs = epochs
+  config.eval_every_epochs = max(1, math.ceil(epochs))
   config.checkpoint_every_steps = 10**9
   config.log_every_steps = 200
   if _QUICK.value:
