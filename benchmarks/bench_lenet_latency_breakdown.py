@@ -177,34 +177,46 @@ def main(argv):
       alone, prefix = times['alone'].get(name), times['prefix'].get(name)
       print(f'  {name:<20} {"" if alone is None else f"{alone:7.3f}":>7} '
             f'{"" if prefix is None else f"{prefix:7.3f}":>7}')
-  conv1 = conv1_widths([int(w) for w in _CONV1.value], batch, reps, inner)
-  result['conv1_alone'] = conv1
-  print('\nconv1 alone (28x28x1 -> C, 5x5 SAME, ReLU, mask): '
-        + '  '.join(f'{w}: {t:.3f}' for w, t in conv1.items()))
+  if _CONV1.value:
+    conv1 = conv1_widths([int(w) for w in _CONV1.value], batch, reps, inner)
+    result['conv1_alone'] = conv1
+    print('\nconv1 alone (28x28x1 -> C, 5x5 SAME, ReLU, mask): '
+          + '  '.join(f'{w}: {t:.3f}' for w, t in conv1.items()))
+  if _NETWORKS.value:
+    result['networks'] = networks(batch, reps, inner)
+  if _IM2COL.value:
+    result['lax_forward'] = lax_forwards(batch, reps, inner)
+  if _JSON.value:
+    with open(_JSON.value, 'w', encoding='utf-8') as f:
+      json.dump(result, f, indent=2, default=str)
+
+
+def networks(batch, reps, inner):
+  """Whole eval steps of ``--networks``, printed as speed-ups over the first."""
   calls = {spec: _eval_call(_parse(spec), batch) for spec in _NETWORKS.value}
-  networks = latency.median_ms(calls, reps, warmup=2, inner=inner)
-  result['networks'] = networks
-  dense = networks[_NETWORKS.value[0]]
+  times = latency.median_ms(calls, reps, warmup=2, inner=inner)
+  dense = times[_NETWORKS.value[0]]
   print(f'\nwhole eval step (conv1-conv2-fc1), speed-up over {_NETWORKS.value[0]}:')
-  for spec, ms in networks.items():
+  for spec, ms in times.items():
     print(f'  {spec:<12} {ms:7.3f} ms  {dense / ms:5.2f}x')
+  return times
+
+
+def lax_forwards(batch, reps, inner):
+  """The jax.lax forward passes of ``--im2col_networks``, conv1 by convolution or im2col."""
   calls = {}
   for spec in _IM2COL.value:
     for im2col in (False, True):
       fn, params = _lax_forward(_parse(spec), im2col)
       calls[(spec, im2col)] = (fn, (params, _images(batch)))
   lax = latency.median_ms(calls, reps, warmup=2, inner=inner)
-  result['lax_forward'] = {f'{spec}|{"im2col" if i else "conv"}': ms
-                           for (spec, i), ms in lax.items()}
   first = _IM2COL.value[0]
   print(f'\njax.lax forward pass, conv1 by XLA convolution | by im2col (speed-up over {first}):')
   for spec in _IM2COL.value:
     conv, cols = lax[(spec, False)], lax[(spec, True)]
     print(f'  {spec:<12} {conv:7.3f} ms {lax[(first, False)] / conv:5.2f}x | {cols:7.3f} ms '
           f'{lax[(first, True)] / cols:5.2f}x')
-  if _JSON.value:
-    with open(_JSON.value, 'w', encoding='utf-8') as f:
-      json.dump(result, f, indent=2, default=str)
+  return {f'{spec}|{"im2col" if i else "conv"}': ms for (spec, i), ms in lax.items()}
 
 
 if __name__ == '__main__':
