@@ -124,7 +124,8 @@ class SearchResult:
     latency: their measured latency (dense = 1).
     reached: whether that latency reaches the target.
     points: every point the search measured or looked up: widths key -> (widths, latency).
-    stopped: why the search stopped: ``'target'``, ``'budget'`` or ``'no faster width'``.
+    stopped: why the search stopped: ``'target'``, ``'budget'``, ``'no faster width'`` or
+      ``'confirmation'`` (every point that reached the target missed it, measured again).
     confirmed: widths keys of the points measured again by the :class:`Confirm`.
   """
 
