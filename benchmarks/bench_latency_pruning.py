@@ -27,7 +27,7 @@ Network measurements are cached under ``--cache_dir`` (a second run only checks 
 Measured (quiet machine, load 2.5-3.3; ``--parts=vgg --step=0.25 --measurements=96
 --mac_targets=4``): VGG-11 x0.5, batch 64, training step: the latency rule keeps every layer but
 features.6 (256 -> 155 maps), 1.05x fewer MACs, search's confirmed estimate 2.21x, measured 2.29x
-(24 networks measured, 319 s); the 4x MAC rule measures 4.72x. The dense network's features.6
+(22 networks and 2 confirmations measured, 319 s); the 4x MAC rule measures 4.72x. The dense network's features.6
 (256 maps at 2x2) is a slow XLA:CPU shape: cut to 224 / 192 / 155 / 128 maps alone it gives
 1.52 / 1.70 / 2.10 / 2.09x, the same cut of features.5 or features.7 1.34 / 1.38x.
 

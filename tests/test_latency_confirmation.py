@@ -119,6 +119,8 @@ def test_confirmed_prediction_matches_the_check_and_a_second_run_is_free(tmp_pat
     assert error == pytest.approx(0.0) and first['target_reached']
     assert first['checks'][-1]['confirmed']
     assert second['widths'] == first['widths'] and second['table_measured'] == 0
+    assert first['confirmation_measurements'] >= 2 and second['confirmation_measurements'] == 0
+    assert first['table_entries'] >= first['table_measured']  # Each network measured once.
     assert timed[calls:] == [['compacted', 'dense']]  # Confirmations come from the cache.
   else:
     assert error > 0.05  # The winner's curse.

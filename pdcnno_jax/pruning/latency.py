@@ -257,7 +257,8 @@ class NetworkLatency:
     cache: where measurements are kept; ``prefix`` (context and architecture) starts each key.
     budget: fresh measurements allowed.
     confirmations: fresh measurements of a confirmed network.
-    measured, seconds: fresh measurements made so far and the seconds they took.
+    measured, seconds: fresh measurements made so far (``confirmation_measurements`` of
+      them confirmations) and the seconds they took.
     log: one record per network looked up (widths, speed-up, whether from the cache).
   """
 
@@ -270,6 +271,7 @@ class NetworkLatency:
   budget: int
   confirmations: int = 2
   measured: int = 0
+  confirmation_measurements: int = 0
   seconds: float = 0.0
   log: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   fresh: set[str] = dataclasses.field(default_factory=set)
@@ -333,6 +335,7 @@ class NetworkLatency:
     while len(samples) < self.confirmations and self.measured < self.budget:
       dense_ms, candidate_ms = self.verify(widths)
       self.measured += 1
+      self.confirmation_measurements += 1
       samples.append(candidate_ms / dense_ms)
     if not samples:
       return None
@@ -450,7 +453,10 @@ class LatencySelector:
             'target_reached': bool(chosen) and chosen['measured_speedup'] >= self.target_speedup,
             'measurements': [] if network is None else list(network.log),
             'table_entries': 0 if network is None else len(network.log),
-            'table_measured': 0 if network is None else network.measured,
+            'table_measured': 0 if network is None else (
+                network.measured - network.confirmation_measurements),
+            'confirmation_measurements': 0 if network is None else (
+                network.confirmation_measurements),
             'table_seconds': 0.0 if network is None else network.seconds,
             'max_measurements': int(self.max_measurements),
             'step_fraction': float(self.step_fraction)}
