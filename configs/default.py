@@ -122,6 +122,9 @@ def get_config() -> ml_collections.ConfigDict:
   # measures one candidate per prunable layer.
   config.prune.latency_measurements = 64
   config.prune.latency_step = 0.125  # latency: fraction of a layer's width cut per candidate.
+  # latency: fresh measurements of the chosen network that replace its (best-of-many, so
+  # optimistic) search measurement; the choice is made again on the confirmed figures.
+  config.prune.latency_confirmations = 2
 
   # --- diagnostics (pdcnno_jax/diagnostics) ---
   config.diagnostics = ml_collections.ConfigDict()

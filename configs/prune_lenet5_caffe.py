@@ -41,6 +41,20 @@ recipe (FMP 90.77% after fine-tuning) came from a pre-trained model whose pruned
 and no longer stand. The compacted model's inference is 1.6x-2.5x faster than
 the masked one depending on batch size and load: XLA's CPU convolutions do not scale with
 channel count for these tiny layers (``benchmarks/bench_conv_widths.py``).
+
+Latency-targeted selection (``--config.prune.selection=latency --config.prune.target_speedup=2.5``,
+inference at batch 128; ``benchmarks/bench_latency_pruning.py --parts=lenet --lenet_runs=latency
+--epochs=0.001``, quiet machine, load 2.3-2.7): seeds 0-2 all keep (conv1, conv2) = (20, 2),
+6.75x fewer MACs, search's confirmed estimate 1.80x, measured 1.81 / 1.87 / 1.87x (estimate within
+4%), stopped: no faster width. 2.5x is out of reach of channel (and fc-unit) pruning on
+XLA:CPU. ``benchmarks/bench_lenet_latency_breakdown.py`` (two quiet runs, load 2.4 and 3.2-4.2)
+times the dense eval step at 8.0 / 6.0 ms, so 2.5x needs 3.2 / 2.4 ms in all, but conv1 + pool1
+alone take 3.0 / 2.1 ms at width 20 and conv1 alone takes 3.4-4.4 / 2.3-3.1 ms at every width
+from 4 to 20 (XLA's one-input-channel convolution does not get faster when narrower; written as
+im2col it is slower still). At (20, 4) the fc layers add 0.0-0.1 ms (prefix to pool2 vs logits);
+fc1 cut from 500 to 10 units moves the whole network from 1.62-1.64x to 1.69-1.86x, and the
+fastest network measured, (20, 2, fc1 10), is 1.91 / 1.94x. The fixed floor (a jitted sum of the
+batch) is 0.10 ms.
 """
 
 from pdcnno_jax import config_lib

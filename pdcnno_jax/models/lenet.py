@@ -41,17 +41,22 @@ class LeNet5(nnx.Module):
     variant: ``'lenet5'`` or ``'lenet5_caffe'``.
     width_multiplier: scales every hidden width.
     conv_widths: explicit conv widths (used by compaction), overriding the variant's.
+    fc_widths: explicit hidden fc widths, overriding the variant's (latency benchmarks).
     rngs: NNX random streams.
   """
 
   def __init__(self, num_classes: int, input_shape: tuple[int, int, int], *,
                rngs: nnx.Rngs, variant: str = 'lenet5', width_multiplier: float = 1.0,
-               conv_widths: tuple[int, int] | None = None):
+               conv_widths: tuple[int, int] | None = None,
+               fc_widths: tuple[int, ...] | None = None):
     if variant not in _VARIANTS:
       raise ValueError(f'Unknown LeNet variant {variant!r}; choose from {sorted(_VARIANTS)}.')
     base_conv, base_fc = _VARIANTS[variant]
     conv_widths = tuple(conv_widths or (_scaled(w, width_multiplier) for w in base_conv))
-    fc_widths = tuple(_scaled(w, width_multiplier) for w in base_fc)
+    fc_widths = tuple(fc_widths or (_scaled(w, width_multiplier) for w in base_fc))
+    if len(fc_widths) != len(base_fc):
+      raise ValueError(f'LeNet variant {variant!r} has {len(base_fc)} hidden fc layers, got '
+                       f'fc_widths={fc_widths}.')
     height, width, channels = input_shape
     self.variant = variant
     self.width_multiplier = width_multiplier

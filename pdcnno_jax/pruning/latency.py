@@ -247,6 +247,8 @@ class NetworkLatency:
   A fresh measurement times the dense network, the candidate and (when given and not the
   dense network) the current point side by side; the candidate's latency is its median over
   the dense network's. Known candidates (this run, or the cache) cost nothing.
+  :meth:`confirm` measures a chosen network ``confirmations`` times more, afresh, and its
+  latency becomes the median of those (the cache keeps them, so a second run confirms free).
 
   Attributes:
     build: widths -> the compacted ``(graphdef, state)`` at those widths.
@@ -254,7 +256,9 @@ class NetworkLatency:
     dense: the unpruned network, and ``full`` its widths (latency 1 by definition).
     cache: where measurements are kept; ``prefix`` (context and architecture) starts each key.
     budget: fresh measurements allowed.
-    measured, seconds: fresh measurements made so far and the seconds they took.
+    confirmations: fresh measurements of a confirmed network.
+    measured, seconds: fresh measurements made so far (``confirmation_measurements`` of
+      them confirmations) and the seconds they took.
     log: one record per network looked up (widths, speed-up, whether from the cache).
   """
 
@@ -265,7 +269,9 @@ class NetworkLatency:
   cache: MeasurementCache
   prefix: str
   budget: int
+  confirmations: int = 2
   measured: int = 0
+  confirmation_measurements: int = 0
   seconds: float = 0.0
   log: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   fresh: set[str] = dataclasses.field(default_factory=set)
@@ -318,9 +324,35 @@ class NetworkLatency:
             'reference_latency': reference_latency, 'dense_ms': float(times['dense']),
             'candidate_ms': float(times['candidate'])}
 
+  def confirm(self, widths: Widths) -> float | None:
+    """The median latency of ``confirmations`` fresh measurements of ``widths`` (with the
+    dense network alongside), or None when the budget allows none."""
+    if widths == self.full:
+      return 1.0
+    key = latency_search.widths_key(widths)
+    record = dict(self.cache.get(f'{self.prefix}|{key}') or {})
+    samples = list(record.get('confirmations', ()))
+    while len(samples) < self.confirmations and self.measured < self.budget:
+      dense_ms, candidate_ms = self.verify(widths)
+      self.measured += 1
+      self.confirmation_measurements += 1
+      samples.append(candidate_ms / dense_ms)
+    if not samples:
+      return None
+    if samples != record.get('confirmations'):
+      record.setdefault('first_latency', record.get('latency'))
+      record.update(confirmations=samples, latency=float(statistics.median(samples)))
+      self.cache.put(f'{self.prefix}|{key}', record)
+    for entry in self.log:
+      if entry['widths'] == widths:
+        entry.update(speedup=1.0 / record['latency'], confirmed=True)
+    return record['latency']
+
   def verify(self, widths: Widths) -> tuple[float, float]:
     """``(dense_ms, compacted_ms)`` of the network at ``widths``, measured now."""
+    start = time.perf_counter()
     times = self.timer({'dense': self.dense, 'compacted': self.model(widths)})
+    self.seconds += time.perf_counter() - start
     return float(times['dense']), float(times['compacted'])
 
 
@@ -335,6 +367,8 @@ class LatencySelector:
     cache: measured latencies; ``prefix`` (context and architecture) starts each key.
     max_measurements: fresh end-to-end measurements the search may make.
     step_fraction: channels cut per proposal, as a fraction of the layer's width.
+    confirmations: fresh measurements of the chosen network that replace its search
+      measurement (0: none; see :func:`latency_search.greedy_search`).
   """
 
   graphdef: nnx.GraphDef
@@ -345,6 +379,7 @@ class LatencySelector:
   prefix: str
   max_measurements: int
   step_fraction: float
+  confirmations: int = 2
   target_speedup: float = 1.0
   network: NetworkLatency | None = None
   history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
@@ -359,16 +394,17 @@ class LatencySelector:
     full = {spec.name: spec.out_channels
             for spec in masking.prunable_specs(state_lib.merge_model(graphdef, state))}
     return NetworkLatency(build, self.timer, (graphdef, state), full, self.cache,
-                          self.prefix, int(self.max_measurements))
+                          self.prefix, int(self.max_measurements), int(self.confirmations))
 
   def select(self, scores: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray], *,
              target_speedup: float, min_channels: int) -> Masks:
     """New masks whose measured speed-up over the dense model reaches ``target_speedup``.
 
-    When the chosen network, measured again, misses the target, the search continues from
-    that measured point once. Short of the target (budget spent, or no narrower width
-    measures faster), the fastest measured point is kept and ``report()['target_reached']``
-    is False (logged).
+    The search's choice is confirmed by fresh measurements (``confirmations``); when the
+    chosen network, measured once more for the report, misses the target, the search
+    continues from that measured point once. Short of the target (budget spent, or no
+    narrower width measures faster), the fastest measured point is kept and
+    ``report()['target_reached']`` is False (logged).
     """
     if not target_speedup >= 1:
       raise ValueError(f'prune.target_speedup must be >= 1 (dense / pruned latency), got '
@@ -382,16 +418,18 @@ class LatencySelector:
     for _ in range(2):
       result = latency_search.greedy_search(
           costs, network, target_speedup=target_speedup, min_channels=min_channels,
-          step_fraction=self.step_fraction, start=start, start_latency=start_latency)
+          step_fraction=self.step_fraction, start=start, start_latency=start_latency,
+          confirm=network.confirm if self.confirmations > 0 else None)
       dense_ms, compacted_ms = network.verify(result.widths)
       self.history.append({'widths': dict(result.widths), 'predicted_speedup':
                            1.0 / result.latency, 'measured_speedup': dense_ms / compacted_ms,
                            'dense_ms': dense_ms, 'compacted_ms': compacted_ms,
-                           'stopped': result.stopped})
+                           'stopped': result.stopped, 'confirmed': list(result.confirmed)})
       logging.info('Latency selection: widths %s, searched %.3gx, measured %.3gx (target '
                    '%.3gx), %d networks measured', result.widths, 1.0 / result.latency,
                    dense_ms / compacted_ms, target_speedup, network.measured)
-      if dense_ms / compacted_ms >= target_speedup or not result.reached:
+      if dense_ms / compacted_ms >= target_speedup or result.stopped not in (
+          'target', 'confirmation'):
         break
       start, start_latency = result.widths, compacted_ms / dense_ms
     reached = [h for h in self.history if h['measured_speedup'] >= target_speedup]
@@ -415,7 +453,10 @@ class LatencySelector:
             'target_reached': bool(chosen) and chosen['measured_speedup'] >= self.target_speedup,
             'measurements': [] if network is None else list(network.log),
             'table_entries': 0 if network is None else len(network.log),
-            'table_measured': 0 if network is None else network.measured,
+            'table_measured': 0 if network is None else (
+                network.measured - network.confirmation_measurements),
+            'confirmation_measurements': 0 if network is None else (
+                network.confirmation_measurements),
             'table_seconds': 0.0 if network is None else network.seconds,
             'max_measurements': int(self.max_measurements),
             'step_fraction': float(self.step_fraction)}
@@ -425,11 +466,13 @@ def build_selector(graphdef: nnx.GraphDef, state: state_lib.TrainState, *,
                    end_to_end: EndToEndTimer,
                    compact: Callable[[nnx.GraphDef, state_lib.TrainState], Model],
                    cache_path: str | None, context: str, max_measurements: int,
-                   step_fraction: float) -> LatencySelector:
+                   step_fraction: float, confirmations: int = 2) -> LatencySelector:
   """A :class:`LatencySelector` for the model; measurements are keyed by ``context`` (batch,
   target), the model's :func:`architecture_key` and the widths, in ``cache_path``."""
   if not 0 < float(step_fraction) <= 1:
     raise ValueError(f'prune.latency_step must be in (0, 1], got {step_fraction}.')
+  if int(confirmations) < 0:
+    raise ValueError(f'prune.latency_confirmations must be >= 0, got {confirmations}.')
   prefix = f'{context}|{architecture_key(state_lib.merge_model(graphdef, state))}'
   return LatencySelector(graphdef, state, compact, end_to_end, MeasurementCache(cache_path),
-                         prefix, int(max_measurements), float(step_fraction))
+                         prefix, int(max_measurements), float(step_fraction), int(confirmations))

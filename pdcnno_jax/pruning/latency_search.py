@@ -12,6 +12,11 @@ the least score lost; short of the target (measurement budget spent, or no layer
 to a faster network), the fastest measured point. Either way no measured network that is at
 least as wide in every layer is as fast as the result.
 
+The best of many noisy measurements is biased low (the winner's curse: the point chosen is
+often the one measured at a lucky moment), so the chosen point is measured again (a
+:class:`Confirm`), its latency becomes that confirmation, and the choice is made again until
+it falls on a confirmed point.
+
 Latencies are in units of the dense network's, measured side by side with it, so load changes
 between measurements cancel. Scores lost are sums of per-layer L2-normalised channel scores,
 from any scorer.
@@ -103,6 +108,13 @@ class Measure(Protocol):
     ...
 
 
+class Confirm(Protocol):
+  """``confirm(widths)``: the network's latency measured afresh (None: budget spent)."""
+
+  def __call__(self, widths: Widths) -> float | None:
+    ...
+
+
 @dataclasses.dataclass
 class SearchResult:
   """Where a search ended.
@@ -112,7 +124,9 @@ class SearchResult:
     latency: their measured latency (dense = 1).
     reached: whether that latency reaches the target.
     points: every point the search measured or looked up: widths key -> (widths, latency).
-    stopped: why the search stopped: ``'target'``, ``'budget'`` or ``'no faster width'``.
+    stopped: why the search stopped: ``'target'``, ``'budget'``, ``'no faster width'`` or
+      ``'confirmation'`` (every point that reached the target missed it, measured again).
+    confirmed: widths keys of the points measured again by the :class:`Confirm`.
   """
 
   widths: Widths
@@ -120,6 +134,7 @@ class SearchResult:
   reached: bool
   points: Points
   stopped: str
+  confirmed: tuple[str, ...] = ()
 
 
 def _cut(width: int, step_fraction: float, multiplier: int, min_channels: int) -> int:
@@ -184,10 +199,60 @@ def _choose(costs: ScoreCosts, points: Points,
   return min(points.values(), key=rank)
 
 
+def _confirmed_choice(costs: ScoreCosts, points: Points, goal: float,
+                      confirm: Confirm | None, rounds: int,
+                      confirmed: list[str]) -> tuple[Widths, float]:
+  """:func:`_choose`, its winner measured again (its latency replaced by the confirmation)
+  and the choice made again, until it falls on a point in ``confirmed`` (which grows; at
+  most ``rounds`` confirmations)."""
+  for _ in range(rounds if confirm is not None else 0):
+    widths, _ = _choose(costs, points, goal)
+    key = widths_key(widths)
+    if key in confirmed:
+      break
+    latency = confirm(widths)
+    if latency is None:
+      break
+    points[key] = (widths, float(latency))
+    confirmed.append(key)
+  return _choose(costs, points, goal)
+
+
+def _descend(costs: ScoreCosts, measure: Measure, widths: Widths, latency: float,
+             points: Points, goal: float, step_fraction: float, min_channels: int) -> str:
+  """Greedy steps from ``widths`` (measured ``latency``) until a measured point reaches
+  ``goal``, then the cut that crossed it bisected; adds every measured point to ``points``.
+  Returns why it stopped: ``'target'``, ``'budget'`` or ``'no faster width'``."""
+  multiplier = {name: 1 for name in widths}
+  crossed = None
+  while latency > goal:
+    faster = _propose(costs, measure, widths, latency, multiplier, points, step_fraction,
+                      min_channels)
+    if faster is None:
+      return 'budget'
+    if not faster:
+      if all(w <= min_channels or _cut(w, step_fraction, multiplier[n] // 2, min_channels)
+             == w - min_channels for n, w in widths.items()):
+        return 'no faster width'  # Every layer was tried down to min_channels.
+      continue  # Larger steps next time.
+    reaching = [f for f in faster if f[4] <= goal]
+    _, _, name, candidate, latency = (min(reaching, key=lambda f: (f[1], f[0])) if reaching
+                                      else min(faster))
+    crossed = (name, widths[name])
+    widths, multiplier[name] = candidate, 1
+  if crossed is not None:
+    _bisect(measure, widths, crossed[0], crossed[1], goal, points)
+  return 'target'
+
+
 def greedy_search(costs: ScoreCosts, measure: Measure, *, target_speedup: float,
                   min_channels: int, step_fraction: float, start: Mapping[str, int],
-                  start_latency: float) -> SearchResult:
+                  start_latency: float, confirm: Confirm | None = None,
+                  confirm_rounds: int = 4) -> SearchResult:
   """NetAdapt-style greedy removal from ``start`` until the measured speed-up is reached.
+
+  When the confirmed choice misses the target, the search resumes from it (at most
+  ``confirm_rounds`` times).
 
   Args:
     costs: score lost per layer width (:meth:`ScoreCosts.from_scores`).
@@ -198,6 +263,8 @@ def greedy_search(costs: ScoreCosts, measure: Measure, *, target_speedup: float,
     step_fraction: channels cut per proposal, as a fraction of the layer's width (at least
       one channel; doubled for a layer while its cut measures no faster).
     start: the widths to start from, and ``start_latency`` their measured latency.
+    confirm: measures a chosen point afresh (None: the search's measurements stand).
+    confirm_rounds: confirmations per choice, and resumptions, at most.
 
   Returns:
     A :class:`SearchResult`.
@@ -205,27 +272,15 @@ def greedy_search(costs: ScoreCosts, measure: Measure, *, target_speedup: float,
   goal = 1.0 / float(target_speedup)
   widths, latency = dict(start), float(start_latency)
   points = {widths_key(widths): (dict(widths), latency)}
-  multiplier = {name: 1 for name in widths}
-  stopped, crossed = 'target', None
-  while latency > goal:
-    faster = _propose(costs, measure, widths, latency, multiplier, points, step_fraction,
-                      min_channels)
-    if faster is None:
-      stopped = 'budget'
+  confirmed: list[str] = []
+  for _ in range(max(1, confirm_rounds + 1 if confirm is not None else 1)):
+    stopped = _descend(costs, measure, widths, latency, points, goal, step_fraction,
+                       min_channels)
+    widths, latency = _confirmed_choice(costs, points, goal, confirm, confirm_rounds,
+                                        confirmed)
+    if latency <= goal or stopped != 'target':
       break
-    if not faster:
-      if all(w <= min_channels or _cut(w, step_fraction, multiplier[n] // 2, min_channels)
-             == w - min_channels for n, w in widths.items()):
-        stopped = 'no faster width'  # Every layer was tried down to min_channels.
-        break
-      continue  # Larger steps next time.
-    reaching = [f for f in faster if f[4] <= goal]
-    _, _, name, candidate, latency = (min(reaching, key=lambda f: (f[1], f[0])) if reaching
-                                      else min(faster))
-    crossed = (name, widths[name])
-    widths, multiplier[name] = candidate, 1
-  if latency <= goal and crossed is not None:
-    _bisect(measure, widths, crossed[0], crossed[1], goal, points)
-  chosen, chosen_latency = _choose(costs, points, goal)
-  reached = chosen_latency <= goal
-  return SearchResult(chosen, chosen_latency, reached, points, 'target' if reached else stopped)
+    stopped = 'confirmation'  # The point that reached the target did not, measured again.
+  reached = latency <= goal
+  return SearchResult(widths, latency, reached, points, 'target' if reached else stopped,
+                      tuple(confirmed))

@@ -168,7 +168,8 @@ def _latency_selector(target: PruningTarget, state: state_lib.TrainState,
       cache_path=latency.cache_file(prune_config.latency_cache_dir),
       context=f'batch={batch_size}/{devices}|{prune_config.latency_target}',
       max_measurements=int(prune_config.latency_measurements),
-      step_fraction=float(prune_config.latency_step))
+      step_fraction=float(prune_config.latency_step),
+      confirmations=int(prune_config.latency_confirmations))
 
 
 def _prune_round(target: PruningTarget, state: state_lib.TrainState,
