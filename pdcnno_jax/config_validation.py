@@ -117,6 +117,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'prune.target_speedup': _number(1.0),
     'prune.latency_repeats': _int_at_least(0),
     'prune.latency_measurements': _int_at_least(1),
+    'prune.latency_confirmations': _int_at_least(0),
     'parallel.straggler_probability': _number(0.0, 1.0),
     'parallel.straggler_factor': _number(1.0),
     'parallel.num_blocks': _int_at_least(1),
@@ -126,6 +127,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'parallel.staleness': ((lambda v: _is_int(v) and v >= -1),
                            'an integer >= 0, or -1 for no bound (ASP)'),
     'parallel.ssp_timeout_s': _POSITIVE,
+    'parallel.ssp_prefetch': _BOOL,
     'parallel.runtime_heartbeat_timeout_s': _number(1.0),
     # Speeds are measured on clocks 1 .. warmup - 1 (clock 0 may include first-touch costs).
     'parallel.ssp_warmup_steps': _int_at_least(2),

@@ -184,6 +184,26 @@ def _config(**parallel):
   return config
 
 
+def test_proportional_batches_follow_speeds_and_stragglers_are_injected(ray_session, tmp_path):
+  """Worker 1 three times slower: after warm-up it gets the smaller piece; transients drawn.
+
+  Transients stretch a step by 1.5x only, so worker 0's median warm-up step stays below worker
+  1's even where the seeded draws hit worker 0 in the warm-up.
+  """
+  from pdcnno_jax.parallel.ray_engine import ssp_driver  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.testing import experiments  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.train import sharding  # pylint: disable=g-import-not-at-top
+  del ray_session
+  config = _config(staleness=1, slowdown='1,3', ssp_batch_balancer='proportional',
+                   ssp_warmup_steps=4, straggler_probability=0.25,
+                   straggler_factor=1.5)
+  exp, tx, host_state = experiments.make_experiment(config, tmp_path, num_devices=1)
+  _, report = ssp_driver.train(exp, sharding.replicate(host_state, exp.mesh), tx=tx)
+  sizes = report['batch_sizes']
+  assert sum(sizes) == config.data.batch_size and sizes[0] > sizes[1], sizes
+  assert all(r['transient_steps'] > 0 for r in report['per_worker'])  # Seeded draws.
+
+
 def test_bsp_on_ray_matches_synchronous_training_through_a_shard_kill(ray_session, tmp_path):
   """s = 0, 2 shards, shard 1 SIGKILLed after 13 pushes: the parameters of synchronous SGD."""
   import jax  # pylint: disable=g-import-not-at-top

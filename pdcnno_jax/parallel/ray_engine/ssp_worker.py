@@ -80,7 +80,8 @@ class SSPWorkerActor:
     self.client = ps_client.PSClient(shards, assignment, me, self.staleness,
                                      float(config.parallel.ssp_timeout_s))
     self.pipeline = ps_client.ClockPipeline(self.client, self.total_steps,
-                                            prefetch=self.staleness != 0)
+                                            prefetch=(self.staleness != 0
+                                                      and bool(config.parallel.ssp_prefetch)))
     self.shard0 = shards[0]
     self.slow = slowdown.Slowdown.from_config(config.parallel, me, num_workers, seed=config.seed)
     self.sizes = batching.equal_batch_sizes(self.global_batch, num_workers, self.granularity)
