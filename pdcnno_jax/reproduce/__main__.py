@@ -46,7 +46,8 @@ def main(argv, values) -> None:
                    data_dir=values['data_dir'].value, methods=values['methods'].value,
                    max_seeds=values['max_seeds'].value, claims=values['claims'].value,
                    timeout_s=values['timeout'].value)
-  print(f'cells: {out["run"]} run, {out["skipped"]} skipped (complete), {out["failed"]} failed; '
+  print(f'cells: {out["run"]} run, {out["skipped"]} skipped (complete), {out["shared"]} shared '
+        f'between papers, {out["failed"]} failed; '
         f'{out["wall_s"]:.0f} s')
   for claim, verdict in out['verdicts'].items():
     print(f'{claim}: {verdict}')

@@ -63,7 +63,7 @@ def _train_fields(r: dict[str, Any], cell: grids.Cell, report: dict[str, Any]) -
     measured = report['cell']
     r.update(cell_wall_s=measured['wall_s'],
              peak_rss_mb=max(measured['peak_rss_bytes'] / 2**20, r['peak_rss_driver_mb']),
-             peak_rss_all_mb=measured['peak_rss_all_bytes'] / 2**20)
+             peak_rss_all_mb=max(measured['peak_rss_all_bytes'] / 2**20, r['peak_rss_mb']))
   for phase in PHASES:
     r[f'time_{phase}_s'] = wall.get(phase, 0.0)
   if 'prune' in report:

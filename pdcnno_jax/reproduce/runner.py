@@ -25,9 +25,9 @@ from pdcnno_jax.reproduce import results
 
 # Wall seconds of one cell by `cost_class`, start-up included (2-core CPU; see grids).
 ESTIMATES_S = {
-    'smoke': {'simulation': 0.1, 'sync': 13.0, 'sync_prune': 15.0, 'sync_prune_latency': 30.0,
-              'sync_ifas': 20.0, 'sync_cgmse': 20.0, 'sync_launched': 20.0, 'ssp': 20.0,
-              'mapreduce_cgmse': 30.0, 'mapreduce_cgmse_prune': 35.0},
+    'smoke': {'simulation': 0.1, 'sync': 12.0, 'sync_prune': 14.0, 'sync_prune_latency': 30.0,
+              'sync_ifas': 16.0, 'sync_cgmse': 11.0, 'sync_launched': 23.0, 'ssp': 22.0,
+              'mapreduce_cgmse': 18.0, 'mapreduce_cgmse_prune': 30.0},
     'full': {'simulation': 0.1, 'sync': 66.0, 'sync_prune': 430.0, 'sync_prune_latency': 600.0,
              'sync_ifas': 120.0, 'sync_cgmse': 300.0, 'sync_launched': 150.0, 'ssp': 150.0,
              'mapreduce_cgmse': 400.0, 'mapreduce_cgmse_prune': 500.0},
@@ -108,8 +108,8 @@ def run(paper: str, scale: str, workdir: str, *, data_dir: str = 'data/tfds',
   """Runs the grid and writes results.csv, the PNGs and REPORT.md into `workdir`.
 
   Returns:
-    {'run', 'skipped', 'failed', 'wall_s', 'verdicts': {claim id: verdict}, 'figures',
-    'plan': `plan` before the run}.
+    {'run', 'skipped' (complete before), 'shared' (a cell of another paper run once),
+    'failed', 'wall_s', 'verdicts': {claim id: verdict}, 'figures', 'plan': `plan` before}.
   """
   start = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
@@ -122,8 +122,8 @@ def run(paper: str, scale: str, workdir: str, *, data_dir: str = 'data/tfds',
           f'complete; estimated {before["eta_s"] / 60:.0f} min for the rest', flush=True)
   cache_dir = (os.path.join(os.path.abspath(workdir), 'jax_cache')
                if grids.scale_settings(scale, data_dir).compile_cache else None)
-  rows, measured = [], {}
-  summary = {'run': 0, 'skipped': 0, 'failed': 0}
+  rows, measured, ran = [], {}, set()
+  summary = {'run': 0, 'skipped': 0, 'shared': 0, 'failed': 0}
   bar = tqdm.tqdm(cells, desc=f'reproduce {paper} ({scale})', unit='cell', disable=not progress)
   for cell in bar:
     bar.set_postfix_str(f'{cell.paper}/{cell.method} seed {cell.seed}')
@@ -131,7 +131,8 @@ def run(paper: str, scale: str, workdir: str, *, data_dir: str = 'data/tfds',
     try:
       rep = cells_lib.run_cell(cell, workdir, timeout_s=timeout_s,
                                measured=measured.get(cell.paper, {}), cache_dir=cache_dir)
-      summary['skipped' if done else 'run'] += 1
+      summary['shared' if cell.key() in ran else 'skipped' if done else 'run'] += 1
+      ran.add(cell.key())
       rows.append(results.row(cell, rep))
       if cell.kind == 'train':
         measured.setdefault(cell.paper, {}).setdefault(cell.method, []).append(rep)
