@@ -15,8 +15,10 @@ Scales:
          compilation cache for all cells: the whole pipeline in minutes, numbers that test the
          code, not the papers.
   full   Fashion-MNIST (60k / 10k), 3 epochs (pruning: 1 pre-training epoch on 10% of the
-         data), 3 seeds, 1-4 processes; all three papers take an estimated 6-8 hours on an idle
-         2-core CPU (from the per-epoch times in configs/*.py docstrings; not measured yet).
+         data), 3 seeds, 1-4 processes: 117 cells. One cell of a kind, 2-core CPU under load
+         2-8: dense SGD 66 s, FMPTL at equal MACs 357 s, IFAS 585 s (its swarm search);
+         the other kinds have not run at full scale. From these (`runner.ESTIMATES_S`) all
+         three papers take an estimated 8 h; the runner prints its estimate before it starts.
 The papers' SVHN / EMNIST / ILSVRC settings scale down to Fashion-MNIST and LeNet-5; node
 counts beyond this machine come from the cluster model and are marked `source=model`.
 """

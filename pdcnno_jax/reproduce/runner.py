@@ -23,14 +23,16 @@ from pdcnno_jax.reproduce import report
 from pdcnno_jax.reproduce import results
 
 
-# Wall seconds of one cell by `cost_class`, start-up included (2-core CPU; see grids).
+# Wall seconds of one cell by `cost_class`, start-up included, on this 2-core CPU. smoke: the
+# quiet smoke run. full: one cell of each class run under load (grids docstring); the classes
+# marked guess have not run at full scale yet.
 ESTIMATES_S = {
     'smoke': {'simulation': 0.1, 'sync': 12.0, 'sync_prune': 14.0, 'sync_prune_latency': 30.0,
               'sync_ifas': 16.0, 'sync_cgmse': 11.0, 'sync_launched': 23.0, 'ssp': 22.0,
               'mapreduce_cgmse': 18.0, 'mapreduce_cgmse_prune': 30.0},
-    'full': {'simulation': 0.1, 'sync': 66.0, 'sync_prune': 430.0, 'sync_prune_latency': 600.0,
-             'sync_ifas': 120.0, 'sync_cgmse': 300.0, 'sync_launched': 150.0, 'ssp': 150.0,
-             'mapreduce_cgmse': 400.0, 'mapreduce_cgmse_prune': 500.0},
+    'full': {'simulation': 0.1, 'sync': 66.0, 'sync_prune': 357.0, 'sync_ifas': 585.0,
+             'sync_prune_latency': 600.0, 'sync_cgmse': 300.0, 'sync_launched': 150.0,  # guess
+             'ssp': 150.0, 'mapreduce_cgmse': 400.0, 'mapreduce_cgmse_prune': 500.0},  # guess
 }
 
 
