@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -97,8 +99,8 @@ from pdcnno_jax.reproduce import runner
 
 out = runner.run(PAPER, SCALE, WORKDIR, data_dir=DATA_DIR, methods=METHODS,
                  max_seeds=MAX_SEEDS)
-print(f'cells: {out["run"]} run, {out["skipped"]} skipped, {out["failed"]} failed, '
-      f'{out["wall_s"]:.0f} s')
+print(f'cells: {out["run"]} run, {out["skipped"]} skipped, {out["shared"]} shared, '
+      f'{out["failed"]} failed, {out["wall_s"]:.0f} s')
 
 # %% [markdown]
 # ## Figures

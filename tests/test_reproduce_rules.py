@@ -111,7 +111,8 @@ def test_every_claim_without_numbers_is_not_testable():
 def test_report_has_a_verdict_line_per_claim(tmp_path):
   path = os.path.join(tmp_path, 'REPORT.md')
   report.write(path, [], scale='smoke', papers=grids.PAPERS,
-               summary={'run': 0, 'skipped': 0, 'failed': 0, 'wall_s': 0.0}, figures=[])
+               summary={'run': 0, 'skipped': 0, 'shared': 0, 'failed': 0, 'wall_s': 0.0},
+               figures=[])
   text = open(path).read()
   for claim_id in claims.CLAIM_IDS:
     assert f'Verdict {claim_id}: **not testable here**' in text

@@ -1,7 +1,11 @@
 """python -m pdcnno_jax.reproduce --paper=pdcnno|mr_fpdcnn|delay_sync|all --scale=smoke|full
-    --workdir=DIR [--tfds_data_dir=data/tfds] [--methods=a,b] [--max_seeds=N]
+    --workdir=DIR [--tfds_data_dir=data/tfds] [--methods=a,b] [--only_claims=P1,D1]
+    [--max_seeds=N]
 
-Writes DIR/results.csv, DIR/*.png and DIR/REPORT.md; rerunning skips the completed cells.
+Writes DIR/results.csv, DIR/*.png and DIR/REPORT.md; rerunning skips the completed cells, so
+a long run goes in pieces (`--only_claims=P1,P2`, then the next claims, ...): the last
+command without a filter finds every cell complete and reports on all claims. Before it
+starts it prints the number of cells and the estimated time of the rest.
 The flags are defined only when this module runs as the program, so importing it (the package
 import test does) does not clash with `pdcnno_jax.main`'s ``--workdir``.
 """
@@ -25,6 +29,8 @@ def define_flags() -> dict[str, flags.FlagHolder]:
       data_dir=flags.DEFINE_string('tfds_data_dir', 'data/tfds',
                                    'TFDS data_dir of the full scale (smoke generates its own).'),
       methods=flags.DEFINE_list('methods', [], 'Only the cells of these methods (default: all).'),
+      claims=flags.DEFINE_list('only_claims', [], 'Only the cells of these claim ids, e.g. '
+                               'P1,D1 (default: all); a run in pieces, one command each.'),
       max_seeds=flags.DEFINE_integer('max_seeds', 0, 'Only seeds below this (0: all).'),
       timeout=flags.DEFINE_float('cell_timeout_s', 3600.0, 'Wall-clock limit of one cell.'),
   )
@@ -38,8 +44,10 @@ def main(argv, values) -> None:
   workdir = values['workdir'].value
   out = runner.run(values['paper'].value, values['scale'].value, workdir,
                    data_dir=values['data_dir'].value, methods=values['methods'].value,
-                   max_seeds=values['max_seeds'].value, timeout_s=values['timeout'].value)
-  print(f'cells: {out["run"]} run, {out["skipped"]} skipped (complete), {out["failed"]} failed; '
+                   max_seeds=values['max_seeds'].value, claims=values['claims'].value,
+                   timeout_s=values['timeout'].value)
+  print(f'cells: {out["run"]} run, {out["skipped"]} skipped (complete), {out["shared"]} shared '
+        f'between papers, {out["failed"]} failed; '
         f'{out["wall_s"]:.0f} s')
   for claim, verdict in out['verdicts'].items():
     print(f'{claim}: {verdict}')

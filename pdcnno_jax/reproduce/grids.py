@@ -1,7 +1,8 @@
 """Each paper's experiments as a declared grid of cells.
 
 A cell is one ordinary experiment (`kind='train'`: a config file of configs/ plus overrides,
-run by `pdcnno_jax.main`, `processes` > 1 through the local launcher) or one simulation
+run by `pdcnno_jax.main`; MapReduce and SSP cells as one driver with `processes` Ray worker
+actors, synchronous cells with `processes` > 1 through the local launcher) or one simulation
 (`kind='balancer'`: makespans of parallel/balancers.py on a drawn set of node speeds;
 `kind='model'`: cluster-model predictions of pdcnno_jax.perfmodel from step costs measured by
 the paper's train cells). Seeds are a grid axis. A cell's key is a hash of what it runs, so
@@ -9,11 +10,18 @@ identical cells of two papers are run once.
 
 Scales:
   smoke  generated Fashion-MNIST-shaped data (512 training, 256 test images), 1 epoch at batch
-         64, one seed (so no measured verdict is better than `partly`), 5 balancer draws: the
-         whole pipeline in minutes, numbers that test the code, not the papers.
+         64 and a constant learning rate (a warm-up would take the whole epoch), one seed (so
+         no measured verdict is better than `partly`), SSP s = 0, 1, 3, 5 balancer draws, one
+         compilation cache for all cells: the whole pipeline in minutes, numbers that test the
+         code, not the papers.
   full   Fashion-MNIST (60k / 10k), 3 epochs (pruning: 1 pre-training epoch on 10% of the
-         data), 3 seeds, 1-4 processes; all three papers take an estimated 6-8 hours on an idle
-         2-core CPU (from the per-epoch times in configs/*.py docstrings; not measured yet).
+         data), 3 seeds, 1-4 processes: 117 cells. One cell of a kind, 2-core CPU under load
+         2-15: dense SGD 66 s, FMPTL at equal MACs 357 s, IFAS 585 s (its swarm search),
+         synchronous on 2 launched processes 198 s, SSP s = 3 on 2 Ray workers 315 s,
+         CGMSE MapReduce on 1 Ray worker 328 s; synchronous CGMSE, pruned MapReduce and
+         latency-selection cells have not run at full scale. From these
+         (`runner.ESTIMATES_S`) all three papers take an estimated 10 h; the runner prints its
+         estimate before it starts.
 The papers' SVHN / EMNIST / ILSVRC settings scale down to Fashion-MNIST and LeNet-5; node
 counts beyond this machine come from the cluster model and are marked `source=model`.
 """
@@ -33,6 +41,7 @@ from pdcnno_jax import config_lib
 PAPERS = ('pdcnno', 'mr_fpdcnn', 'delay_sync')
 SCALES = ('smoke', 'full')
 KINDS = ('train', 'balancer', 'model')
+RAY_MODES = ('mapreduce', 'ssp')  # Modes whose cells run one driver with Ray worker actors.
 _CONFIGS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'configs')
 
@@ -49,7 +58,8 @@ class Cell:
     kind: one of KINDS.
     config_file: train cells: file name in configs/.
     overrides: train cells: dotted config keys -> values, applied after the scale's.
-    processes: train cells: worker processes (1: one plain process).
+    processes: train cells: workers (MapReduce and SSP: Ray worker actors of one driver;
+      synchronous: jax.distributed processes, 1 is one plain process).
     params: simulations: what to simulate (cells.run_balancer / cells.run_model).
   """
   paper: str
@@ -75,9 +85,18 @@ class Cell:
                        'exist in configs/default.py; fix the grid override.')
       target[leaf] = value
     config.seed = self.seed
-    if self.processes > 1:  # Processes joined by jax.distributed through the local launcher.
+    if config.parallel.mode in RAY_MODES:  # One driver and `processes` Ray worker actors.
+      config.parallel.engine = 'ray'
+      config.parallel.num_workers = self.processes
+      config.parallel.ray_worker_cpu_devices = 1
+    elif self.processes > 1:  # Processes joined by jax.distributed through the local launcher.
       config.parallel.engine = 'jax'
     return config
+
+  def launched(self) -> bool:
+    """Whether the cell runs as `processes` jax.distributed processes (synchronous only)."""
+    return (self.kind == 'train' and self.processes > 1
+            and self.config().parallel.mode not in RAY_MODES)
 
   def key(self) -> str:
     """Hash of what the cell runs: its workdir name."""
@@ -100,6 +119,8 @@ class Scale:
   mac_reduction: float
   latency_cells: bool
   profiles: int  # Balancer speed draws.
+  staleness: tuple[int, ...]  # SSP s of the heterogeneous-node cells (D1, D4).
+  compile_cache: bool  # Cells share JAX's persistent compilation cache (workdir/jax_cache).
   nodes: tuple[int, ...] = (1, 2, 4, 8, 16)
 
 
@@ -109,8 +130,10 @@ def scale_settings(scale: str, data_dir: str) -> Scale:
             'log_every_steps': 100000}
   if scale == 'smoke':
     return Scale(seeds=(0,), multi_seeds=(0,), processes=(1, 2), pretrain_epochs=1,
-                 mac_reduction=2.0, latency_cells=False, profiles=5, overrides={
+                 mac_reduction=2.0, latency_cells=False, profiles=5, staleness=(0, 1, 3),
+                 compile_cache=True, overrides={
                      **common, 'num_epochs': 1, 'data.batch_size': 64,
+                     'optimizer.schedule': 'constant',
                      'data.eval_batch_size': 256, 'diagnostics.dead_map_examples': 128,
                      'prune.score_examples': 128, 'prune.latency_repeats': 0,
                      'init.swarm_size': 4, 'init.generations': 2, 'parallel.num_blocks': 8,
@@ -118,6 +141,7 @@ def scale_settings(scale: str, data_dir: str) -> Scale:
   if scale == 'full':
     return Scale(seeds=(0, 1, 2), multi_seeds=(0, 1, 2), processes=(1, 2, 4),
                  pretrain_epochs=1, mac_reduction=4.0, latency_cells=True, profiles=20,
+                 staleness=(0, 1, 2, 3), compile_cache=False,
                  overrides={**common, 'num_epochs': 3, 'data.batch_size': 128,
                             'parallel.num_blocks': 64, 'parallel.ssp_eval_every_steps': 0})
   raise ValueError(f'--scale={scale!r}; use one of {SCALES}.')
@@ -184,7 +208,7 @@ def delay_sync_grid(s: Scale) -> list[Cell]:
   ssp = dict(parallel__mode='ssp', optimizer__schedule='constant')
   p = s.processes[1]
   cells = []
-  for staleness in (0, 1, 2, 3):
+  for staleness in s.staleness:
     cells += _train('delay_sync', ('D1', 'D4'), f'ssp_s{staleness}_hetero', s, processes=p,
                     parallel__staleness=staleness, parallel__slowdown='1,2', **ssp)
   for procs in s.processes:

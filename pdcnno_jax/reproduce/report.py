@@ -54,7 +54,8 @@ def write(path: str, rows: Sequence[dict[str, Any]], *, scale: str, papers: Sequ
       f'{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, '
       f'{platform.node()} ({os.cpu_count()} CPUs), load average at the end {load}.',
       f'Cells: {summary["run"]} run, {summary["skipped"]} complete before, '
-      f'{summary["failed"]} failed; wall time {summary["wall_s"]:.0f} s.', '',
+      f'{summary["shared"]} shared with another paper, {summary["failed"]} failed; '
+      f'wall time {summary["wall_s"]:.0f} s.', '',
   ]
   if scale == 'smoke':
     lines += ['**Smoke scale**: generated data, one epoch, one seed. The verdicts test the '

@@ -1,7 +1,11 @@
 """results.csv: one row per cell of the grids (measured runs and simulations alike).
 
 Times are wall seconds by phase of the experiment's report (`time_s` = total - data_load, the
-pipeline's own running time); memory is the peak host RSS of the cell's process 0; MACs are
+pipeline's own running time; `cell_wall_s` = the cell as the runner saw it, start-up included).
+Memory: `peak_rss_mb` is the peak of the summed host RSS of the cell's training processes
+(driver or launched processes and Ray actors, sampled by the runner, at least the driver's own
+peak), `peak_rss_driver_mb` the peak RSS of process 0 alone (its report), `peak_rss_all_mb`
+the sampled sum including Ray's daemons. MACs are
 multiply-accumulates per example of the final (compacted) model; `source` is measured (a run),
 simulation (balancer makespans) or model (cluster-model predictions).
 """
@@ -19,8 +23,8 @@ PHASES = ('data_load', 'compile', 'init', 'prune', 'train', 'eval')
 COLUMNS = ('paper', 'claim', 'method', 'kind', 'source', 'seed', 'nodes', 'dataset', 'status',
            'accuracy', 'loss', 'time_s', 'time_total_s') + tuple(
                f'time_{p}_s' for p in PHASES) + (
-           'peak_rss_mb', 'params', 'macs', 'mac_reduction', 'speedup', 'extra', 'error',
-           'cell')
+           'cell_wall_s', 'peak_rss_mb', 'peak_rss_driver_mb', 'peak_rss_all_mb', 'params',
+           'macs', 'mac_reduction', 'speedup', 'extra', 'error', 'cell')
 
 
 def row(cell: grids.Cell, report: dict[str, Any] | None, error: str = '') -> dict[str, Any]:
@@ -52,8 +56,14 @@ def _train_fields(r: dict[str, Any], cell: grids.Cell, report: dict[str, Any]) -
   r.update(nodes=cell.processes, dataset=config['data']['name'],
            accuracy=report['test']['accuracy'], loss=report['test']['loss'],
            time_total_s=wall['total'], time_s=wall['total'] - wall.get('data_load', 0.0),
-           peak_rss_mb=(report['peak_host_rss_bytes'] or 0) / 2**20,
+           peak_rss_driver_mb=(report['peak_host_rss_bytes'] or 0) / 2**20,
            params=report['model']['params'], macs=report['model']['macs'])
+  r['peak_rss_mb'] = r['peak_rss_driver_mb']
+  if 'cell' in report:  # The runner's measurements: start-up included, every process.
+    measured = report['cell']
+    r.update(cell_wall_s=measured['wall_s'],
+             peak_rss_mb=max(measured['peak_rss_bytes'] / 2**20, r['peak_rss_driver_mb']),
+             peak_rss_all_mb=max(measured['peak_rss_all_bytes'] / 2**20, r['peak_rss_mb']))
   for phase in PHASES:
     r[f'time_{phase}_s'] = wall.get(phase, 0.0)
   if 'prune' in report:
