@@ -159,29 +159,55 @@ class PeerWatchdog:
   Each process increments its own counter every ``interval_s``; a peer whose counter has not
   changed for ``limit_s`` (measured on this host's clock, so host clocks need not agree)
   calls ``on_lost(process_id, peer, silent_s)``; an unreachable service counts as the death
-  of process 0 (``silent_s < 0``). A process that finishes marks itself done (`stop`, also
-  at exit) and is no longer watched.
+  of process 0 (``silent_s < 0``).
+
+  At exit `finish` marks this process done (its peers stop watching it), leaves the job
+  through ``shutdown`` (JAX's exit barrier, which waits for every peer) while the thread still
+  watches the peers that are not done, so a peer that dies meanwhile ends this process with
+  one line instead of a C++ abort; then it stops and joins the thread, so that no thread is
+  inside a coordination-service call when the interpreter tears down. `stop` ends the
+  watching without leaving the job.
   """
 
   def __init__(self, client, process_id: int, num_processes: int, limit_s: float, *,
                interval_s: float = 1.0,
-               on_lost: Callable[[int, int, float], None] = _peer_lost):
+               on_lost: Callable[[int, int, float], None] = _peer_lost,
+               shutdown: Callable[[], None] = jax.distributed.shutdown):
     self._client, self._id, self._n = client, process_id, num_processes
     self._limit_s, self._interval_s, self._on_lost = limit_s, interval_s, on_lost
+    self._shutdown = shutdown
     self._stopped = threading.Event()
+    self._finished = threading.Event()
     self._thread = threading.Thread(target=self._run, name='PeerWatchdog', daemon=True)
 
   def start(self) -> 'PeerWatchdog':
     self._thread.start()
-    atexit.register(self.stop)  # Runs before JAX's own exit handler (registered earlier).
+    atexit.register(self.finish)  # Runs before JAX's own exit handler (registered earlier).
     return self
 
+  def finish(self) -> None:
+    """Marks this process done, leaves the job while watching the peers, stops the thread."""
+    if self._stopped.is_set():
+      return
+    self._finished.set()
+    self._mark_done()
+    try:
+      self._shutdown()
+    finally:
+      self.stop()
+
   def stop(self) -> None:
-    """Marks this process done and stops watching."""
+    """Stops watching and joins the thread (marks this process done unless `finish` did)."""
     if self._stopped.is_set():
       return
     self._stopped.set()
-    self._thread.join(timeout=2 * self._interval_s)
+    # A call in flight returns within the service's RPC time; a hung service is the one case
+    # in which the (daemon) thread may outlive this wait.
+    self._thread.join(timeout=max(30.0, 4 * self._interval_s))
+    if not self._finished.is_set():
+      self._mark_done()
+
+  def _mark_done(self) -> None:
     try:
       self._client.key_value_set(f'{_LIVENESS_DIR}{self._id}', _DONE, allow_overwrite=True)
     except Exception:  # pylint: disable=broad-except
@@ -194,13 +220,16 @@ class PeerWatchdog:
     while not self._stopped.wait(self._interval_s):
       now = time.monotonic()
       try:
-        beats += 1
-        self._client.key_value_set(f'{_LIVENESS_DIR}{self._id}', str(beats),
-                                   allow_overwrite=True)
+        if not self._finished.is_set():
+          beats += 1
+          self._client.key_value_set(f'{_LIVENESS_DIR}{self._id}', str(beats),
+                                     allow_overwrite=True)
         values = dict(self._client.key_value_dir_get(_LIVENESS_DIR))
         reached = now
       except Exception:  # pylint: disable=broad-except
-        if now - reached > self._limit_s and not self._stopped.is_set():
+        # After `finish` the service may be gone because the job ended: not a death.
+        if (now - reached > self._limit_s and not self._stopped.is_set()
+            and not self._finished.is_set()):
           self._on_lost(self._id, 0, -(now - reached))
           return
         continue

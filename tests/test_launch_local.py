@@ -10,6 +10,7 @@ import io
 import os
 import re
 import signal
+import threading
 import time
 
 import pytest
@@ -141,9 +142,11 @@ def test_local_job_listens_on_loopback_only(probes):
     assert distributed.is_loopback(address), found
 
 
-def test_a_frozen_peer_ends_the_survivor_with_one_line(probes):
+@pytest.mark.parametrize('when', ['mid_run', 'at_exit'])
+def test_a_frozen_peer_ends_the_survivor_with_one_line(probes, when):
   out = io.StringIO()
-  code = launch_local.launch(2, ['--victim=1', '--heartbeat_s=10'], module='peer_probe',
+  extra = ['--at_exit'] if when == 'at_exit' else []
+  code = launch_local.launch(2, ['--victim=1', '--heartbeat_s=10'] + extra, module='peer_probe',
                              timeout_s=120, stdout=out)
   survivor = [line for line in out.getvalue().splitlines() if line.startswith('[p0]')]
   assert code == distributed.EXIT_PEER_LOST, out.getvalue()[-3000:]
@@ -190,6 +193,43 @@ def test_watchdog_reports_a_silent_peer_and_an_unreachable_service():
   store.fail = True
   lost = _watch(store, bool)
   assert lost and lost[0][:2] == (0, 0) and lost[0][2] < -0.2
+
+
+def test_finish_watches_the_peers_during_the_exit_barrier_then_joins_the_thread():
+  store = _FakeStore()
+  store.values['pdcnno_liveness/1'] = '7'  # A peer that dies while this one waits at exit.
+  lost, barrier = [], []
+
+  def exit_barrier():  # Returns once the watchdog has seen the dead peer.
+    barrier.append(store.values['pdcnno_liveness/0'])
+    deadline = time.monotonic() + 30
+    while not lost and time.monotonic() < deadline:
+      time.sleep(0.01)
+
+  watchdog = distributed.PeerWatchdog(store, 0, 2, 0.2, interval_s=0.01,
+                                      on_lost=lambda *a: lost.append(a), shutdown=exit_barrier)
+  watchdog.start()
+  watchdog.finish()
+  assert barrier == ['done']  # Marked done before it enters the barrier.
+  assert lost and lost[0][:2] == (0, 1)
+  assert not any(t.name == 'PeerWatchdog' and t.is_alive() for t in threading.enumerate())
+
+
+def test_finish_after_the_service_is_gone_is_not_a_death():
+  store = _FakeStore()
+  store.values['pdcnno_liveness/1'] = 'done'
+  lost = []
+
+  def exit_barrier():  # The job ends and process 0 takes the service with it.
+    store.fail = True
+    time.sleep(0.6)
+
+  watchdog = distributed.PeerWatchdog(store, 0, 2, 0.2, interval_s=0.01,
+                                      on_lost=lambda *a: lost.append(a), shutdown=exit_barrier)
+  watchdog.start()
+  watchdog.finish()
+  assert not lost
+  assert not any(t.name == 'PeerWatchdog' and t.is_alive() for t in threading.enumerate())
 
 
 def test_watchdog_ignores_a_peer_that_finished():
