@@ -7,17 +7,19 @@ Three ways a process learns it is part of a multi-process job:
     from the environment (SLURM_* variables, TPU metadata);
   * neither: a single process, nothing to initialise.
 
-Network exposure. Process 0 hosts JAX's coordination service (gRPC, no authentication: any
-client that reaches the port can read and write the job's key-value store, which SSP uses
-as its parameter store). With a loopback coordinator address (local launches) the service
-binds to 127.0.0.1 and CPU collectives (gloo, one TCP listener per process on a random
-port) bind to 127.0.0.1 too. On a cluster the service binds to ``bind_address`` when one is
-given, else to every interface (JAX's default, logged as a warning); restrict the port to
-the job's hosts with a firewall or a private network.
+Network exposure. JAX's coordination service (gRPC, no authentication: any client that
+reaches the port can read and write the job's key-value store) runs in process 0, or in the
+local launcher (``launch/local.py``), which hosts it on 127.0.0.1 so that any process may
+die without taking it along. With a loopback coordinator address the service and the CPU
+collectives (gloo, one TCP listener per process on a random port) bind to 127.0.0.1. On a
+cluster the service binds to ``bind_address`` when one is given, else to every interface
+(JAX's default, logged as a warning); restrict the port to the job's hosts with a firewall
+or a private network.
 
-Dead peers. In a job that needs every process (not SSP), `PeerWatchdog` ends a process whose
-peer stopped beating with one line on stderr, before JAX's runtime notices the missing
-heartbeats and aborts every process with a C++ stack trace.
+Dead peers. `PeerWatchdog` ends a process whose peer stopped beating with one line on
+stderr, before JAX's runtime notices the missing heartbeats and aborts every process with a
+C++ stack trace, also while the process waits in JAX's exit barrier; SIGTERM (the launcher
+stopping the job) is one line too.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import atexit
 import contextlib
 import ipaddress
 import os
+import signal
 import sys
 import threading
 import time
@@ -40,6 +43,9 @@ _CLUSTER_ENV_HINTS = ('SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDIN
 _BIND_ENV = 'JAX_COORDINATOR_BIND_ADDRESS'
 LOOPBACK = '127.0.0.1'
 EXIT_PEER_LOST = 5  # Exit code of a process stopped because a peer is gone.
+# Set (to 1) by the local launcher, which hosts the coordination service itself: process 0
+# then joins it instead of starting its own.
+EXTERNAL_SERVICE_ENV = 'PDCNNO_EXTERNAL_COORDINATION_SERVICE'
 _LIVENESS_DIR = 'pdcnno_liveness/'
 _DONE = 'done'
 
@@ -104,6 +110,55 @@ def _bind_env(address: str | None):
       os.environ[_BIND_ENV] = previous
 
 
+@contextlib.contextmanager
+def _service_hosted_elsewhere(hosted: bool):
+  """While ``hosted``: ``jax.distributed.initialize`` in process 0 starts no service.
+
+  JAX has no public option for it: this hides the service factory its initialize calls.
+  """
+  if not hosted:
+    yield
+    return
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  lib = jax_distributed._jax  # pylint: disable=protected-access
+
+  class _WithoutService:
+
+    def __getattr__(self, name):
+      return getattr(lib, name)
+
+    @staticmethod
+    def get_distributed_runtime_service(*unused_args, **unused_kwargs):
+      return None
+
+  jax_distributed._jax = _WithoutService()  # pylint: disable=protected-access
+  try:
+    yield
+  finally:
+    jax_distributed._jax = lib  # pylint: disable=protected-access
+
+
+def _terminated(signum, unused_frame) -> None:
+  print(f'Error: process {jax.process_index()} was stopped by {signal.Signals(signum).name} '
+        '(a launcher ends the job when one of its processes dies: its line names which); '
+        'run the same command again to resume from the last checkpoint.',
+        file=sys.stderr, flush=True)
+  os._exit(128 + signum)
+
+
+def stop_on_sigterm() -> bool:
+  """Turns SIGTERM into one line on stderr and exit code 143 (no traceback, no C++ stack).
+
+  Only from the main thread and only when SIGTERM has its default action (a handler the
+  program installed stays). Returns whether it installed the handler.
+  """
+  if (threading.current_thread() is not threading.main_thread()
+      or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+    return False
+  signal.signal(signal.SIGTERM, _terminated)
+  return True
+
+
 def use_loopback_cpu_collectives() -> bool:
   """Makes gloo (CPU collectives between processes) listen on 127.0.0.1.
 
@@ -146,7 +201,7 @@ def watch_limit_s(heartbeat_timeout_s: float, interval_s: float = 1.0) -> float:
 
 
 def _peer_lost(process_id: int, peer: int, silent_s: float) -> None:
-  what = ('process 0 (the coordination service) is unreachable' if peer == 0 and
+  what = ('the coordination service is unreachable' if peer == 0 and
           silent_s < 0 else f'process {peer} stopped responding {abs(silent_s):.0f} s ago')
   print(f'Error: {what} (dead, hung or cut off); this job needs every process, so process '
         f'{process_id} stops too.', file=sys.stderr, flush=True)
@@ -286,7 +341,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                     'authentication; pass --coordinator_bind_address=IP:PORT to restrict it.')
   # CPU devices of different processes talk over gloo (harmless on GPU/TPU hosts).
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  with _bind_env(bind):
+  with _bind_env(bind), _service_hosted_elsewhere(bool(os.environ.get(EXTERNAL_SERVICE_ENV))):
     if recoverable:
       from pdcnno_jax.parallel.ssp import coordination  # pylint: disable=g-import-not-at-top
       coordination.initialize(coordinator_address, num_processes, process_id,
@@ -306,6 +361,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     PeerWatchdog(jax_distributed.global_state.client, jax.process_index(), jax.process_count(),
                  watch_limit_s(100 if heartbeat_timeout_s is None else heartbeat_timeout_s)
                  ).start()
+  if jax.process_count() > 1:
+    stop_on_sigterm()
   logging.info('Joined job as process %d of %d (coordination service on %s).',
                jax.process_index(), jax.process_count(), bind or 'every interface')
   return True

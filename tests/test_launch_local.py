@@ -1,15 +1,17 @@
 """The local launcher: core pinning, loopback-only listeners, and what a dead process causes.
 
 The fault tests run ``launch_probe/fault_probe.py`` (no JAX) under the launcher: one process
-SIGKILLs itself and the marker files show whether the others were stopped, went on, or met
-a restarted copy. The listener test joins a real two-process JAX job.
+SIGKILLs itself and the marker files show that the others were stopped. The listener and
+peer tests join real two-process JAX jobs (``listen_probe``, ``peer_probe``).
 """
 
 import ast
+import contextlib
 import io
 import os
 import re
 import signal
+import sys
 import threading
 import time
 
@@ -53,60 +55,50 @@ def test_launched_processes_run_pinned_with_their_arguments(probes, cores_per_pr
       assert cores == sorted(os.sched_getaffinity(0))
 
 
-def _fault_run(tmp_path, victim, wait_for, on_failure):
+def _fault_run(tmp_path, victim, wait_for):
   out = io.StringIO()
   code = launch_local.launch(
       2, [f'--marker_dir={tmp_path}', f'--victim={victim}', f'--wait_for={wait_for}'],
-      module='fault_probe', timeout_s=60, stdout=out, on_failure=on_failure,
-      restart_delay_s=0.0)
+      module='fault_probe', timeout_s=60, stdout=out, grace_s=2.0)
   runs = {i: (tmp_path / f'runs_{i}').read_text().count('run') for i in (0, 1)
           if (tmp_path / f'runs_{i}').exists()}
   finished = {i for i in (0, 1) if (tmp_path / f'finished_{i}').exists()}
   return code, out.getvalue(), runs, finished
 
 
-def test_a_restarted_worker_rejoins_and_the_job_succeeds(tmp_path, probes):
-  code, out, runs, finished = _fault_run(tmp_path, 1, 'finished_1', 'restart')
-  assert code == 0, out
-  assert 'launcher: process 1 was killed by SIGKILL; starting it again' in out
-  assert runs == {0: 1, 1: 2} and finished == {0, 1}
-
-
-def test_stop_policy_names_the_dead_process_and_stops_the_others(tmp_path, probes):
-  code, out, runs, finished = _fault_run(tmp_path, 1, 'finished_1', 'stop')
+@pytest.mark.parametrize('victim', [0, 1])
+def test_a_dead_process_is_named_and_the_others_are_stopped(tmp_path, probes, victim):
+  code, out, runs, finished = _fault_run(tmp_path, victim, f'finished_{victim}')
   assert code == _KILLED, out
-  assert 'launcher: process 1 was killed by SIGKILL; stopping the others' in out
-  assert runs[1] == 1 and not finished  # Process 0 may be stopped before it starts.
+  assert (f'launcher: process {victim} was killed by SIGKILL; this job needs every process, '
+          'so the launcher stops the others') in out
+  assert runs[victim] == 1 and not finished  # The survivor may be stopped before it starts.
+  # fault_probe ignores nothing: SIGTERM ends the survivor well within the grace period.
+  assert 'did not stop within' not in out
 
 
-def test_continue_policy_reports_the_dead_worker_and_lets_the_others_finish(tmp_path, probes):
-  code, out, runs, finished = _fault_run(tmp_path, 1, 'died', 'continue')
-  assert code == _KILLED, out  # The job ran on, but a worker's last run failed.
-  assert 'launcher: process 1 was killed by SIGKILL; the others go on without it' in out
-  assert runs == {0: 1, 1: 1} and finished == {0}
-
-
-def test_death_of_process_0_ends_the_job_with_a_clear_line(tmp_path, probes):
-  code, out, runs, finished = _fault_run(tmp_path, 0, 'finished_0', 'restart')
-  assert code == _KILLED, out
-  assert 'launcher: process 0 was killed by SIGKILL; it hosts the coordination service' in out
-  assert runs[0] == 1 and not finished
+@pytest.mark.parametrize('args', [
+    [f'--config={_REPO}/configs/ssp_lenet.py'],
+    [f'--config={_REPO}/configs/default.py', '--config.parallel.mode=ssp'],
+])
+def test_ssp_is_refused_before_anything_starts(tmp_path, args):
+  with pytest.raises(launch_local.LaunchError, match='SSP runs on the Ray engine.*num_workers'):
+    launch_local.launch(2, args + [f'--marker_dir={tmp_path}'], module='fault_probe')
+  assert not list(tmp_path.iterdir())
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err):
+    assert launch_local.main(['--num_processes=2', '--'] + args) == 2
+  assert err.getvalue().count('\n') == 1 and 'python -m pdcnno_jax.main' in err.getvalue()
 
 
 @pytest.mark.parametrize('args, expected', [
-    ([f'--config={_REPO}/configs/ssp_lenet.py'], 'restart'),
-    ([f'--config={_REPO}/configs/default.py'], 'stop'),
-    ([f'--config={_REPO}/configs/default.py', '--config.parallel.mode=ssp'], 'restart'),
-    (['--config=no/such/file.py'], 'stop'),
+    ([f'--config={_REPO}/configs/ssp_lenet.py'], 'ssp'),
+    ([f'--config={_REPO}/configs/default.py'], 'sync'),
+    ([f'--config={_REPO}/configs/default.py', '--config.parallel.mode=mapreduce'], 'mapreduce'),
+    (['--config=no/such/file.py'], None),
 ])
-def test_auto_policy_follows_the_parallel_mode(args, expected):
-  policy, delay = launch_local.resolve_failure_policy('auto', args)
-  assert policy == expected
-  assert launch_local.resolve_failure_policy('stop', args)[0] == 'stop'
-  if expected == 'restart':  # SSP's heartbeat passes before the worker rejoins.
-    assert delay > 1.0
-  with pytest.raises(ValueError, match='--on_failure'):
-    launch_local.resolve_failure_policy('retry', args)
+def test_parallel_mode_reads_the_config_and_its_override(args, expected):
+  assert launch_local.parallel_mode(args) == expected
 
 
 @pytest.mark.parametrize('address, bind, expected', [
@@ -136,10 +128,42 @@ def test_local_job_listens_on_loopback_only(probes):
   found = {int(m.group(1)): ast.literal_eval(m.group(2))
            for m in re.finditer(r'\[p(\d)\] listeners=(\[.*?\])', out.getvalue())}
   assert sorted(found) == [0, 1], out.getvalue()
-  # Process 0: the coordination service and gloo; process 1: gloo.
-  assert len(found[0]) >= 2 and len(found[1]) >= 1, found
+  assert found[0] and found[1], found  # Gloo in each process.
   for address, _ in found[0] + found[1]:
     assert distributed.is_loopback(address), found
+
+
+def test_the_launchers_coordination_service_listens_on_loopback():
+  sys.path.insert(0, _PROBE_DIR)
+  try:
+    import listen_probe  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.remove(_PROBE_DIR)
+  before = set(listen_probe.listeners())
+  port = launch_local.free_port()
+  service = launch_local.start_coordination_service(f'127.0.0.1:{port}', 2)
+  try:
+    added = set(listen_probe.listeners()) - before
+  finally:
+    service.shutdown()
+  assert added == {('127.0.0.1', port)}, added
+
+
+@pytest.mark.parametrize('victim', [0, 1])
+def test_a_killed_process_ends_the_survivor_with_one_line_and_no_cpp_stack(probes, victim):
+  out = io.StringIO()
+  code = launch_local.launch(2, [f'--victim={victim}', '--heartbeat_s=10', '--kill'],
+                             module='peer_probe', timeout_s=120, stdout=out)
+  text = out.getvalue()
+  assert code == _KILLED, text[-3000:]
+  assert (f'launcher: process {victim} was killed by SIGKILL; this job needs every process'
+          in text), text[-3000:]
+  survivor = [line for line in text.splitlines() if line.startswith(f'[p{1 - victim}]')]
+  assert not any('Check failure' in line or 'Traceback' in line or 'F0000' in line
+                 for line in survivor), survivor
+  errors = [line for line in survivor if 'Error' in line or 'error' in line]
+  assert len(errors) == 1, survivor  # SIGTERM's line, or its collective's error.
+  assert 'finished without noticing' not in text
 
 
 @pytest.mark.parametrize('when', ['mid_run', 'at_exit'])
