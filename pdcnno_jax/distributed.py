@@ -301,8 +301,7 @@ class PeerWatchdog:
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, *, mode: str = 'auto',
-               initialization_timeout: int = 300, recoverable: bool = False,
-               heartbeat_timeout_s: float | None = None,
+               initialization_timeout: int = 300, heartbeat_timeout_s: float | None = None,
                bind_address: str | None = None) -> bool:
   """Joins the multi-process job if one is configured; returns whether it did.
 
@@ -313,12 +312,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     mode: ``'auto'`` (initialise if an address is given or a cluster is detected),
       ``'on'`` (always; rely on auto-detection for missing values) or ``'off'``.
     initialization_timeout: seconds to wait for every process to connect.
-    recoverable: SSP training: start the runtime through
-      ``parallel.ssp.coordination.initialize`` with recoverability on, so that a dead worker
-      does not abort the others and may rejoin (end such a job with ``coordination.shutdown``).
     heartbeat_timeout_s: seconds without heartbeats after which the coordination service
-      counts a process as dead (None: 10 with ``recoverable``, else JAX's 100). Without
-      ``recoverable`` a `PeerWatchdog` stops the survivors after `watch_limit_s` of it.
+      counts a process as dead (None: JAX's 100); a `PeerWatchdog` stops the survivors of a
+      silent peer after `watch_limit_s` of it.
     bind_address: ``host:port`` process 0's coordination service listens on (see
       `coordinator_bind_address` for the default).
 
@@ -342,26 +338,18 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   # CPU devices of different processes talk over gloo (harmless on GPU/TPU hosts).
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   with _bind_env(bind), _service_hosted_elsewhere(bool(os.environ.get(EXTERNAL_SERVICE_ENV))):
-    if recoverable:
-      from pdcnno_jax.parallel.ssp import coordination  # pylint: disable=g-import-not-at-top
-      coordination.initialize(coordinator_address, num_processes, process_id,
-                              heartbeat_timeout_s=10 if heartbeat_timeout_s is None
-                              else heartbeat_timeout_s,
-                              recoverable=True, initialization_timeout_s=initialization_timeout)
-    else:
-      timeouts = ({} if heartbeat_timeout_s is None else
-                  {'heartbeat_timeout_seconds': max(1, int(round(heartbeat_timeout_s)))})
-      jax.distributed.initialize(coordinator_address=coordinator_address,
-                                 num_processes=num_processes, process_id=process_id,
-                                 initialization_timeout=initialization_timeout, **timeouts)
+    timeouts = ({} if heartbeat_timeout_s is None else
+                {'heartbeat_timeout_seconds': max(1, int(round(heartbeat_timeout_s)))})
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id,
+                               initialization_timeout=initialization_timeout, **timeouts)
   if bind is not None and is_loopback(split_address(bind)[0]):
     use_loopback_cpu_collectives()
-  if not recoverable and jax.process_count() > 1:
+  if jax.process_count() > 1:
     from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
     PeerWatchdog(jax_distributed.global_state.client, jax.process_index(), jax.process_count(),
                  watch_limit_s(100 if heartbeat_timeout_s is None else heartbeat_timeout_s)
                  ).start()
-  if jax.process_count() > 1:
     stop_on_sigterm()
   logging.info('Joined job as process %d of %d (coordination service on %s).',
                jax.process_index(), jax.process_count(), bind or 'every interface')
