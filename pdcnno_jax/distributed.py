@@ -248,8 +248,13 @@ class PeerWatchdog:
     self._mark_done()
     try:
       self._shutdown()
-    finally:
+    except Exception as e:  # pylint: disable=broad-except
       self.stop()
+      print(f'Error: process {self._id} could not leave the job (JAX\'s exit barrier failed: '
+            f'{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); a '
+            'peer is probably gone.', file=sys.stderr, flush=True)
+      os._exit(EXIT_PEER_LOST)
+    self.stop()
 
   def stop(self) -> None:
     """Stops watching and joins the thread (marks this process done unless `finish` did)."""

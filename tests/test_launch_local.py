@@ -11,6 +11,7 @@ import io
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -254,6 +255,27 @@ def test_finish_after_the_service_is_gone_is_not_a_death():
   watchdog.finish()
   assert not lost
   assert not any(t.name == 'PeerWatchdog' and t.is_alive() for t in threading.enumerate())
+
+
+def test_a_failed_exit_barrier_is_one_line_and_exit_code_5(tmp_path):
+  script = tmp_path / 'failed_barrier.py'
+  script.write_text(
+      'import sys\n'
+      f'sys.path.insert(0, {_REPO!r})\n'
+      'from pdcnno_jax import distributed\n'
+      'class Store:\n'
+      '  def key_value_set(self, key, value, allow_overwrite=False):\n'
+      '    pass\n'
+      '  def key_value_dir_get(self, prefix):\n'
+      '    return []\n'
+      'def barrier():\n'
+      '  raise RuntimeError("DEADLINE_EXCEEDED: Shutdown barrier timed out\\nmore")\n'
+      'distributed.PeerWatchdog(Store(), 0, 2, 5.0, interval_s=0.01, shutdown=barrier).start()\n')
+  done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                        timeout=120, check=False, cwd=tmp_path)
+  assert done.returncode == distributed.EXIT_PEER_LOST, done.stderr
+  assert done.stderr.strip().count('\n') == 0, done.stderr
+  assert 'could not leave the job' in done.stderr and 'Shutdown barrier' in done.stderr
 
 
 def test_watchdog_ignores_a_peer_that_finished():
