@@ -8,8 +8,8 @@ Each process runs ``python -m pdcnno_jax.main`` (or ``--module``) with
 coordination service and the CPU collectives (gloo) between them listen on 127.0.0.1 only.
 Output lines are prefixed with ``[p<i>]``; the launcher's own lines with ``launcher:``.
 
-The launcher hosts the job's coordination service itself (on 127.0.0.1), so that every
-process, process 0 included, may die without taking the service with it. Every mode it runs
+The launcher hosts the job's coordination service in a process of its own (on 127.0.0.1), so
+that any process, process 0 included, may die without taking the service with it. Every mode it runs
 (sync, MapReduce on the jax engine) needs every process: when one dies the launcher says
 which and how (exit code or signal), ends the others (SIGTERM, then SIGKILL after
 ``--grace_s``; a process joined through `pdcnno_jax.distributed` turns SIGTERM into one line)
@@ -155,16 +155,40 @@ def refuse_ssp(args: Sequence[str]) -> None:
 _SERVICE_HEARTBEAT_TIMEOUT_S = 3600
 
 
-def start_coordination_service(address: str, num_processes: int):
-  """JAX's coordination service for ``num_processes`` processes, listening on ``address``.
+# Hosts the service in a process of its own session, so that pausing the launcher (Ctrl-Z, a
+# job-control SIGSTOP) does not freeze the service and abort every process; it ends when its
+# stdin closes (the launcher shut it down or died).
+_SERVICE_RUN = ('import sys; from jax._src.lib import _jax; '
+                'service = _jax.get_distributed_runtime_service('
+                'sys.argv[1], int(sys.argv[2]), heartbeat_timeout=int(sys.argv[3])); '
+                'print("ready", flush=True); sys.stdin.read(); service.shutdown()')
+
+
+class CoordinationService:
+  """JAX's coordination service for ``num_processes`` processes, in a child process.
 
   The processes join it with `pdcnno_jax.distributed.initialize` under the environment
   variable ``distributed.EXTERNAL_SERVICE_ENV`` (process 0 then starts no service of its own).
-  Returns the service; call its ``shutdown()`` when the job has ended.
   """
-  from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
-  return _jax.get_distributed_runtime_service(
-      address, num_processes, heartbeat_timeout=_SERVICE_HEARTBEAT_TIMEOUT_S)
+
+  def __init__(self, address: str, num_processes: int, python: str = sys.executable):
+    self.proc = subprocess.Popen(
+        [python, '-c', _SERVICE_RUN, address, str(num_processes),
+         str(_SERVICE_HEARTBEAT_TIMEOUT_S)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        env=process_env(1), start_new_session=True)
+    ready = self.proc.stdout.readline()
+    if ready.strip() != b'ready':
+      self.shutdown()
+      raise RuntimeError(f'the coordination service on {address} did not start.')
+
+  def shutdown(self) -> None:
+    if self.proc.poll() is None:
+      try:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=10)
+      except (OSError, subprocess.TimeoutExpired):
+        self.proc.kill()
+        self.proc.wait()
 
 
 class _Job:
@@ -282,7 +306,7 @@ def launch(num_processes: int, args: Sequence[str], *, module: str = 'pdcnno_jax
   env[distributed.EXTERNAL_SERVICE_ENV] = '1'
   job = _Job(commands, env, stdout or sys.stdout)
   deadline = None if timeout_s is None else time.monotonic() + timeout_s
-  service = start_coordination_service(address, num_processes)
+  service = CoordinationService(address, num_processes, python)
   try:
     for i in range(num_processes):
       job.start(i)

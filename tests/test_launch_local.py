@@ -134,20 +134,20 @@ def test_local_job_listens_on_loopback_only(probes):
     assert distributed.is_loopback(address), found
 
 
-def test_the_launchers_coordination_service_listens_on_loopback():
-  sys.path.insert(0, _PROBE_DIR)
-  try:
-    import listen_probe  # pylint: disable=g-import-not-at-top
-  finally:
-    sys.path.remove(_PROBE_DIR)
-  before = set(listen_probe.listeners())
+def test_the_launchers_coordination_service_listens_on_loopback_in_its_own_session():
+  import psutil  # pylint: disable=g-import-not-at-top
   port = launch_local.free_port()
-  service = launch_local.start_coordination_service(f'127.0.0.1:{port}', 2)
+  service = launch_local.CoordinationService(f'127.0.0.1:{port}', 2)
   try:
-    added = set(listen_probe.listeners()) - before
+    process = psutil.Process(service.proc.pid)
+    connections = getattr(process, 'net_connections', process.connections)(kind='tcp')
+    listening = {(c.laddr.ip.removeprefix('::ffff:'), c.laddr.port) for c in connections
+                 if c.status == 'LISTEN'}
+    assert os.getsid(service.proc.pid) != os.getsid(0)  # Not paused with the launcher.
   finally:
     service.shutdown()
-  assert added == {('127.0.0.1', port)}, added
+  assert listening == {('127.0.0.1', port)}, listening
+  assert service.proc.returncode == 0
 
 
 @pytest.mark.parametrize('victim', [0, 1])
