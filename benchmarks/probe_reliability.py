@@ -139,8 +139,11 @@ def probe_checkpoint(kind: str, root: str, data_dir: str) -> Row:
   resumed = 'Resuming from step 10' in text
   warned = re.search(r'(Skipping|Replacing)[^\n]*\b20\b', text) is not None
   line = next((l for l in text.splitlines() if 'Skipping' in l), error_line(text))
-  return Row(f'ckpt_{kind}', code, line[-160:], seconds,
-             code == 0 and resumed and warned and is_clean(text))
+  missing = [what for what, ok in (('resume from step 10', resumed), ('warning', warned),
+                                   ('clean output', is_clean(text))) if not ok]
+  raw = next((l for l in text.splitlines() if any(r in l for r in _RAW)), '')
+  note = f' [missing: {", ".join(missing)}{"; " + raw[:80] if raw else ""}]' if missing else ''
+  return Row(f'ckpt_{kind}', code, line[-160:] + note, seconds, code == 0 and not missing)
 
 
 def probe_all_checkpoints_corrupt(root: str, data_dir: str) -> Row:
