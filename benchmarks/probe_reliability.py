@@ -35,6 +35,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PY = sys.executable
 _ERROR_PREFIXES = ('Config error', 'Workdir error', 'Data error', 'Training diverged',
                    'Training collapsed', 'Checkpoint error', 'Error', 'launcher:')
+_TRAINING = r'\[p\d\].*(steps/s|\bround \d|\bstep \d)'  # A line of a process that trains.
 _RAW = ('Traceback (most recent call last)', 'Check failure', '*** SIG', 'FATAL')
 
 
@@ -187,7 +188,7 @@ def _job_pids(launcher: subprocess.Popen) -> dict[int, int]:
       match = re.search(r'--process_id=(\d+)', ' '.join(child.cmdline()))
     except psutil.Error:
       continue
-    if match and child.name().startswith('python'):
+    if match and '--coordinator_address=' in ' '.join(child.cmdline()):
       found[int(match.group(1))] = child.pid
   return found
 
@@ -212,7 +213,7 @@ def probe_kill(mode: str, victim: int, root: str, data_dir: str) -> Row:
   if mode == 'mapreduce':
     args.append('--config.parallel.engine=jax')
   launcher, lines = _launch(args), []
-  if not _wait_for(launcher, r'\[p\d\].*(steps/s|round|step \d)', lines):
+  if not _wait_for(launcher, _TRAINING, lines):
     launcher.kill()
     return Row(name, launcher.wait(), 'never started training: ' + ' | '.join(lines[-3:]), 0,
                False)
@@ -240,7 +241,7 @@ def probe_listeners(root: str, data_dir: str) -> Row:
   start = time.monotonic()
   launcher, found = _launch(args), set()
   lines: list[str] = []
-  _wait_for(launcher, r'\[p\d\].*(steps/s|step \d)', lines)
+  _wait_for(launcher, _TRAINING, lines)
   pids = {launcher.pid, *_job_pids(launcher).values()}
   out = subprocess.run(['ss', '-ltnpH'], capture_output=True, text=True, check=False).stdout
   for row in out.splitlines():
