@@ -162,7 +162,7 @@ def probe_divergence(root: str, data_dir: str) -> Row:
   code, text, seconds = _main(workdir, *_short(data_dir, 60, '--config.checkpoint_every_steps=1',
                                                '--config.optimizer.learning_rate=1e6'))
   row = _one_line_error('lr_1e6_every_step', code, text, seconds, 4)
-  named = re.search(r'step (\d+)', row.line)
+  named = re.search(r'last good checkpoint is step (\d+)', row.line)
   ckpt = os.path.join(workdir, 'checkpoints')
   committed = named is not None and os.path.isdir(os.path.join(ckpt, named.group(1)))
   temporary = [d for d in os.listdir(ckpt) if 'tmp' in d] if os.path.isdir(ckpt) else []
@@ -235,14 +235,16 @@ def probe_kill(mode: str, victim: int, root: str, data_dir: str) -> Row:
 
 
 def probe_listeners(root: str, data_dir: str) -> Row:
-  """Every TCP listener of a 2-process local job (launcher included) is on loopback."""
+  """Every TCP listener of a 2-process local job (launcher and its service too) is on loopback."""
+  import psutil  # pylint: disable=g-import-not-at-top
   args = [f'--workdir={os.path.join(root, "listen")}', '--config=configs/default.py',
           *_short(data_dir, 60)]
   start = time.monotonic()
   launcher, found = _launch(args), set()
   lines: list[str] = []
   _wait_for(launcher, _TRAINING, lines)
-  pids = {launcher.pid, *_job_pids(launcher).values()}
+  children = psutil.Process(launcher.pid).children(recursive=True)
+  pids = {launcher.pid, *(c.pid for c in children)}
   out = subprocess.run(['ss', '-ltnpH'], capture_output=True, text=True, check=False).stdout
   for row in out.splitlines():
     owners = {int(p) for p in re.findall(r'pid=(\d+)', row)}
