@@ -7,17 +7,19 @@ Three ways a process learns it is part of a multi-process job:
     from the environment (SLURM_* variables, TPU metadata);
   * neither: a single process, nothing to initialise.
 
-Network exposure. Process 0 hosts JAX's coordination service (gRPC, no authentication: any
-client that reaches the port can read and write the job's key-value store, which SSP uses
-as its parameter store). With a loopback coordinator address (local launches) the service
-binds to 127.0.0.1 and CPU collectives (gloo, one TCP listener per process on a random
-port) bind to 127.0.0.1 too. On a cluster the service binds to ``bind_address`` when one is
-given, else to every interface (JAX's default, logged as a warning); restrict the port to
-the job's hosts with a firewall or a private network.
+Network exposure. JAX's coordination service (gRPC, no authentication: any client that
+reaches the port can read and write the job's key-value store) runs in process 0, or in the
+local launcher (``launch/local.py``), which hosts it on 127.0.0.1 so that any process may
+die without taking it along. With a loopback coordinator address the service and the CPU
+collectives (gloo, one TCP listener per process on a random port) bind to 127.0.0.1. On a
+cluster the service binds to ``bind_address`` when one is given, else to every interface
+(JAX's default, logged as a warning); restrict the port to the job's hosts with a firewall
+or a private network.
 
-Dead peers. In a job that needs every process (not SSP), `PeerWatchdog` ends a process whose
-peer stopped beating with one line on stderr, before JAX's runtime notices the missing
-heartbeats and aborts every process with a C++ stack trace.
+Dead peers. `PeerWatchdog` ends a process whose peer stopped beating with one line on
+stderr, before JAX's runtime notices the missing heartbeats and aborts every process with a
+C++ stack trace, also while the process waits in JAX's exit barrier; SIGTERM (the launcher
+stopping the job) is one line too.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import atexit
 import contextlib
 import ipaddress
 import os
+import signal
 import sys
 import threading
 import time
@@ -40,6 +43,9 @@ _CLUSTER_ENV_HINTS = ('SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDIN
 _BIND_ENV = 'JAX_COORDINATOR_BIND_ADDRESS'
 LOOPBACK = '127.0.0.1'
 EXIT_PEER_LOST = 5  # Exit code of a process stopped because a peer is gone.
+# Set (to 1) by the local launcher, which hosts the coordination service itself: process 0
+# then joins it instead of starting its own.
+EXTERNAL_SERVICE_ENV = 'PDCNNO_EXTERNAL_COORDINATION_SERVICE'
 _LIVENESS_DIR = 'pdcnno_liveness/'
 _DONE = 'done'
 
@@ -104,6 +110,55 @@ def _bind_env(address: str | None):
       os.environ[_BIND_ENV] = previous
 
 
+@contextlib.contextmanager
+def _service_hosted_elsewhere(hosted: bool):
+  """While ``hosted``: ``jax.distributed.initialize`` in process 0 starts no service.
+
+  JAX has no public option for it: this hides the service factory its initialize calls.
+  """
+  if not hosted:
+    yield
+    return
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  lib = jax_distributed._jax  # pylint: disable=protected-access
+
+  class _WithoutService:
+
+    def __getattr__(self, name):
+      return getattr(lib, name)
+
+    @staticmethod
+    def get_distributed_runtime_service(*unused_args, **unused_kwargs):
+      return None
+
+  jax_distributed._jax = _WithoutService()  # pylint: disable=protected-access
+  try:
+    yield
+  finally:
+    jax_distributed._jax = lib  # pylint: disable=protected-access
+
+
+def _terminated(signum, unused_frame) -> None:
+  print(f'Error: process {jax.process_index()} was stopped by {signal.Signals(signum).name} '
+        '(a launcher ends the job when one of its processes dies: its line names which); '
+        'run the same command again to resume from the last checkpoint.',
+        file=sys.stderr, flush=True)
+  os._exit(128 + signum)
+
+
+def stop_on_sigterm() -> bool:
+  """Turns SIGTERM into one line on stderr and exit code 143 (no traceback, no C++ stack).
+
+  Only from the main thread and only when SIGTERM has its default action (a handler the
+  program installed stays). Returns whether it installed the handler.
+  """
+  if (threading.current_thread() is not threading.main_thread()
+      or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+    return False
+  signal.signal(signal.SIGTERM, _terminated)
+  return True
+
+
 def use_loopback_cpu_collectives() -> bool:
   """Makes gloo (CPU collectives between processes) listen on 127.0.0.1.
 
@@ -146,7 +201,7 @@ def watch_limit_s(heartbeat_timeout_s: float, interval_s: float = 1.0) -> float:
 
 
 def _peer_lost(process_id: int, peer: int, silent_s: float) -> None:
-  what = ('process 0 (the coordination service) is unreachable' if peer == 0 and
+  what = ('the coordination service is unreachable' if peer == 0 and
           silent_s < 0 else f'process {peer} stopped responding {abs(silent_s):.0f} s ago')
   print(f'Error: {what} (dead, hung or cut off); this job needs every process, so process '
         f'{process_id} stops too.', file=sys.stderr, flush=True)
@@ -159,29 +214,60 @@ class PeerWatchdog:
   Each process increments its own counter every ``interval_s``; a peer whose counter has not
   changed for ``limit_s`` (measured on this host's clock, so host clocks need not agree)
   calls ``on_lost(process_id, peer, silent_s)``; an unreachable service counts as the death
-  of process 0 (``silent_s < 0``). A process that finishes marks itself done (`stop`, also
-  at exit) and is no longer watched.
+  of process 0 (``silent_s < 0``).
+
+  At exit `finish` marks this process done (its peers stop watching it), leaves the job
+  through ``shutdown`` (JAX's exit barrier, which waits for every peer) while the thread still
+  watches the peers that are not done, so a peer that dies meanwhile ends this process with
+  one line instead of a C++ abort; then it stops and joins the thread, so that no thread is
+  inside a coordination-service call when the interpreter tears down. `stop` ends the
+  watching without leaving the job.
   """
 
   def __init__(self, client, process_id: int, num_processes: int, limit_s: float, *,
                interval_s: float = 1.0,
-               on_lost: Callable[[int, int, float], None] = _peer_lost):
+               on_lost: Callable[[int, int, float], None] = _peer_lost,
+               shutdown: Callable[[], None] = jax.distributed.shutdown):
     self._client, self._id, self._n = client, process_id, num_processes
     self._limit_s, self._interval_s, self._on_lost = limit_s, interval_s, on_lost
+    self._shutdown = shutdown
     self._stopped = threading.Event()
+    self._finished = threading.Event()
     self._thread = threading.Thread(target=self._run, name='PeerWatchdog', daemon=True)
 
   def start(self) -> 'PeerWatchdog':
     self._thread.start()
-    atexit.register(self.stop)  # Runs before JAX's own exit handler (registered earlier).
+    atexit.register(self.finish)  # Runs before JAX's own exit handler (registered earlier).
     return self
 
+  def finish(self) -> None:
+    """Marks this process done, leaves the job while watching the peers, stops the thread."""
+    if self._stopped.is_set():
+      return
+    self._finished.set()
+    self._mark_done()
+    try:
+      self._shutdown()
+    except Exception as e:  # pylint: disable=broad-except
+      self.stop()
+      print(f'Error: process {self._id} could not leave the job (JAX\'s exit barrier failed: '
+            f'{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); a '
+            'peer is probably gone.', file=sys.stderr, flush=True)
+      os._exit(EXIT_PEER_LOST)
+    self.stop()
+
   def stop(self) -> None:
-    """Marks this process done and stops watching."""
+    """Stops watching and joins the thread (marks this process done unless `finish` did)."""
     if self._stopped.is_set():
       return
     self._stopped.set()
-    self._thread.join(timeout=2 * self._interval_s)
+    # A call in flight returns within the service's RPC time; a hung service is the one case
+    # in which the (daemon) thread may outlive this wait.
+    self._thread.join(timeout=max(30.0, 4 * self._interval_s))
+    if not self._finished.is_set():
+      self._mark_done()
+
+  def _mark_done(self) -> None:
     try:
       self._client.key_value_set(f'{_LIVENESS_DIR}{self._id}', _DONE, allow_overwrite=True)
     except Exception:  # pylint: disable=broad-except
@@ -194,13 +280,16 @@ class PeerWatchdog:
     while not self._stopped.wait(self._interval_s):
       now = time.monotonic()
       try:
-        beats += 1
-        self._client.key_value_set(f'{_LIVENESS_DIR}{self._id}', str(beats),
-                                   allow_overwrite=True)
+        if not self._finished.is_set():
+          beats += 1
+          self._client.key_value_set(f'{_LIVENESS_DIR}{self._id}', str(beats),
+                                     allow_overwrite=True)
         values = dict(self._client.key_value_dir_get(_LIVENESS_DIR))
         reached = now
       except Exception:  # pylint: disable=broad-except
-        if now - reached > self._limit_s and not self._stopped.is_set():
+        # After `finish` the service may be gone because the job ended: not a death.
+        if (now - reached > self._limit_s and not self._stopped.is_set()
+            and not self._finished.is_set()):
           self._on_lost(self._id, 0, -(now - reached))
           return
         continue
@@ -217,8 +306,7 @@ class PeerWatchdog:
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, *, mode: str = 'auto',
-               initialization_timeout: int = 300, recoverable: bool = False,
-               heartbeat_timeout_s: float | None = None,
+               initialization_timeout: int = 300, heartbeat_timeout_s: float | None = None,
                bind_address: str | None = None) -> bool:
   """Joins the multi-process job if one is configured; returns whether it did.
 
@@ -229,12 +317,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     mode: ``'auto'`` (initialise if an address is given or a cluster is detected),
       ``'on'`` (always; rely on auto-detection for missing values) or ``'off'``.
     initialization_timeout: seconds to wait for every process to connect.
-    recoverable: SSP training: start the runtime through
-      ``parallel.ssp.coordination.initialize`` with recoverability on, so that a dead worker
-      does not abort the others and may rejoin (end such a job with ``coordination.shutdown``).
     heartbeat_timeout_s: seconds without heartbeats after which the coordination service
-      counts a process as dead (None: 10 with ``recoverable``, else JAX's 100). Without
-      ``recoverable`` a `PeerWatchdog` stops the survivors after `watch_limit_s` of it.
+      counts a process as dead (None: JAX's 100); a `PeerWatchdog` stops the survivors of a
+      silent peer after `watch_limit_s` of it.
     bind_address: ``host:port`` process 0's coordination service listens on (see
       `coordinator_bind_address` for the default).
 
@@ -257,26 +342,20 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                     'authentication; pass --coordinator_bind_address=IP:PORT to restrict it.')
   # CPU devices of different processes talk over gloo (harmless on GPU/TPU hosts).
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  with _bind_env(bind):
-    if recoverable:
-      from pdcnno_jax.parallel.ssp import coordination  # pylint: disable=g-import-not-at-top
-      coordination.initialize(coordinator_address, num_processes, process_id,
-                              heartbeat_timeout_s=10 if heartbeat_timeout_s is None
-                              else heartbeat_timeout_s,
-                              recoverable=True, initialization_timeout_s=initialization_timeout)
-    else:
-      timeouts = ({} if heartbeat_timeout_s is None else
-                  {'heartbeat_timeout_seconds': max(1, int(round(heartbeat_timeout_s)))})
-      jax.distributed.initialize(coordinator_address=coordinator_address,
-                                 num_processes=num_processes, process_id=process_id,
-                                 initialization_timeout=initialization_timeout, **timeouts)
+  with _bind_env(bind), _service_hosted_elsewhere(bool(os.environ.get(EXTERNAL_SERVICE_ENV))):
+    timeouts = ({} if heartbeat_timeout_s is None else
+                {'heartbeat_timeout_seconds': max(1, int(round(heartbeat_timeout_s)))})
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id,
+                               initialization_timeout=initialization_timeout, **timeouts)
   if bind is not None and is_loopback(split_address(bind)[0]):
     use_loopback_cpu_collectives()
-  if not recoverable and jax.process_count() > 1:
+  if jax.process_count() > 1:
     from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
     PeerWatchdog(jax_distributed.global_state.client, jax.process_index(), jax.process_count(),
                  watch_limit_s(100 if heartbeat_timeout_s is None else heartbeat_timeout_s)
                  ).start()
+    stop_on_sigterm()
   logging.info('Joined job as process %d of %d (coordination service on %s).',
                jax.process_index(), jax.process_count(), bind or 'every interface')
   return True

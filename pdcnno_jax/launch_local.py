@@ -8,13 +8,13 @@ Each process runs ``python -m pdcnno_jax.main`` (or ``--module``) with
 coordination service and the CPU collectives (gloo) between them listen on 127.0.0.1 only.
 Output lines are prefixed with ``[p<i>]``; the launcher's own lines with ``launcher:``.
 
-When a process dies the launcher says which one and how (exit code or signal), then follows
-``--on_failure``: ``stop`` ends the job (sync and MapReduce need every process), ``restart``
-starts the same command again after ``--restart_delay_s`` so that an SSP worker rejoins
-(at most ``--max_restarts`` times per process), ``continue`` lets the others go on;
-``auto`` (default) is ``restart`` for ``parallel.mode = 'ssp'`` and ``stop`` otherwise. Process
-0 hosts the coordination service: its death always ends the job. The exit code is 0 when
-every process's last run succeeded, else the first failure's (128 + N for signal N).
+The launcher hosts the job's coordination service in a process of its own (on 127.0.0.1), so
+that any process, process 0 included, may die without taking the service with it. Every mode it runs
+(sync, MapReduce on the jax engine) needs every process: when one dies the launcher says
+which and how (exit code or signal), ends the others (SIGTERM, then SIGKILL after
+``--grace_s``; a process joined through `pdcnno_jax.distributed` turns SIGTERM into one line)
+and exits with the dead process's code (128 + N for signal N). SSP runs on the Ray engine
+(one driver, worker actors) and is refused here before anything starts.
 
 ``--cores_per_process=C`` pins process i to its own C CPU cores (round robin over the cores
 this launcher may use), so that each process stands for a node with C cores: XLA sizes its
@@ -93,9 +93,6 @@ def process_env(devices_per_process: int, base: dict[str, str] | None = None) ->
   return env
 
 
-FAILURE_POLICIES = ('auto', 'stop', 'restart', 'continue')
-
-
 def describe_exit(returncode: int) -> str:
   """``'exited with code 1'`` or ``'was killed by SIGKILL'`` for a Popen return code."""
   if returncode < 0:
@@ -123,37 +120,79 @@ def _flag(args: Sequence[str], name: str) -> str | None:
   return value
 
 
-def resolve_failure_policy(policy: str, args: Sequence[str],
-                           restart_delay_s: float | None = None) -> tuple[str, float]:
-  """``(policy, restart delay)`` with ``'auto'`` and a None delay resolved from the config.
+class LaunchError(ValueError):
+  """A job the local launcher refuses to start (one line: what to run instead)."""
 
-  ``auto`` reads ``parallel.mode`` from ``--config`` (and a ``--config.parallel.mode``
-  override): ``restart`` for SSP, whose workers rejoin, else ``stop``. The default delay is
-  the SSP heartbeat timeout plus one second, so that the others drop the dead worker from
-  the staleness bound before it rejoins.
+
+def parallel_mode(args: Sequence[str]) -> str | None:
+  """``parallel.mode`` of the job: a ``--config.parallel.mode`` override, else ``--config``'s.
+
+  None when the arguments name no config or it does not load (the processes report that).
   """
-  if policy not in FAILURE_POLICIES:
-    raise ValueError(f'--on_failure={policy!r} must be one of {FAILURE_POLICIES}.')
-  mode, heartbeat = _flag(args, 'config.parallel.mode'), None
-  path = _flag(args, 'config')
-  if path and (mode is None or restart_delay_s is None):
+  mode, path = _flag(args, 'config.parallel.mode'), _flag(args, 'config')
+  if mode is None and path:
     from pdcnno_jax import config_lib  # pylint: disable=g-import-not-at-top
     try:
-      config = config_lib.load_config(path)
-      mode = mode or config.parallel.mode
-      heartbeat = config.parallel.heartbeat_timeout_s
+      mode = config_lib.load_config(path).parallel.mode
     except Exception:  # pylint: disable=broad-except
       pass  # The processes report the broken config themselves.
-  heartbeat = float(_flag(args, 'config.parallel.heartbeat_timeout_s') or heartbeat or 0.0)
-  if policy == 'auto':
-    policy = 'restart' if mode == 'ssp' else 'stop'
-  delay = restart_delay_s if restart_delay_s is not None else (
-      heartbeat + 1.0 if heartbeat else 0.0)
-  return policy, delay
+  return mode
+
+
+def refuse_ssp(args: Sequence[str]) -> None:
+  """Raises LaunchError for an SSP job: SSP runs on the Ray engine, not as launched processes."""
+  if parallel_mode(args) == 'ssp':
+    config = _flag(args, 'config') or 'configs/ssp_lenet.py'
+    raise LaunchError(
+        f'SSP runs on the Ray engine, not as launcher processes: run python -m '
+        f'pdcnno_jax.main --config={config} --workdir=DIR --config.parallel.num_workers=N '
+        '(one driver, N worker actors).')
+
+
+# The service's own dead-task detection is not needed under the launcher (it sees a death at
+# once through waitpid; frozen processes are the peers' watchdogs' business), and a timeout
+# shorter than a process's heartbeat interval would declare live processes dead.
+_SERVICE_HEARTBEAT_TIMEOUT_S = 3600
+
+
+# Hosts the service in a process of its own session, so that pausing the launcher (Ctrl-Z, a
+# job-control SIGSTOP) does not freeze the service and abort every process; it ends when its
+# stdin closes (the launcher shut it down or died).
+_SERVICE_RUN = ('import sys; from jax._src.lib import _jax; '
+                'service = _jax.get_distributed_runtime_service('
+                'sys.argv[1], int(sys.argv[2]), heartbeat_timeout=int(sys.argv[3])); '
+                'print("ready", flush=True); sys.stdin.read(); service.shutdown()')
+
+
+class CoordinationService:
+  """JAX's coordination service for ``num_processes`` processes, in a child process.
+
+  The processes join it with `pdcnno_jax.distributed.initialize` under the environment
+  variable ``distributed.EXTERNAL_SERVICE_ENV`` (process 0 then starts no service of its own).
+  """
+
+  def __init__(self, address: str, num_processes: int, python: str = sys.executable):
+    self.proc = subprocess.Popen(
+        [python, '-c', _SERVICE_RUN, address, str(num_processes),
+         str(_SERVICE_HEARTBEAT_TIMEOUT_S)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        env=process_env(1), start_new_session=True)
+    ready = self.proc.stdout.readline()
+    if ready.strip() != b'ready':
+      self.shutdown()
+      raise RuntimeError(f'the coordination service on {address} did not start.')
+
+  def shutdown(self) -> None:
+    if self.proc.poll() is None:
+      try:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=10)
+      except (OSError, subprocess.TimeoutExpired):
+        self.proc.kill()
+        self.proc.wait()
 
 
 class _Job:
-  """The processes of one launch: start, restart, stop, with prefixed output."""
+  """The processes of one launch: start, stop, with prefixed output."""
 
   def __init__(self, commands: Sequence[Sequence[str]], env: dict[str, str], stdout):
     self.commands, self.env, self.stdout = commands, env, stdout
@@ -173,74 +212,65 @@ class _Job:
     self.procs[i] = proc
     self.pumps.append(pump)
 
-  def stop(self) -> None:
+  def stop(self, grace_s: float) -> None:
+    """SIGTERM to every running process, SIGKILL to those still running ``grace_s`` later."""
     for p in self.procs:
       if p is not None and p.poll() is None:
         os.killpg(p.pid, signal.SIGTERM)
         os.killpg(p.pid, signal.SIGCONT)  # A stopped (frozen) process acts on it at once.
-    for p in self.procs:
+    deadline = time.monotonic() + grace_s
+    for i, p in enumerate(self.procs):
       if p is None:
         continue
       try:
-        p.wait(timeout=10)
+        p.wait(timeout=max(0.0, deadline - time.monotonic()))
       except subprocess.TimeoutExpired:
+        self.say(f'process {i} did not stop within {grace_s:g} s of SIGTERM: killing it.')
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
     for t in self.pumps:
       t.join(timeout=5)
 
 
-def _supervise(job: _Job, policy: str, max_restarts: int, restart_delay_s: float,
-               deadline: float | None, timeout_s: float | None) -> int:
-  """Waits for the job, acting on each process death by ``policy``; returns the exit code."""
-  n = len(job.procs)
-  restarts, pending, given_up = [0] * n, {}, {}
+def _first_failure(codes: Sequence[int | None]) -> int | None:
+  """The process whose failure ended the job, among those that have failed so far.
+
+  A process killed by a signal, then one that failed on its own, before one that stopped
+  because a peer was lost (and before survivors whose collectives failed with the death).
+  """
+  from pdcnno_jax import distributed  # pylint: disable=g-import-not-at-top
+  failed = [i for i, code in enumerate(codes) if code not in (None, 0)]
+  return min(failed, key=lambda i: (codes[i] >= 0, codes[i] == distributed.EXIT_PEER_LOST),
+             default=None)
+
+
+def _supervise(job: _Job, deadline: float | None, timeout_s: float | None) -> int:
+  """Waits for the job; at the first death says which process and how; returns the exit code."""
+  from pdcnno_jax import distributed  # pylint: disable=g-import-not-at-top
   while True:
-    now = time.monotonic()
-    for i in [i for i, at in pending.items() if at <= now]:
-      del pending[i]
-      job.start(i)
     codes = [p.poll() for p in job.procs]
-    for i, code in enumerate(codes):
-      if code in (None, 0) or i in pending or i in given_up:
-        continue
-      how = describe_exit(code)
-      from pdcnno_jax import distributed  # pylint: disable=g-import-not-at-top
-      if code == distributed.EXIT_PEER_LOST:
+    i = _first_failure(codes)
+    if i is not None:
+      if codes[i] == distributed.EXIT_PEER_LOST:
         job.say(f'process {i} stopped because a peer stopped responding (its last line says '
                 'which); stopping the others.')
-        return code
-      if i == 0:
-        job.say(f'process 0 {how}; it hosts the coordination service, so the job cannot '
-                'go on: stopping the others. Run the same command again to resume from the '
-                'checkpoints.')
-        return shell_code(code)
-      if policy == 'stop':
-        job.say(f'process {i} {how}; stopping the others (this mode needs every process; '
-                'SSP runs rejoin with --on_failure=restart).')
-        return shell_code(code)
-      if policy == 'restart' and restarts[i] < max_restarts:
-        restarts[i] += 1
-        job.say(f'process {i} {how}; starting it again in {restart_delay_s:g} s to rejoin '
-                f'(restart {restarts[i]} of {max_restarts}).')
-        pending[i] = now + restart_delay_s
-        continue
-      job.say(f'process {i} {how}; the others go on without it'
-              + (f' ({max_restarts} restarts used).' if policy == 'restart' else '.'))
-      given_up[i] = shell_code(code)
-    if not pending and all(c is not None for c in codes):
-      return next((shell_code(c) for c in codes if c), 0)
-    if deadline is not None and now > deadline:
+      else:
+        job.say(f'process {i} {describe_exit(codes[i])}; this job needs every process, so '
+                'the launcher stops the others. Run the same command again to resume from '
+                'the last checkpoint.')
+      return shell_code(codes[i])
+    if all(c is not None for c in codes):
+      return 0
+    if deadline is not None and time.monotonic() > deadline:
       job.say(f'timeout after {timeout_s} s, stopping all processes')
       return 124
-    time.sleep(0.1)
+    time.sleep(0.05)
 
 
 def launch(num_processes: int, args: Sequence[str], *, module: str = 'pdcnno_jax.main',
            devices_per_process: int = 1, timeout_s: float | None = None,
            python: str = sys.executable, stdout=None, cores_per_process: int = 0,
-           on_failure: str = 'auto', max_restarts: int = 3,
-           restart_delay_s: float | None = None) -> int:
+           grace_s: float = 5.0) -> int:
   """Runs ``num_processes`` copies of ``python -m module args`` as one JAX job.
 
   Args:
@@ -253,17 +283,18 @@ def launch(num_processes: int, args: Sequence[str], *, module: str = 'pdcnno_jax
     stdout: where prefixed output goes (default sys.stdout).
     cores_per_process: pin each process to this many cores of its own (`core_sets`);
       0: no pinning.
-    on_failure: what a dead process other than 0 causes (module docstring).
-    max_restarts: with ``restart``, how often each process is started again.
-    restart_delay_s: seconds between a death and the restart (None: from the config,
-      `resolve_failure_policy`).
+    grace_s: seconds between SIGTERM and SIGKILL when the job is stopped.
 
   Returns:
-    0 if every process's last run succeeded, else the first failure's exit code
+    0 if every process succeeded, else the code of the process whose failure ended the job
     (128 + N for signal N; 124 on timeout).
+
+  Raises:
+    LaunchError: for an SSP job (`refuse_ssp`), before anything starts.
   """
-  policy, delay = resolve_failure_policy(on_failure, args, restart_delay_s)
-  address = f'127.0.0.1:{free_port()}'
+  refuse_ssp(args)
+  from pdcnno_jax import distributed  # pylint: disable=g-import-not-at-top
+  address = f'{distributed.LOOPBACK}:{free_port()}'
   pinned = core_sets(num_processes, cores_per_process) if cores_per_process else None
   commands = []
   for i in range(num_processes):
@@ -271,14 +302,18 @@ def launch(num_processes: int, args: Sequence[str], *, module: str = 'pdcnno_jax
            else [python, '-m', module])
     commands.append([*run, *args, f'--coordinator_address={address}',
                      f'--num_processes={num_processes}', f'--process_id={i}'])
-  job = _Job(commands, process_env(devices_per_process), stdout or sys.stdout)
+  env = process_env(devices_per_process)
+  env[distributed.EXTERNAL_SERVICE_ENV] = '1'
+  job = _Job(commands, env, stdout or sys.stdout)
   deadline = None if timeout_s is None else time.monotonic() + timeout_s
+  service = CoordinationService(address, num_processes, python)
   try:
     for i in range(num_processes):
       job.start(i)
-    return _supervise(job, policy, max_restarts, delay, deadline, timeout_s)
+    return _supervise(job, deadline, timeout_s)
   finally:
-    job.stop()
+    job.stop(grace_s)
+    service.shutdown()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -289,21 +324,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--timeout_s', type=float, default=None)
   parser.add_argument('--cores_per_process', type=int, default=0,
                       help='pin each process to this many cores of its own (0: no pinning)')
-  parser.add_argument('--on_failure', choices=FAILURE_POLICIES, default='auto',
-                      help='when a process other than 0 dies: stop the job, restart it '
-                      '(SSP rejoin) or continue; auto: restart for SSP, else stop')
-  parser.add_argument('--max_restarts', type=int, default=3,
-                      help='with --on_failure=restart: restarts per process')
-  parser.add_argument('--restart_delay_s', type=float, default=None,
-                      help='seconds before a restart (default: SSP heartbeat timeout + 1)')
+  parser.add_argument('--grace_s', type=float, default=5.0,
+                      help='when the job stops: seconds between SIGTERM and SIGKILL')
   parser.add_argument('args', nargs=argparse.REMAINDER,
                       help='arguments for every process, after --')
   ns = parser.parse_args(argv)
   args = ns.args[1:] if ns.args[:1] == ['--'] else ns.args
-  return launch(ns.num_processes, args, module=ns.module,
-                devices_per_process=ns.devices_per_process, timeout_s=ns.timeout_s,
-                cores_per_process=ns.cores_per_process, on_failure=ns.on_failure,
-                max_restarts=ns.max_restarts, restart_delay_s=ns.restart_delay_s)
+  try:
+    return launch(ns.num_processes, args, module=ns.module,
+                  devices_per_process=ns.devices_per_process, timeout_s=ns.timeout_s,
+                  cores_per_process=ns.cores_per_process, grace_s=ns.grace_s)
+  except LaunchError as e:
+    print(f'launcher: {e}', file=sys.stderr, flush=True)
+    return 2
 
 
 if __name__ == '__main__':
