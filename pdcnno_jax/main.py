@@ -131,8 +131,9 @@ def error_lines(error: Exception) -> tuple[int, list[str]]:
     return EXIT_CONFIG, [f'Config error: {line}' for line in error.problems]
   if isinstance(error, config_validation.WorkdirError):
     return EXIT_CONFIG, [f'Workdir error: {error}']
-  if datasets and isinstance(error, datasets.DatasetNotFoundError):
-    return EXIT_DATA, [f'Data error: {error}']
+  if datasets and isinstance(error, (datasets.DatasetNotFoundError,
+                                     datasets.DatasetCorruptError)):
+    return EXIT_DATA, [f'Data error: {line}' for line in str(error).splitlines()]
   if checks and isinstance(error, checks.DivergedError):
     return EXIT_DIVERGED, [f'Training diverged: {error}']
   if collapse and isinstance(error, collapse.TrainingCollapseError):

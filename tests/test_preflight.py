@@ -185,3 +185,13 @@ def test_debug_flag_shows_the_traceback(tmp_path):
   result = _main(tmp_path, '--config=configs/default.py', '--debug')
   assert result.returncode != 0
   assert 'Traceback' in result.stderr and 'is a file, not a directory' in result.stderr
+
+
+def test_a_corrupt_data_set_is_a_data_error_with_every_line_of_its_fix():
+  """The record file and the rebuild command both reach the user, with the data exit code."""
+  from pdcnno_jax import main  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  error = datasets.DatasetCorruptError('data/x-train.tfrecord is corrupt.\nRebuild: run y')
+  code, lines = main.error_lines(error)
+  assert code == main.EXIT_DATA
+  assert lines == ['Data error: data/x-train.tfrecord is corrupt.', 'Data error: Rebuild: run y']
