@@ -11,7 +11,6 @@ Static checks over the source (``ast``), so they cover imports inside functions 
 """
 
 import ast
-import os
 import pathlib
 
 import pytest

@@ -19,7 +19,6 @@ from pdcnno_jax.parallel import sync
 from pdcnno_jax.testing import experiments as mode_fixtures
 from pdcnno_jax.train import checkpointing
 from pdcnno_jax.train import sharding as sharding_lib
-from pdcnno_jax.train import state as state_lib
 
 # --- Split --------------------------------------------------------------------------------
 
