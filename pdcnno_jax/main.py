@@ -133,7 +133,7 @@ def error_lines(error: Exception) -> tuple[int, list[str]]:
     return EXIT_CONFIG, [f'Workdir error: {error}']
   if datasets and isinstance(error, (datasets.DatasetNotFoundError,
                                      datasets.DatasetCorruptError)):
-    return EXIT_DATA, [f'Data error: {line}' for line in str(error).splitlines()]
+    return EXIT_DATA, [f'Data error: {error}']  # Its message's further lines give the fix.
   if checks and isinstance(error, checks.DivergedError):
     return EXIT_DIVERGED, [f'Training diverged: {error}']
   if collapse and isinstance(error, collapse.TrainingCollapseError):

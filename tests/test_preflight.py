@@ -194,4 +194,4 @@ def test_a_corrupt_data_set_is_a_data_error_with_every_line_of_its_fix():
   error = datasets.DatasetCorruptError('data/x-train.tfrecord is corrupt.\nRebuild: run y')
   code, lines = main.error_lines(error)
   assert code == main.EXIT_DATA
-  assert lines == ['Data error: data/x-train.tfrecord is corrupt.', 'Data error: Rebuild: run y']
+  assert lines == ['Data error: data/x-train.tfrecord is corrupt.\nRebuild: run y']
