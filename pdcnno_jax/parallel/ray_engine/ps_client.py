@@ -34,6 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pdcnno_jax.parallel.ray_engine import transport
+from pdcnno_jax.parallel.ssp import serialization
 
 
 @dataclasses.dataclass
@@ -110,7 +111,7 @@ class PSClient:
       if first <= clock < upto:
         ray.get(self.shards[shard].push_and_read.remote(self.worker, clock, part, None))
         self.resends += 1
-        self.log.record(sent=transport.nbytes(part))
+        self.log.record(sent=serialization.payload_nbytes(part))
 
   def issue(self, clock: int, delta: Sequence[np.ndarray] | None,
             read_clock: int | None) -> PendingCall:
@@ -153,8 +154,8 @@ class PSClient:
     elapsed = time.perf_counter() - start
     # The shard's wait for the bound, less the part of it this worker spent on other work.
     wait = min(max(max(r['wait_s'] for r in replies) - (start - call.issued), 0.0), elapsed)
-    self.log.record(sent=sum(transport.nbytes(p) for p in call.parts),
-                    received=sum(transport.nbytes(r['buffers']) for r in replies),
+    self.log.record(sent=sum(serialization.payload_nbytes(p) for p in call.parts),
+                    received=sum(serialization.payload_nbytes(r['buffers']) for r in replies),
                     seconds=call.issue_s + elapsed - wait)
     if new_clock or not self.wait_seconds:
       self.wait_seconds.append(wait)

@@ -36,6 +36,7 @@ from pdcnno_jax.parallel.ray_engine import ssp_worker
 from pdcnno_jax.parallel.ray_engine import transport
 from pdcnno_jax.parallel.ssp import protocol
 from pdcnno_jax.parallel.ssp import report as report_lib
+from pdcnno_jax.parallel.ssp import serialization
 from pdcnno_jax.parallel.ssp import steps as ssp_steps
 from pdcnno_jax.parallel.ssp import worker_checkpoints
 from pdcnno_jax.train import metrics as metrics_lib
@@ -195,7 +196,7 @@ def _job_report(exp: context.Experiment, results: list[dict[str, Any]],
       'ps': [{key: f[key] for key in ('pushes', 'duplicates', 'snapshots', 'rejoins',
                                       'restarted')}
              | {'applied': f['applied'].tolist(),
-                'nbytes': transport.nbytes(f['leaves'])}
+                'nbytes': serialization.payload_nbytes(f['leaves'])}
              for f in finals],
   })
   return report

@@ -31,11 +31,6 @@ def balance_by_bytes(nbytes: Sequence[int], num_groups: int) -> list[list[int]]:
   return [sorted(g) for g in groups]
 
 
-def nbytes(arrays: Sequence[Any] | None) -> int:
-  """Bytes of a list of arrays (0 for None)."""
-  return sum(int(np.asarray(x).nbytes) for x in arrays) if arrays else 0
-
-
 # Leaves of at least this many bytes travel as buffers of their own (views, no copy): packing
 # them would copy them into fresh memory, which costs more than the per-leaf overhead it saves
 # (np.concatenate of VGG-16's 58 MiB took 0.2-0.8 s on the 2-core test machine).
