@@ -116,3 +116,12 @@ def test_peak_memory_sums_the_training_processes_it_sees():
   assert memory.samples > 0
   assert memory.peak_bytes >= 2 * (64 << 20)  # Both training processes, summed.
   assert memory.peak_all_bytes >= memory.peak_bytes + (64 << 20)
+
+
+def test_a_claim_is_covered_only_when_every_one_of_its_cells_is_chosen():
+  cells_ = grids.grid('pdcnno', 'smoke', 'data/tfds')
+  assert runner.covered_claims(cells_, cells_) == ['P1', 'P2', 'P3', 'P4', 'P5', 'P6']
+  chosen = runner.select(cells_, methods=['dense_sgd', 'cgmse'])
+  assert runner.covered_claims(cells_, chosen) == ['P5']  # P3 and P6 also need other methods.
+  assert runner.covered_claims(cells_, runner.select(cells_, claims=['P4'])) == ['P4']
+  assert runner.covered_claims(cells_, []) == []

@@ -266,3 +266,4 @@ CLAIMS: tuple[Claim, ...] = (
                    ('<', 0.0), ('<', 0.0))]),
 )
 CLAIM_IDS = tuple(c.id for c in CLAIMS)
+BY_ID = {c.id: c for c in CLAIMS}

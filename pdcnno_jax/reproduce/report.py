@@ -44,9 +44,26 @@ def _reason(entry: dict[str, Any]) -> str:
 
 
 def write(path: str, rows: Sequence[dict[str, Any]], *, scale: str, papers: Sequence[str],
-          summary: dict[str, Any], figures: Sequence[str]) -> list[dict[str, Any]]:
-  """Writes REPORT.md; returns the verdicts."""
+          summary: dict[str, Any], figures: Sequence[str],
+          covered: Sequence[str] | None = None) -> list[dict[str, Any]]:
+  """Writes REPORT.md; returns the verdicts.
+
+  Args:
+    path: where REPORT.md goes.
+    rows: the rows of results.csv.
+    scale: 'smoke' or 'full'.
+    papers: the papers reported on.
+    summary: the runner's cell counts and wall time.
+    figures: names of the PNGs drawn.
+    covered: ids of the claims whose every cell this run selected (None: all); the others
+      of `papers` are listed as not run (a piece of a longer run) and get no verdict.
+  """
   entries = verdicts(rows)
+  if covered is not None:
+    left_out = [e['id'] for e in entries if e['paper'] in papers and e['id'] not in covered]
+    entries = [e for e in entries if e['id'] in covered]
+  else:
+    left_out = []
   load = '/'.join(f'{v:.2f}' for v in os.getloadavg())
   lines = [
       '# Reproduction report', '',
@@ -57,12 +74,17 @@ def write(path: str, rows: Sequence[dict[str, Any]], *, scale: str, papers: Sequ
       f'{summary["shared"]} shared with another paper, {summary["failed"]} failed; '
       f'wall time {summary["wall_s"]:.0f} s.', '',
   ]
+  if left_out:
+    lines += [f'**Partial report**: the cells of {", ".join(left_out)} were not all selected '
+              '(`--only_claims` / `--methods`), so those claims are listed as not run and have '
+              'no verdict here.', '']
   if scale == 'smoke':
     lines += ['**Smoke scale**: generated data, one epoch, one seed. The verdicts test the '
               'pipeline, not the papers.', '']
   lines += ['## Verdict rule', '', stats.RULE, '', '## Verdicts', '',
             '| claim | paper | verdict |', '|---|---|---|']
   lines += [f'| {e["id"]} | {e["paper"]} | {e["verdict"]} |' for e in entries]
+  lines += [f'| {i} | {claims_lib.BY_ID[i].paper} | not run in this report |' for i in left_out]
   lines += ['']
   for e in entries:
     claim = e['claim']

@@ -91,6 +91,14 @@ def estimate_s(cell: grids.Cell, scale: str, measured: dict[str, list[float]]) -
   return seconds * max(1.0, cell.processes / 2) if cell.kind == 'train' else seconds
 
 
+def covered_claims(grid: Sequence[grids.Cell], chosen: Sequence[grids.Cell]) -> list[str]:
+  """Ids of the claims of `grid` all of whose cells are among `chosen` (in report order)."""
+  chosen_keys = {c.key() for c in chosen}
+  ids = {claim for cell in grid for claim in cell.claims}
+  return [i for i in claims_lib.CLAIM_IDS if i in ids
+          and all(c.key() in chosen_keys for c in grid if i in c.claims)]
+
+
 def plan(cells: Sequence[grids.Cell], scale: str, workdir: str) -> dict[str, Any]:
   """{'cells', 'complete', 'eta_s'}: what a run of `cells` has left, from per-cell estimates."""
   measured, todo = {}, []
@@ -148,6 +156,7 @@ def run(paper: str, scale: str, workdir: str, *, data_dir: str = 'data/tfds',
   pngs = figures.draw(rows, workdir, papers)
   summary['wall_s'] = time.perf_counter() - start
   entries = report.write(os.path.join(workdir, 'REPORT.md'), rows, scale=scale, papers=papers,
-                         summary=summary, figures=pngs)
+                         summary=summary, figures=pngs,
+                         covered=covered_claims(grids.grid(paper, scale, data_dir), cells))
   return {**summary, 'figures': pngs, 'plan': before,
           'verdicts': {e['id']: e['verdict'] for e in entries if e['paper'] in papers}}
