@@ -155,6 +155,8 @@ def main() -> None:
   parser.add_argument('--num_workers', type=int, default=2)
   parser.add_argument('--stalenesses', default='0,3', help='(a) the settings run: 0,3 or one')
   parser.add_argument('--only', default='a', help='scenario letters to run: a, b or ab')
+  parser.add_argument('--ssp_prefetch', default='on', choices=('on', 'off'),
+                      help='config.parallel.ssp_prefetch of every run (s = 0 never prefetches)')
   parser.add_argument('--print_only', action='store_true',
                       help='print the figures of <out_dir>/results.json (e.g. of a cut-short run)')
   args = parser.parse_args()
@@ -173,6 +175,7 @@ def main() -> None:
   base.data.data_dir = args.data_dir
   base.parallel.engine = 'ray'
   base.parallel.num_workers = args.num_workers
+  base.parallel.ssp_prefetch = args.ssp_prefetch == 'on'
   base.parallel.ssp_timeout_s = 600.0
   base.checkpoint_every_steps = 0
   base.log_every_steps = 10_000
@@ -189,7 +192,8 @@ def main() -> None:
     print(f'[bench] {name}: wall {report["wall_s"]:.1f}s final accuracy '
           f'{report["accuracy_vs_time"][-1]["accuracy"]:.4f}', flush=True)
   runtime.stop()
-  print(f'bench_ssp_training: Ray engine, {args.num_workers} workers, 1 shard, '
+  print(f'bench_ssp_training: Ray engine, {args.num_workers} workers, 1 shard, prefetch '
+        f'{args.ssp_prefetch}, '
         f'{time.monotonic() - start:.0f}s in all; load average before: {load_before}, after: '
         f'{tuple(round(x, 2) for x in os.getloadavg())} (2 cores, shared)')
   _print_transient(results)
