@@ -38,18 +38,27 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _REPO = os.path.dirname(_HERE)
 
 
-def _scenarios(seeds: list[int], only: str,
-               stalenesses: tuple[int, ...] = (0, 3)) -> list[tuple[str, dict]]:
-  """(name, config overrides) of every run, in order (of (a), only ``stalenesses``)."""
+def _scenarios(seeds: list[int], only: str, stalenesses: tuple[int, ...] = (0, 3),
+               prefetch: str = 'on') -> list[tuple[str, dict]]:
+  """(name, config overrides) of every run, in order (of (a), only ``stalenesses``).
+
+  (a)'s runs are ``a_<variant>_seed<k>``: ``s0``, ``s3`` (prefetch as ``prefetch`` says) and,
+  with ``prefetch='both'``, ``s3`` with prefetch and ``s3nopf`` without, in an order that
+  rotates over the seeds.
+  """
   lenet = {'data.batch_size': 512, 'optimizer.learning_rate': 0.05,
            'optimizer.warmup_epochs': 0.25, 'optimizer.schedule': 'constant'}
   transient = {**lenet, 'num_epochs': 3, 'parallel.straggler_probability': 0.1,
                'parallel.straggler_factor': 4.0, 'parallel.ssp_eval_every_steps': 20}
   runs = []
   if 'a' in only:
+    variants = [(f's{s}', s, prefetch != 'off') for s in stalenesses]
+    if prefetch == 'both':
+      variants += [(f's{s}nopf', s, False) for s in stalenesses if s != 0]
     for i, seed in enumerate(seeds):
-      for s in [s for s in ((0, 3) if i % 2 == 0 else (3, 0)) if s in stalenesses]:
-        runs.append((f'a_s{s}_seed{seed}', {**transient, 'parallel.staleness': s, 'seed': seed}))
+      for name, s, fetch in variants[i % len(variants):] + variants[:i % len(variants)]:
+        runs.append((f'a_{name}_seed{seed}', {**transient, 'parallel.staleness': s,
+                                              'parallel.ssp_prefetch': fetch, 'seed': seed}))
   if 'b' in only:
     persistent = {**lenet, 'num_epochs': 1, 'parallel.straggler_probability': 0.0,
                   'parallel.ssp_warmup_steps': 10, 'parallel.ssp_eval_every_steps': 40}
@@ -95,44 +104,46 @@ def _common_threshold(curves, target: float) -> tuple[float, bool]:
 
 def _print_transient(results: dict) -> None:
   from pdcnno_jax.parallel.ssp import report as ssp_report  # pylint: disable=g-import-not-at-top
-  runs = {(int(n.split('_')[1][1:]), n.split('_seed')[1]): r for n, r in results.items()
+  runs = {(n.split('_')[1], n.split('_seed')[1]): r for n, r in results.items()
           if n.startswith('a_')}
   if not runs:
     return
   print('\n(a) transient stragglers (p = 0.1, 4x), 3 epochs, global batch 512:')
   threshold, reached = _common_threshold([r['accuracy_vs_time'] for r in runs.values()], 0.85)
   times, final, last3 = {}, {}, {}
-  for (s, seed), r in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+  for (s, seed), r in sorted(runs.items(), key=lambda kv: (int(kv[0][1]), kv[0][0])):
     times[s, seed] = ssp_report.time_to_accuracy(r['accuracy_vs_time'], threshold)
     final[s, seed] = r['accuracy_vs_time'][-1]['accuracy']
     last3[s, seed] = sum(p['accuracy'] for p in r['accuracy_vs_time'][-3:]) / 3
     wait = sum(r['wait_s']) / len(r['wait_s'])
     moved = r['transport']
-    print(f'  seed {seed} s={s}: time to {100 * threshold:.1f}% {times[s, seed]:.1f}s, run wall '
+    print(f'  seed {seed} {s}: time to {100 * threshold:.1f}% {times[s, seed]:.1f}s, run wall '
           f'{r["wall_s"]:.1f}s, final accuracy {100 * final[s, seed]:.2f}% (mean of the last 3 '
           f'points {100 * last3[s, seed]:.2f}%), mean wait {wait:.1f}s, transfer '
           f'{moved["transfer_seconds"] / len(r["wait_s"]):.2f}s per worker')
-  seeds = sorted({seed for _, seed in runs if (0, seed) in runs and (3, seed) in runs})
-  for seed in seeds:
-    print(f'  seed {seed}: time-to-{100 * threshold:.1f}% ratio s=3 / s=0 '
-          f'{times[3, seed] / times[0, seed]:.3f}, wall ratio '
-          f'{runs[3, seed]["wall_s"] / runs[0, seed]["wall_s"]:.3f}, final accuracy s=3 - s=0 '
-          f'{100 * (final[3, seed] - final[0, seed]):+.2f} pp')
-  if seeds:
-    ratio = sum(times[3, k] for k in seeds) / sum(times[0, k] for k in seeds)
-    gap = sum(final[3, k] - final[0, k] for k in seeds) / len(seeds)
-    gap3 = sum(last3[3, k] - last3[0, k] for k in seeds) / len(seeds)
-    note = '' if reached else ' (85% not reached by every run: highest common threshold)'
-    print(f'  over {len(seeds)} seed(s): time-to-{100 * threshold:.1f}% ratio s=3 / s=0 '
-          f'{ratio:.3f} (bar <= 0.75){note}; mean final accuracy s=3 - s=0 {100 * gap:+.2f} pp '
-          f'(last 3 points: {100 * gap3:+.2f} pp; bar: within 1 pp)')
-    x3 = runs[3, seeds[0]]
-    print(f'  applied staleness s=3: {x3["applied_staleness_histogram"]}; max view '
-          f'staleness {x3["max_view_staleness"]}')
+  for variant in sorted({v for v, _ in runs if v != 's0'}):
+    seeds = sorted({seed for _, seed in runs if ('s0', seed) in runs
+                    and (variant, seed) in runs}, key=int)
+    for seed in seeds:
+      print(f'  seed {seed}: time-to-{100 * threshold:.1f}% ratio {variant} / s0 '
+            f'{times[variant, seed] / times["s0", seed]:.3f}, wall ratio '
+            f'{runs[variant, seed]["wall_s"] / runs["s0", seed]["wall_s"]:.3f}, final accuracy '
+            f'{variant} - s0 {100 * (final[variant, seed] - final["s0", seed]):+.2f} pp')
+    if seeds:
+      ratio = sum(times[variant, k] for k in seeds) / sum(times['s0', k] for k in seeds)
+      gap = sum(final[variant, k] - final['s0', k] for k in seeds) / len(seeds)
+      gap3 = sum(last3[variant, k] - last3['s0', k] for k in seeds) / len(seeds)
+      note = '' if reached else ' (85% not reached by every run: highest common threshold)'
+      print(f'  over {len(seeds)} seed(s): time-to-{100 * threshold:.1f}% ratio {variant} / s0 '
+            f'{ratio:.3f} (bar <= 0.75){note}; mean final accuracy {variant} - s0 '
+            f'{100 * gap:+.2f} pp (last 3 points: {100 * gap3:+.2f} pp; bar: within 1 pp)')
+      x3 = runs[variant, seeds[0]]
+      print(f'  applied staleness {variant}: {x3["applied_staleness_histogram"]}; max view '
+            f'staleness {x3["max_view_staleness"]}')
   for (s, seed), r in sorted(runs.items()):
     points = ', '.join(f'{p["wall_s"]:.0f}s:{100 * p["accuracy"]:.1f}'
                        for p in r['accuracy_vs_time'])
-    print(f'  curve seed {seed} s={s}: {points}')
+    print(f'  curve seed {seed} {s}: {points}')
 
 
 def _print_persistent(results: dict) -> None:
@@ -155,8 +166,9 @@ def main() -> None:
   parser.add_argument('--num_workers', type=int, default=2)
   parser.add_argument('--stalenesses', default='0,3', help='(a) the settings run: 0,3 or one')
   parser.add_argument('--only', default='a', help='scenario letters to run: a, b or ab')
-  parser.add_argument('--ssp_prefetch', default='on', choices=('on', 'off'),
-                      help='config.parallel.ssp_prefetch of every run (s = 0 never prefetches)')
+  parser.add_argument('--ssp_prefetch', default='on', choices=('on', 'off', 'both'),
+                      help='config.parallel.ssp_prefetch of (a) (s = 0 never prefetches); both: '
+                      'each s > 0 with and without, against the same s = 0 runs')
   parser.add_argument('--print_only', action='store_true',
                       help='print the figures of <out_dir>/results.json (e.g. of a cut-short run)')
   args = parser.parse_args()
@@ -175,7 +187,7 @@ def main() -> None:
   base.data.data_dir = args.data_dir
   base.parallel.engine = 'ray'
   base.parallel.num_workers = args.num_workers
-  base.parallel.ssp_prefetch = args.ssp_prefetch == 'on'
+  base.parallel.ssp_prefetch = args.ssp_prefetch != 'off'
   base.parallel.ssp_timeout_s = 600.0
   base.checkpoint_every_steps = 0
   base.log_every_steps = 10_000
@@ -184,7 +196,7 @@ def main() -> None:
   results = {}
   seeds = [int(s) for s in args.seeds.split(',') if s]
   stalenesses = tuple(int(s) for s in args.stalenesses.split(','))
-  for name, overrides in _scenarios(seeds, args.only, stalenesses):
+  for name, overrides in _scenarios(seeds, args.only, stalenesses, args.ssp_prefetch):
     config = _configure(exp.config, overrides, args.num_workers)
     results[name] = report = _train_once(exp, config, os.path.join(args.out_dir, name))
     with open(os.path.join(args.out_dir, 'results.json'), 'w') as f:  # A cut-short job reports.
