@@ -12,8 +12,8 @@ Measures, side by side on this machine:
     jax.distributed; the raw client's ``key_value_set_bytes`` and
     ``blocking_key_value_get_bytes``, as the SSP store used them), as MiB moved per second;
   * LeNet-5: SSP on Ray, 2 workers, 1 shard, 128 examples per worker, generated data, s = 3
-    (the read for the next clock is prefetched during the step) and s = 0 (BSP: it cannot be):
-    overhead = transfer seconds per clock / compute seconds of a step. Transfer seconds are
+    with the read for the next clock prefetched during the step (``parallel.ssp_prefetch``),
+    s = 3 without (the default) and s = 0 (BSP: it cannot be prefetched): overhead = transfer seconds per clock / compute seconds of a step. Transfer seconds are
     the seconds a worker's clock is blocked in transport and not waiting for the staleness bound
     (`ps_client`'s definition; the bound's waits are reported apart, per clock).
 
@@ -133,13 +133,14 @@ def _old_store(store_mib):
   return dict(mib=store_mib, set_s=set_s, get_s=get_s, mib_per_s=2 * store_mib / (set_s + get_s))
 
 
-def _lenet(clocks, workdir, staleness):
+def _lenet(clocks, workdir, staleness, prefetch=False):
   """SSP on Ray for LeNet-5, 2 workers x 128 examples, 1 shard: transfer per clock vs a step."""
   from pdcnno_jax.parallel.ray_engine import ssp_driver  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.testing import experiments  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.train import sharding  # pylint: disable=g-import-not-at-top
   config = experiments.mapreduce_config(mode='ssp', engine='ray', num_workers=2,
                                         staleness=staleness)
+  config.parallel.ssp_prefetch = prefetch
   config.data.batch_size = 256
   config.num_epochs = 1
   config.checkpoint_every_steps = 0
@@ -176,7 +177,7 @@ def main():
   parser.add_argument('--shards', type=int, default=1)
   parser.add_argument('--lenet_clocks', type=int, default=40)
   parser.add_argument('--lenet_repeats', type=int, default=2,
-                      help='LeNet-5 (s=3, s=0) pairs, in A B A B order')
+                      help='LeNet-5 (s=3 prefetched, s=3, s=0) triples, in A B C A B C order')
   parser.add_argument('--only', default='store,vgg,lenet', help='parts to run')
   parser.add_argument('--quick', action='store_true')
   parser.add_argument('--process_id', type=int, default=None)
@@ -201,13 +202,14 @@ def main():
   with tempfile.TemporaryDirectory() as workdir:
     new = _ray_ps(ray, leaves, args.clocks, args.shards, workdir) if 'vgg' in parts else None
     for _ in range(args.lenet_repeats if 'lenet' in parts else 0):
-      for staleness in (3, 0):
-        lenet.append((staleness, _lenet(args.lenet_clocks, workdir, staleness)))
+      for staleness, prefetch in ((3, True), (3, False), (0, False)):
+        lenet.append((f's={staleness}' + (' prefetched' if prefetch else ''),
+                      _lenet(args.lenet_clocks, workdir, staleness, prefetch)))
   runtime.stop()
   print(f'load average (1, 5, 15 min) at end: {os.getloadavg()}')
   _print_vgg(new, old, width, sum(x.size for x in leaves), args.shards)
-  for staleness, row in lenet:
-    print(f'\nlenet5 s={staleness}, 2 workers x 128 examples, 1 shard, {row["clocks"]} clocks: '
+  for name, row in lenet:
+    print(f'\nlenet5 {name}, 2 workers x 128 examples, 1 shard, {row["clocks"]} clocks: '
           f'transfer {1e3 * row["transfer_s_per_clock"]:.1f} ms per clock, step '
           f'{1e3 * row["step_s"]:.1f} ms: overhead {100 * row["overhead"]:.1f}% of a step '
           f'(bar: <= 10%); wait for the bound {1e3 * row["wait_s_per_clock"]:.1f} ms per clock '

@@ -164,9 +164,10 @@ def get_config() -> ml_collections.ConfigDict:
   # SSP (delay synchronization).
   config.parallel.staleness = 2  # -1: infinite (ASP); 0: BSP.
   config.parallel.ssp_timeout_s = 120.0  # A PS read or push waiting longer is an error.
-  # s >= 1 and ASP: a worker reads clock c+1's parameters while it trains clock c (hides a Ray
-  # round trip per clock; its view may be one clock staler, never beyond the bound).
-  config.parallel.ssp_prefetch = True
+  # s >= 1 and ASP: a worker reads clock c+1's parameters while it trains clock c. It hides a
+  # Ray round trip per clock but its view lacks the other workers' clock-c updates, which cost
+  # more time to accuracy than the round trip saves (bench_ssp_training --ssp_prefetch=both).
+  config.parallel.ssp_prefetch = False
   # JAX's coordination service (jax.distributed jobs): a process without heartbeats this long
   # is dead to the runtime (generous, so that a busy host is not declared dead).
   config.parallel.runtime_heartbeat_timeout_s = 100.0
