@@ -41,6 +41,7 @@ LOCAL_NETWORK = model.Network(latency_s=0.0, bandwidth_bytes_per_s=1e30)
 LOCAL_SLEEPER_CREDIT_S = 6e-3
 TRANSIENT = {'parallel.straggler_probability': 0.1, 'parallel.straggler_factor': 4.0}
 BALANCER_NAMES = ('equal', 'proportional', 'lbrla', 'dlbpce')
+STARTUP_ROUNDS = 1  # MapReduce rounds left out of the compared wall time (`measured_s`).
 
 
 def _sizes(quick: bool) -> dict[str, int]:
@@ -113,12 +114,32 @@ def _affine(points: list[tuple[int, float]]) -> tuple[float, float]:
   return float(fixed), float(per_example)
 
 
+def measured_s(result: dict[str, Any]) -> float:
+  """The wall time a run is compared on: its steady state, start-up left out.
+
+  MapReduce: the rounds after the first (the first one runs each jitted piece for the first
+  time after its warm-up); SSP: the rate of the second half (`runs.ssp_steady_wall_s`); sync:
+  the job's training steps without compilation. `startup_s` is the rest.
+  """
+  if result['mode'] == 'mapreduce':
+    rounds = result['report']['rounds']
+    return float(sum(r['round_s'] for r in rounds[STARTUP_ROUNDS:] or rounds))
+  return float(result['measured_s'])
+
+
+def startup_s(result: dict[str, Any]) -> float:
+  """Seconds of a run's training loop that `measured_s` leaves out (start-up, first round)."""
+  if result['mode'] == 'ssp':
+    return float(result['report']['per_worker'][0]['loop_s'] - measured_s(result))
+  return float(result['measured_s'] - measured_s(result))
+
+
 def _step_seconds(result: dict[str, Any]) -> tuple[int, float]:
   """(local batch, seconds per step) of a single-process calibration run."""
   spec, report = result['spec'], result['report']
   batch = spec['overrides']['data.batch_size']
   if result['mode'] == 'sync':
-    return batch, result['measured_s'] / report['steps']
+    return batch, measured_s(result) / report['steps']
   if result['mode'] == 'mapreduce':
     rounds = report['rounds']
     return batch, sum(sum(r['busy_s']) for r in rounds) / sum(sum(r['steps']) for r in rounds)
@@ -174,6 +195,11 @@ def fit(results: list[dict[str, Any]], num_cores: int) -> dict[str, Any]:
            'pruned_param_bytes': by_name['cal_sync_p1_b128_pruned']['param_bytes'],
            'pruned_conv_widths': list(PRUNED_WIDTHS), 'overhead_s': {}, 'run_overhead_s': {},
            'transfer_s': {'ssp': {}}}
+  calib['sharing_efficiency'] = {
+      mode: sharing_efficiency(by_name[f'cal_{mode}_p4'], cost_of(calib, mode), num_cores)
+      for mode in ('mapreduce', 'ssp')}
+  # Sync reports no per-worker busy time; its processes are MapReduce's (same launch, XLA).
+  calib['sharing_efficiency']['sync'] = calib['sharing_efficiency']['mapreduce']
   for p in (1, 2, 4):
     result = by_name[f'cal_ssp_p{p}' if p > 1 else 'cal_ssp_p1_b128']
     calib['transfer_s']['ssp'][str(p)] = transfer_per_clock(result) * capacity(result,
@@ -195,6 +221,30 @@ def fit(results: list[dict[str, Any]], num_cores: int) -> dict[str, Any]:
   return calib
 
 
+def sharing_efficiency(result: dict[str, Any], cost: model.StepCost, num_cores: int) -> float:
+  """Share of a core that workers time-sharing it get in all (`engine.run`), from a
+  homogeneous run of more workers than cores that compute together (no slowdown, SSP s = 0).
+
+  k workers on a core each take k x cost.device_s(local batch) per step if sharing lost
+  nothing; the efficiency is that over their measured busy seconds per step (MapReduce: the
+  rounds after the first; SSP: every clock), at most 1.
+  """
+  p = result['spec']['processes']
+  per_core = p / num_cores
+  if per_core <= 1:
+    return 1.0
+  local = result['spec']['overrides']['data.batch_size'] // p
+  report = result['report']
+  if result['mode'] == 'mapreduce':
+    rounds = report['rounds'][STARTUP_ROUNDS:] or report['rounds']
+    busy = sum(sum(r['busy_s']) for r in rounds) / sum(sum(r['steps']) for r in rounds)
+  else:
+    busy = (sum(w['busy_s'] for w in report['per_worker'])
+            / sum(max(w['steps'], 1) for w in report['per_worker']))
+  busy *= capacity(result, num_cores)
+  return float(min(1.0, per_core * cost.device_s(local) / max(busy, 1e-12)))
+
+
 def _residual_fit(results: list[dict[str, Any]], calib: dict[str, Any],
                   share: float) -> tuple[float, float]:
   """(per step, per run) seconds of measured wall time the model does not explain.
@@ -207,7 +257,7 @@ def _residual_fit(results: list[dict[str, Any]], calib: dict[str, Any],
   for result in results:
     bare = predict_run(result['spec'], {**calib, 'overhead_s': {}, 'run_overhead_s': {}},
                        overhead=False, capacity=share)
-    points.append((max(units(result), 1), result['measured_s'] - bare))
+    points.append((max(units(result), 1), measured_s(result) - bare))
   if len(points) == 2 and points[0][0] != points[1][0]:
     (n1, r1), (n2, r2) = points
     per_unit = max((r1 - r2) / (n1 - n2), 0.0)
@@ -238,14 +288,24 @@ def round_overhead(result: dict[str, Any]) -> float:
 # Prediction of a local run.
 
 
+def second_half_rate_s(clock_s: list[float], half: int) -> float:
+  """Wall time of a run at the rate of its second half, as `runs.ssp_steady_wall_s` times
+  the real one: worker 0's clocks ``half`` .. the last, scaled to every clock."""
+  clocks = len(clock_s)
+  if clocks <= half:
+    return clock_s[-1] if clock_s else 0.0
+  return clocks * (clock_s[-1] - clock_s[half - 1]) / (clocks - half)
+
+
 def cost_of(calib: dict[str, Any], mode: str) -> model.StepCost:
   return model.StepCost(**calib['costs'][mode])
 
 
-def local_cluster(spec: dict[str, Any], num_cores: int,
-                  share: float = 1.0) -> model.Cluster:
-  """The cluster a local run stands for: pinned processes, slowdown.py's stragglers, and
-  `share` of every core (the rest taken by other jobs on a shared machine)."""
+def local_cluster(spec: dict[str, Any], num_cores: int, share: float = 1.0,
+                  efficiency: float = 1.0) -> model.Cluster:
+  """The cluster a local run stands for: pinned processes, slowdown.py's stragglers,
+  `share` of every core (the rest taken by other jobs on a shared machine), and the
+  `sharing_efficiency` of a time-shared core."""
   o = spec['overrides']
   p = spec['processes']
   spec_text = o.get('parallel.slowdown', '')
@@ -254,7 +314,7 @@ def local_cluster(spec: dict[str, Any], num_cores: int,
                            o.get('parallel.straggler_factor', 1.0), seed=0)
   groups, cores = engine.pinned(p, num_cores)
   return model.Cluster((1.0,) * p, LOCAL_NETWORK, strag, tuple(groups),
-                       tuple(c * share for c in cores), LOCAL_SLEEPER_CREDIT_S)
+                       tuple(c * share for c in cores), LOCAL_SLEEPER_CREDIT_S, efficiency)
 
 
 def predict_run(spec: dict[str, Any], calib: dict[str, Any], *, overhead: bool = True,
@@ -270,7 +330,8 @@ def predict_run(spec: dict[str, Any], calib: dict[str, Any], *, overhead: bool =
   """
   o = spec['overrides']
   p, mode = spec['processes'], spec['mode']
-  cluster = local_cluster(spec, calib['num_cores'], capacity)
+  cluster = local_cluster(spec, calib['num_cores'], capacity,
+                          calib.get('sharing_efficiency', {}).get(mode, 1.0))
   cost = cost_of(calib, mode)
   extra = calib['overhead_s'].get(mode, {}).get(str(p), 0.0) / capacity if overhead else 0.0
   once = (calib.get('run_overhead_s', {}).get(mode, {}).get(str(p), 0.0) / capacity
@@ -284,14 +345,16 @@ def predict_run(spec: dict[str, Any], calib: dict[str, Any], *, overhead: bool =
   if mode == 'ssp':
     staleness = o.get('parallel.staleness', 0)
     extra += calib.get('transfer_s', {}).get('ssp', {}).get(str(p), 0.0) / capacity
-    return once + model.simulate_ssp(cost, cluster, local_batch=local, clocks=steps,
-                                     staleness=None if staleness < 0 else staleness,
-                                     param_bytes=0.0, overhead_s=extra).wall_s
-  return model.simulate_mapreduce(
+    result = model.simulate_ssp(cost, cluster, local_batch=local, clocks=steps,
+                                staleness=None if staleness < 0 else staleness,
+                                param_bytes=0.0, overhead_s=extra)
+    return once + second_half_rate_s(result.clock_s[0], (steps + 1) // 2)
+  rounds = model.simulate_mapreduce(
       cost, cluster, num_examples=n, num_blocks=o['parallel.num_blocks'],
       rounds_per_epoch=o['parallel.rounds_per_epoch'], epochs=o['num_epochs'],
       local_batch=local, param_bytes=0.0, balancer=o.get('parallel.balancer', 'equal'),
-      overhead_s=extra).wall_s
+      overhead_s=extra).rounds
+  return sum(r['round_s'] for r in rounds[STARTUP_ROUNDS:] or rounds)
 
 
 def load(path: str) -> dict[str, Any]:
