@@ -41,6 +41,9 @@ LOCAL_NETWORK = model.Network(latency_s=0.0, bandwidth_bytes_per_s=1e30)
 LOCAL_SLEEPER_CREDIT_S = 6e-3
 TRANSIENT = {'parallel.straggler_probability': 0.1, 'parallel.straggler_factor': 4.0}
 BALANCER_NAMES = ('equal', 'proportional', 'lbrla', 'dlbpce')
+# Multi-process sync calibration at a second global batch (batch, epochs), so the step's
+# framework cost is split into a part per step and one per local example.
+OTHER_SYNC_BATCH = {2: (32, 0.25), 4: (512, 1)}
 STARTUP_ROUNDS = 1  # MapReduce rounds left out of the compared wall time (`measured_s`).
 
 
@@ -75,6 +78,8 @@ def calibration_runs(quick: bool) -> list[dict[str, Any]]:
     for mode in ('sync', 'mapreduce', 'ssp'):
       runs.append(_run(f'cal_{mode}_p{p}', mode, p, 128, z))
     runs.append(_run(f'cal_sync_p{p}_half', 'sync', p, 128, z, epochs=0.5))
+    batch, epochs = OTHER_SYNC_BATCH[p]
+    runs.append(_run(f'cal_sync_p{p}_b{batch}', 'sync', p, batch, z, epochs=epochs))
   return runs
 
 
@@ -193,8 +198,8 @@ def fit(results: list[dict[str, Any]], num_cores: int) -> dict[str, Any]:
            'pruned_sync_cost': {'per_example_s': per_example, 'fixed_s': fixed, 'host_s': 0.0},
            'param_bytes': by_name['cal_sync_p1_b128']['param_bytes'],
            'pruned_param_bytes': by_name['cal_sync_p1_b128_pruned']['param_bytes'],
-           'pruned_conv_widths': list(PRUNED_WIDTHS), 'overhead_s': {}, 'run_overhead_s': {},
-           'transfer_s': {'ssp': {}}}
+           'pruned_conv_widths': list(PRUNED_WIDTHS), 'overhead_s': {},
+           'overhead_per_example_s': {}, 'run_overhead_s': {}, 'transfer_s': {'ssp': {}}}
   calib['sharing_efficiency'] = {
       mode: sharing_efficiency(by_name[f'cal_{mode}_p4'], cost_of(calib, mode), num_cores)
       for mode in ('mapreduce', 'ssp')}
@@ -213,9 +218,14 @@ def fit(results: list[dict[str, Any]], num_cores: int) -> dict[str, Any]:
       if mode == 'mapreduce':  # The rounds time their own Reduce, gather and balancer.
         calib['overhead_s'][mode][str(p)] = round_overhead(result) * share
         continue
-      per_unit, per_run = _residual_fit([r for r in (result, by_name.get(f'{name}_half'))
-                                         if r is not None], calib, share)
+      others = [by_name.get(f'{name}_half')]
+      if mode == 'sync' and p in OTHER_SYNC_BATCH:
+        others.append(by_name.get(f'{name}_b{OTHER_SYNC_BATCH[p][0]}'))
+      per_unit, per_example, per_run = _residual_fit(
+          [r for r in (result, *others) if r is not None], calib, share)
       calib['overhead_s'][mode][str(p)] = per_unit * share
+      if per_example:
+        calib['overhead_per_example_s'].setdefault(mode, {})[str(p)] = per_example * share
       if per_run:
         calib['run_overhead_s'].setdefault(mode, {})[str(p)] = per_run * share
   return calib
@@ -246,23 +256,37 @@ def sharing_efficiency(result: dict[str, Any], cost: model.StepCost, num_cores: 
 
 
 def _residual_fit(results: list[dict[str, Any]], calib: dict[str, Any],
-                  share: float) -> tuple[float, float]:
-  """(per step, per run) seconds of measured wall time the model does not explain.
+                  share: float) -> tuple[float, float, float]:
+  """(per step, per local example and step, per run) seconds of measured wall time the model
+  does not explain.
 
   One run gives a per-step constant; with a second run of another length (``_half``) the
   residual is split into a constant per run (e.g. gloo's connection set-up on the first
-  collective) and one per step.
+  collective) and one per step; with a third of another local batch, the per-step part is
+  split again into a constant and a part per local example (least squares, parts >= 0).
   """
-  points = []
+  rows, residuals = [], []
   for result in results:
-    bare = predict_run(result['spec'], {**calib, 'overhead_s': {}, 'run_overhead_s': {}},
+    bare = predict_run(result['spec'], {**calib, 'overhead_s': {}, 'run_overhead_s': {},
+                                        'overhead_per_example_s': {}},
                        overhead=False, capacity=share)
-    points.append((max(units(result), 1), measured_s(result) - bare))
-  if len(points) == 2 and points[0][0] != points[1][0]:
-    (n1, r1), (n2, r2) = points
-    per_unit = max((r1 - r2) / (n1 - n2), 0.0)
-    return per_unit, max(r1 - per_unit * n1, 0.0)
-  return max(points[0][1] / points[0][0], 0.0), 0.0
+    o = result['spec']['overrides']
+    steps = max(units(result), 1)
+    rows.append([steps, steps * (o['data.batch_size'] // result['spec']['processes']), 1.0])
+    residuals.append(measured_s(result) - bare)
+  a, r = np.array(rows, np.float64), np.array(residuals, np.float64)
+  keep = [0]  # Unknowns the runs tell apart: per step always, per example, per run.
+  if len({row[1] / row[0] for row in rows}) > 1:
+    keep.append(1)
+  if len({row[0] for row in rows}) > 1 and len(rows) > len(keep):
+    keep.append(2)
+  while True:
+    x = np.zeros(3)
+    x[keep] = np.linalg.lstsq(a[:, keep], r, rcond=None)[0]
+    negative = [k for k in keep[1:] if x[k] < 0]
+    if not negative:
+      return max(float(x[0]), 0.0), float(x[1]), float(x[2])
+    keep.remove(negative[0])
 
 
 def transfer_per_clock(result: dict[str, Any]) -> float:
@@ -333,10 +357,12 @@ def predict_run(spec: dict[str, Any], calib: dict[str, Any], *, overhead: bool =
   cluster = local_cluster(spec, calib['num_cores'], capacity,
                           calib.get('sharing_efficiency', {}).get(mode, 1.0))
   cost = cost_of(calib, mode)
-  extra = calib['overhead_s'].get(mode, {}).get(str(p), 0.0) / capacity if overhead else 0.0
+  local = o['data.batch_size'] // p
+  extra = (calib['overhead_s'].get(mode, {}).get(str(p), 0.0)
+           + local * calib.get('overhead_per_example_s', {}).get(mode, {}).get(str(p), 0.0)
+           ) / capacity if overhead else 0.0
   once = (calib.get('run_overhead_s', {}).get(mode, {}).get(str(p), 0.0) / capacity
           if overhead else 0.0)
-  local = o['data.batch_size'] // p
   n = spec['train_subset']
   steps = int(round(o['num_epochs'] * (n // o['data.batch_size'])))
   if mode == 'sync':
