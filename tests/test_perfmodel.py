@@ -301,6 +301,8 @@ def test_calibration_fit_recovers_the_model_it_was_measured_on(share):
            'overhead_s': {m: {'1': 0.0, '2': 0.01, '4': 0.03} for m in model.MODES},
            # gloo's set-up: once per sync run, told apart by the half-length runs.
            'run_overhead_s': {'sync': {'2': 0.4, '4': 0.7}},
+           # The collective step's cost per local example, told apart by a second batch.
+           'overhead_per_example_s': {'sync': {'2': 1e-4, '4': 3e-4}},
            'transfer_s': {'ssp': {'1': 0.002, '2': 0.003, '4': 0.005}},
            'sharing_efficiency': {'sync': 0.8, 'mapreduce': 0.8, 'ssp': 0.9}}
   calib = calibration.fit(_synthetic_results(truth, share), num_cores=2)
@@ -315,6 +317,8 @@ def test_calibration_fit_recovers_the_model_it_was_measured_on(share):
     assert calib['run_overhead_s']['sync'][p] == pytest.approx(
         truth['run_overhead_s']['sync'][p])
   assert set(calib['run_overhead_s']) == {'sync'}
+  assert calib['overhead_per_example_s'] == {
+      'sync': pytest.approx(truth['overhead_per_example_s']['sync'])}
   assert calib['transfer_s']['ssp'] == pytest.approx(truth['transfer_s']['ssp'])
   assert calib['pruned_sync_cost']['per_example_s'] == pytest.approx(2e-4)
   for spec in calibration.validation_runs(quick=True):

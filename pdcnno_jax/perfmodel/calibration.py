@@ -1,27 +1,28 @@
 """Calibration and validation runs of the cluster model on this machine (pure Python).
 
-Calibration (`calibration_runs`, `fit`): per mode, the step cost on one core at two batch
-sizes (affine fit: fixed + per example x batch; for MapReduce and SSP from the busy time the
-workers measure, i.e. the jitted step), for the dense and a pruned (compacted) LeNet-5, and
-the framework constants per mode and process (worker) count: the measured wall time minus the
-model's prediction without them, per step (sync: gloo's all-reduce plus the loop's host work,
-and with a second run of half the length a constant per run, gloo's set-up; SSP, timed at its
-steady rate (`runs.ssp_steady_wall_s`): the host work per clock of the driver, the server and
-the workers outside their step and transfers). SSP's transfer per clock (`transfer_s`: a
-worker's push and read through Ray's object store, minus its wait under the staleness rule) is
-read off report.json's ``transport`` section. MapReduce's per-round constant is measured directly, as the median time a round
-spends outside its Map (`round_overhead`: the gloo all-reduce of the Reduce, the all-gather of
-the figures and the balancer). Those runs are homogeneous (no slowdown, equal split, SSP with
-s = 0). Processes pinned to one core are scheduled fairly (`LOCAL_SLEEPER_CREDIT_S`): a
-slowdown's sleep is wall time but not core time.
+Every run is compared at its steady state (`measured_s`; `startup_s` is the rest): sync, the
+training steps without compilation; MapReduce, the rounds after the first; SSP, the rate of
+its second half (`runs.ssp_steady_wall_s`, predicted the same way: `second_half_rate_s`).
+
+Calibration (`calibration_runs`, `fit`; homogeneous: no slowdown, equal split, SSP s = 0):
+per mode the step cost on one core at two batch sizes (affine: fixed + per example x batch;
+MapReduce and SSP from the workers' busy time, i.e. the jitted step), dense and pruned; the
+`sharing_efficiency` of a core two processes time-share (4-process runs: their busy time per
+step against two single-core steps); and the framework constants per mode and process count,
+the measured wall time minus the model's prediction without them: sync, per step (gloo's
+all-reduce and the loop's host work), split with a half-length run into a constant per run
+(gloo's set-up) and with a run at another batch into a part per local example; SSP, per
+clock (host work outside step and transfers) plus each worker's measured transfer
+(report.json ``transport``); MapReduce, measured directly as the median time a round spends
+outside its Map (`round_overhead`: the Reduce, the all-gather, the balancer).
 
 Validation (`validation_runs`, `predict_run`) uses other conditions: other batch sizes,
 MapReduce with every balancer under slowdowns 1, 1, 2, 4, SSP with s = 0 and 3 under transient
-stragglers (p = 0.1, 4x), and compares the model's wall time with the measured one. Sync and
-MapReduce processes are pinned one core each (launch_local --cores_per_process=1): 1 and 2
-processes are one and two real nodes; 4 processes share the 2 cores two by two, which the model
-simulates (processor sharing, `engine.pinned`). SSP's worker actors run single-threaded XLA
-and time-share the cores the same way."""
+stragglers (p = 0.1, 4x). Sync and MapReduce processes are pinned one core each
+(launch_local --cores_per_process=1) and run XLA on one thread, as the SSP actors do: 1 and
+2 processes are one and two real nodes; 4 share the 2 cores two by two, which the model
+simulates (fair sharing with `LOCAL_SLEEPER_CREDIT_S`: a slowdown's sleep is wall time, not
+core time; `engine.pinned`)."""
 
 from __future__ import annotations
 
