@@ -180,9 +180,11 @@ def validate(args) -> float:
     worst = max(worst, error)
     print(f'{spec["name"]:40s} {predicted:11.2f} {measured:10.2f} {error:8.3f} '
           f'{share:10.2f} {calibration.startup_s(result):10.2f}')
-  print(f'framework constants (calibrated, per step or round): {calib["overhead_s"]}; per run: '
+  print(f'framework constants (calibrated, per step or round): {calib["overhead_s"]}; per '
+        f'local example and step: {calib.get("overhead_per_example_s", {})}; per run: '
         f'{calib.get("run_overhead_s", {})}; SSP transfer per clock: '
-        f'{calib.get("transfer_s", {})}')
+        f'{calib.get("transfer_s", {})}; sharing efficiency of a time-shared core: '
+        f'{calib.get("sharing_efficiency", {})}')
   print(f'max relative error: {worst:.3f}')
   return worst
 
