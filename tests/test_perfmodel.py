@@ -83,6 +83,21 @@ def test_local_runs_are_fairly_scheduled_and_cluster_predictions_carry_no_local_
   assert cli.predictions(heavy, **kw) == cli.predictions(calib, **kw)
 
 
+def test_time_shared_cores_lose_the_sharing_efficiency_only_while_shared():
+  # Two workers of 1 s on one core at efficiency 0.5: each gets a quarter core, both end at
+  # 4 s. Alone (or one a core) nothing is lost, under either scheduling policy.
+  for credit in (None, calibration.LOCAL_SLEEPER_CREDIT_S):
+    traces = engine.run([_cpu(1.0), _cpu(1.0)], [0, 0], [1.0], sleeper_credit_s=credit,
+                        sharing_efficiency=0.5)
+    assert [t.finish_s for t in traces] == pytest.approx([4.0, 4.0])
+    traces = engine.run([_cpu(1.0), _cpu(3.0)], [0, 1], [1.0, 1.0], sleeper_credit_s=credit,
+                        sharing_efficiency=0.5)
+    assert [t.finish_s for t in traces] == pytest.approx([1.0, 3.0])
+  # Shared for the first 4 s (1 s of work each), then the second runs alone: 4 + 2 s.
+  traces = engine.run([_cpu(1.0), _cpu(3.0)], [0, 0], [1.0], sharing_efficiency=0.5)
+  assert [t.finish_s for t in traces] == pytest.approx([4.0, 6.0])
+
+
 def test_engine_deadlock_is_an_error():
   def stuck():
     yield ('until', lambda: False)
@@ -251,6 +266,8 @@ def _synthetic_results(truth, share):
     cost = model.StepCost(**(truth['pruned_sync_cost'] if spec.get('conv_widths')
                              else truth['costs'][spec['mode']]))
     busy = cost.device_s(o['data.batch_size'] // p) / share
+    if p > 2:  # Two workers a core: each step takes two steps' core time, over the efficiency.
+      busy *= (p / 2) / truth['sharing_efficiency'][spec['mode']]
     report = {'steps': steps, 'clocks': steps,
               'per_worker': [{'busy_s': steps * busy, 'steps': steps}]}
     if spec['mode'] == 'mapreduce':  # Rounds time themselves; the first one warms up.
@@ -284,8 +301,12 @@ def test_calibration_fit_recovers_the_model_it_was_measured_on(share):
            'overhead_s': {m: {'1': 0.0, '2': 0.01, '4': 0.03} for m in model.MODES},
            # gloo's set-up: once per sync run, told apart by the half-length runs.
            'run_overhead_s': {'sync': {'2': 0.4, '4': 0.7}},
-           'transfer_s': {'ssp': {'1': 0.002, '2': 0.003, '4': 0.005}}}
+           # The collective step's cost per local example, told apart by a second batch.
+           'overhead_per_example_s': {'sync': {'2': 1e-4, '4': 3e-4}},
+           'transfer_s': {'ssp': {'1': 0.002, '2': 0.003, '4': 0.005}},
+           'sharing_efficiency': {'sync': 0.8, 'mapreduce': 0.8, 'ssp': 0.9}}
   calib = calibration.fit(_synthetic_results(truth, share), num_cores=2)
+  assert calib['sharing_efficiency'] == pytest.approx(truth['sharing_efficiency'])
   for mode in model.MODES:
     assert calib['costs'][mode]['per_example_s'] == pytest.approx(4e-4)
     assert calib['costs'][mode]['fixed_s'] == pytest.approx(5e-3)
@@ -296,6 +317,8 @@ def test_calibration_fit_recovers_the_model_it_was_measured_on(share):
     assert calib['run_overhead_s']['sync'][p] == pytest.approx(
         truth['run_overhead_s']['sync'][p])
   assert set(calib['run_overhead_s']) == {'sync'}
+  assert calib['overhead_per_example_s'] == {
+      'sync': pytest.approx(truth['overhead_per_example_s']['sync'])}
   assert calib['transfer_s']['ssp'] == pytest.approx(truth['transfer_s']['ssp'])
   assert calib['pruned_sync_cost']['per_example_s'] == pytest.approx(2e-4)
   for spec in calibration.validation_runs(quick=True):
@@ -309,3 +332,45 @@ def test_ssp_runs_are_timed_at_the_rate_of_their_second_half():
   report = {'clocks': 10, 'per_worker': [{'loop_s': 5.0}, {'loop_s': 4.0}],
             'accuracy_vs_time': [{'clock': 5, 'wall_s': 3.0}, {'clock': 10, 'wall_s': 5.2}]}
   assert runs.ssp_steady_wall_s(report, 5) == pytest.approx(4.0)
+
+
+def test_ssp_prediction_is_timed_like_the_run_at_its_second_half_rate():
+  # Worker 0 publishes its clocks at these times; the second half (clocks 4..6) runs at
+  # 2.5 s per clock, so the steady wall time of 6 clocks is 15 s, whatever the first half took.
+  assert calibration.second_half_rate_s([1.0, 2.0, 3.0, 4.0, 6.0, 8.5], 3) == pytest.approx(
+      6 * (8.5 - 3.0) / 3)
+  # A lone worker without communication publishes clock c + 1 at (c + 1) x its step time.
+  cluster = model.Cluster((1.0,))
+  result = model.simulate_ssp(COST, cluster, local_batch=8, clocks=6, staleness=0,
+                              param_bytes=0.0)
+  step = COST.host_s + COST.device_s(8)
+  assert result.clock_s[0] == pytest.approx([step * (c + 1) for c in range(6)])
+  # With stragglers it is the second half's own steps, slowdown.py's draws, scaled to 6 clocks.
+  strag = model.Stragglers((1.0,), 0.5, 3.0, seed=1)
+  draws = [f for f, _ in zip(strag.draws(0), range(6))]
+  result = model.simulate_ssp(COST, model.Cluster((1.0,), stragglers=strag), local_batch=8,
+                              clocks=6, staleness=0, param_bytes=0.0)
+  seconds = [COST.host_s + COST.device_s(8) * f for f in draws]
+  assert sum(draws[:3]) != sum(draws[3:])  # The halves straggle differently.
+  assert calibration.second_half_rate_s(result.clock_s[0], 3) == pytest.approx(
+      6 * sum(seconds[3:]) / 3)
+
+
+def test_mapreduce_is_compared_without_its_first_round():
+  rounds = [{'round_s': 5.0}, {'round_s': 1.0}, {'round_s': 1.5}, {'round_s': 1.0}]
+  result = {'mode': 'mapreduce', 'measured_s': 8.75, 'report': {'rounds': rounds}}
+  assert calibration.measured_s(result) == pytest.approx(3.5)
+  assert calibration.startup_s(result) == pytest.approx(5.25)
+  spec = calibration.validation_runs(quick=True)[1]
+  cost = {'per_example_s': 2e-4, 'fixed_s': 1e-3, 'host_s': 0.0}
+  calib = {'num_cores': 2, 'costs': {m: cost for m in model.MODES},
+           'overhead_s': {'mapreduce': {'1': 0.01}}}
+  o = spec['overrides']
+  sim = model.simulate_mapreduce(
+      model.StepCost(**cost), calibration.local_cluster(spec, 2),
+      num_examples=spec['train_subset'], num_blocks=o['parallel.num_blocks'],
+      rounds_per_epoch=o['parallel.rounds_per_epoch'], epochs=o['num_epochs'],
+      local_batch=o['data.batch_size'], param_bytes=0.0, overhead_s=0.01)
+  assert len(sim.rounds) > 1
+  assert calibration.predict_run(spec, calib) == pytest.approx(
+      sum(r['round_s'] for r in sim.rounds[1:]))

@@ -1,27 +1,28 @@
 """Calibration and validation runs of the cluster model on this machine (pure Python).
 
-Calibration (`calibration_runs`, `fit`): per mode, the step cost on one core at two batch
-sizes (affine fit: fixed + per example x batch; for MapReduce and SSP from the busy time the
-workers measure, i.e. the jitted step), for the dense and a pruned (compacted) LeNet-5, and
-the framework constants per mode and process (worker) count: the measured wall time minus the
-model's prediction without them, per step (sync: gloo's all-reduce plus the loop's host work,
-and with a second run of half the length a constant per run, gloo's set-up; SSP, timed at its
-steady rate (`runs.ssp_steady_wall_s`): the host work per clock of the driver, the server and
-the workers outside their step and transfers). SSP's transfer per clock (`transfer_s`: a
-worker's push and read through Ray's object store, minus its wait under the staleness rule) is
-read off report.json's ``transport`` section. MapReduce's per-round constant is measured directly, as the median time a round
-spends outside its Map (`round_overhead`: the gloo all-reduce of the Reduce, the all-gather of
-the figures and the balancer). Those runs are homogeneous (no slowdown, equal split, SSP with
-s = 0). Processes pinned to one core are scheduled fairly (`LOCAL_SLEEPER_CREDIT_S`): a
-slowdown's sleep is wall time but not core time.
+Every run is compared at its steady state (`measured_s`; `startup_s` is the rest): sync, the
+training steps without compilation; MapReduce, the rounds after the first; SSP, the rate of
+its second half (`runs.ssp_steady_wall_s`, predicted the same way: `second_half_rate_s`).
+
+Calibration (`calibration_runs`, `fit`; homogeneous: no slowdown, equal split, SSP s = 0):
+per mode the step cost on one core at two batch sizes (affine: fixed + per example x batch;
+MapReduce and SSP from the workers' busy time, i.e. the jitted step), dense and pruned; the
+`sharing_efficiency` of a core two processes time-share (4-process runs: their busy time per
+step against two single-core steps); and the framework constants per mode and process count,
+the measured wall time minus the model's prediction without them: sync, per step (gloo's
+all-reduce and the loop's host work), split with a half-length run into a constant per run
+(gloo's set-up) and with a run at another batch into a part per local example; SSP, per
+clock (host work outside step and transfers) plus each worker's measured transfer
+(report.json ``transport``); MapReduce, measured directly as the median time a round spends
+outside its Map (`round_overhead`: the Reduce, the all-gather, the balancer).
 
 Validation (`validation_runs`, `predict_run`) uses other conditions: other batch sizes,
 MapReduce with every balancer under slowdowns 1, 1, 2, 4, SSP with s = 0 and 3 under transient
-stragglers (p = 0.1, 4x), and compares the model's wall time with the measured one. Sync and
-MapReduce processes are pinned one core each (launch_local --cores_per_process=1): 1 and 2
-processes are one and two real nodes; 4 processes share the 2 cores two by two, which the model
-simulates (processor sharing, `engine.pinned`). SSP's worker actors run single-threaded XLA
-and time-share the cores the same way."""
+stragglers (p = 0.1, 4x). Sync and MapReduce processes are pinned one core each
+(launch_local --cores_per_process=1) and run XLA on one thread, as the SSP actors do: 1 and
+2 processes are one and two real nodes; 4 share the 2 cores two by two, which the model
+simulates (fair sharing with `LOCAL_SLEEPER_CREDIT_S`: a slowdown's sleep is wall time, not
+core time; `engine.pinned`)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ LOCAL_NETWORK = model.Network(latency_s=0.0, bandwidth_bytes_per_s=1e30)
 LOCAL_SLEEPER_CREDIT_S = 6e-3
 TRANSIENT = {'parallel.straggler_probability': 0.1, 'parallel.straggler_factor': 4.0}
 BALANCER_NAMES = ('equal', 'proportional', 'lbrla', 'dlbpce')
+# Multi-process sync calibration at a second global batch (batch, epochs), so the step's
+# framework cost is split into a part per step and one per local example.
+OTHER_SYNC_BATCH = {2: (32, 0.25), 4: (512, 1)}
+STARTUP_ROUNDS = 1  # MapReduce rounds left out of the compared wall time (`measured_s`).
 
 
 def _sizes(quick: bool) -> dict[str, int]:
@@ -74,6 +79,8 @@ def calibration_runs(quick: bool) -> list[dict[str, Any]]:
     for mode in ('sync', 'mapreduce', 'ssp'):
       runs.append(_run(f'cal_{mode}_p{p}', mode, p, 128, z))
     runs.append(_run(f'cal_sync_p{p}_half', 'sync', p, 128, z, epochs=0.5))
+    batch, epochs = OTHER_SYNC_BATCH[p]
+    runs.append(_run(f'cal_sync_p{p}_b{batch}', 'sync', p, batch, z, epochs=epochs))
   return runs
 
 
@@ -113,12 +120,32 @@ def _affine(points: list[tuple[int, float]]) -> tuple[float, float]:
   return float(fixed), float(per_example)
 
 
+def measured_s(result: dict[str, Any]) -> float:
+  """The wall time a run is compared on: its steady state, start-up left out.
+
+  MapReduce: the rounds after the first (the first one runs each jitted piece for the first
+  time after its warm-up); SSP: the rate of the second half (`runs.ssp_steady_wall_s`); sync:
+  the job's training steps without compilation. `startup_s` is the rest.
+  """
+  if result['mode'] == 'mapreduce':
+    rounds = result['report']['rounds']
+    return float(sum(r['round_s'] for r in rounds[STARTUP_ROUNDS:] or rounds))
+  return float(result['measured_s'])
+
+
+def startup_s(result: dict[str, Any]) -> float:
+  """Seconds of a run's training loop that `measured_s` leaves out (start-up, first round)."""
+  if result['mode'] == 'ssp':
+    return float(result['report']['per_worker'][0]['loop_s'] - measured_s(result))
+  return float(result['measured_s'] - measured_s(result))
+
+
 def _step_seconds(result: dict[str, Any]) -> tuple[int, float]:
   """(local batch, seconds per step) of a single-process calibration run."""
   spec, report = result['spec'], result['report']
   batch = spec['overrides']['data.batch_size']
   if result['mode'] == 'sync':
-    return batch, result['measured_s'] / report['steps']
+    return batch, measured_s(result) / report['steps']
   if result['mode'] == 'mapreduce':
     rounds = report['rounds']
     return batch, sum(sum(r['busy_s']) for r in rounds) / sum(sum(r['steps']) for r in rounds)
@@ -172,8 +199,13 @@ def fit(results: list[dict[str, Any]], num_cores: int) -> dict[str, Any]:
            'pruned_sync_cost': {'per_example_s': per_example, 'fixed_s': fixed, 'host_s': 0.0},
            'param_bytes': by_name['cal_sync_p1_b128']['param_bytes'],
            'pruned_param_bytes': by_name['cal_sync_p1_b128_pruned']['param_bytes'],
-           'pruned_conv_widths': list(PRUNED_WIDTHS), 'overhead_s': {}, 'run_overhead_s': {},
-           'transfer_s': {'ssp': {}}}
+           'pruned_conv_widths': list(PRUNED_WIDTHS), 'overhead_s': {},
+           'overhead_per_example_s': {}, 'run_overhead_s': {}, 'transfer_s': {'ssp': {}}}
+  calib['sharing_efficiency'] = {
+      mode: sharing_efficiency(by_name[f'cal_{mode}_p4'], cost_of(calib, mode), num_cores)
+      for mode in ('mapreduce', 'ssp')}
+  # Sync reports no per-worker busy time; its processes are MapReduce's (same launch, XLA).
+  calib['sharing_efficiency']['sync'] = calib['sharing_efficiency']['mapreduce']
   for p in (1, 2, 4):
     result = by_name[f'cal_ssp_p{p}' if p > 1 else 'cal_ssp_p1_b128']
     calib['transfer_s']['ssp'][str(p)] = transfer_per_clock(result) * capacity(result,
@@ -187,32 +219,75 @@ def fit(results: list[dict[str, Any]], num_cores: int) -> dict[str, Any]:
       if mode == 'mapreduce':  # The rounds time their own Reduce, gather and balancer.
         calib['overhead_s'][mode][str(p)] = round_overhead(result) * share
         continue
-      per_unit, per_run = _residual_fit([r for r in (result, by_name.get(f'{name}_half'))
-                                         if r is not None], calib, share)
+      others = [by_name.get(f'{name}_half')]
+      if mode == 'sync' and p in OTHER_SYNC_BATCH:
+        others.append(by_name.get(f'{name}_b{OTHER_SYNC_BATCH[p][0]}'))
+      per_unit, per_example, per_run = _residual_fit(
+          [r for r in (result, *others) if r is not None], calib, share)
       calib['overhead_s'][mode][str(p)] = per_unit * share
+      if per_example:
+        calib['overhead_per_example_s'].setdefault(mode, {})[str(p)] = per_example * share
       if per_run:
         calib['run_overhead_s'].setdefault(mode, {})[str(p)] = per_run * share
   return calib
 
 
+def sharing_efficiency(result: dict[str, Any], cost: model.StepCost, num_cores: int) -> float:
+  """Share of a core that workers time-sharing it get in all (`engine.run`), from a
+  homogeneous run of more workers than cores that compute together (no slowdown, SSP s = 0).
+
+  k workers on a core each take k x cost.device_s(local batch) per step if sharing lost
+  nothing; the efficiency is that over their measured busy seconds per step (MapReduce: the
+  rounds after the first; SSP: every clock), at most 1.
+  """
+  p = result['spec']['processes']
+  per_core = p / num_cores
+  if per_core <= 1:
+    return 1.0
+  local = result['spec']['overrides']['data.batch_size'] // p
+  report = result['report']
+  if result['mode'] == 'mapreduce':
+    rounds = report['rounds'][STARTUP_ROUNDS:] or report['rounds']
+    busy = sum(sum(r['busy_s']) for r in rounds) / sum(sum(r['steps']) for r in rounds)
+  else:
+    busy = (sum(w['busy_s'] for w in report['per_worker'])
+            / sum(max(w['steps'], 1) for w in report['per_worker']))
+  busy *= capacity(result, num_cores)
+  return float(min(1.0, per_core * cost.device_s(local) / max(busy, 1e-12)))
+
+
 def _residual_fit(results: list[dict[str, Any]], calib: dict[str, Any],
-                  share: float) -> tuple[float, float]:
-  """(per step, per run) seconds of measured wall time the model does not explain.
+                  share: float) -> tuple[float, float, float]:
+  """(per step, per local example and step, per run) seconds of measured wall time the model
+  does not explain.
 
   One run gives a per-step constant; with a second run of another length (``_half``) the
   residual is split into a constant per run (e.g. gloo's connection set-up on the first
-  collective) and one per step.
+  collective) and one per step; with a third of another local batch, the per-step part is
+  split again into a constant and a part per local example (least squares, parts >= 0).
   """
-  points = []
+  rows, residuals = [], []
   for result in results:
-    bare = predict_run(result['spec'], {**calib, 'overhead_s': {}, 'run_overhead_s': {}},
+    bare = predict_run(result['spec'], {**calib, 'overhead_s': {}, 'run_overhead_s': {},
+                                        'overhead_per_example_s': {}},
                        overhead=False, capacity=share)
-    points.append((max(units(result), 1), result['measured_s'] - bare))
-  if len(points) == 2 and points[0][0] != points[1][0]:
-    (n1, r1), (n2, r2) = points
-    per_unit = max((r1 - r2) / (n1 - n2), 0.0)
-    return per_unit, max(r1 - per_unit * n1, 0.0)
-  return max(points[0][1] / points[0][0], 0.0), 0.0
+    o = result['spec']['overrides']
+    steps = max(units(result), 1)
+    rows.append([steps, steps * (o['data.batch_size'] // result['spec']['processes']), 1.0])
+    residuals.append(measured_s(result) - bare)
+  a, r = np.array(rows, np.float64), np.array(residuals, np.float64)
+  keep = [0]  # Unknowns the runs tell apart: per step always, per example, per run.
+  if len({row[1] / row[0] for row in rows}) > 1:
+    keep.append(1)
+  if len({row[0] for row in rows}) > 1 and len(rows) > len(keep):
+    keep.append(2)
+  while True:
+    x = np.zeros(3)
+    x[keep] = np.linalg.lstsq(a[:, keep], r, rcond=None)[0]
+    negative = [k for k in keep[1:] if x[k] < 0]
+    if not negative:
+      return max(float(x[0]), 0.0), float(x[1]), float(x[2])
+    keep.remove(negative[0])
 
 
 def transfer_per_clock(result: dict[str, Any]) -> float:
@@ -238,14 +313,24 @@ def round_overhead(result: dict[str, Any]) -> float:
 # Prediction of a local run.
 
 
+def second_half_rate_s(clock_s: list[float], half: int) -> float:
+  """Wall time of a run at the rate of its second half, as `runs.ssp_steady_wall_s` times
+  the real one: worker 0's clocks ``half`` .. the last, scaled to every clock."""
+  clocks = len(clock_s)
+  if clocks <= half:
+    return clock_s[-1] if clock_s else 0.0
+  return clocks * (clock_s[-1] - clock_s[half - 1]) / (clocks - half)
+
+
 def cost_of(calib: dict[str, Any], mode: str) -> model.StepCost:
   return model.StepCost(**calib['costs'][mode])
 
 
-def local_cluster(spec: dict[str, Any], num_cores: int,
-                  share: float = 1.0) -> model.Cluster:
-  """The cluster a local run stands for: pinned processes, slowdown.py's stragglers, and
-  `share` of every core (the rest taken by other jobs on a shared machine)."""
+def local_cluster(spec: dict[str, Any], num_cores: int, share: float = 1.0,
+                  efficiency: float = 1.0) -> model.Cluster:
+  """The cluster a local run stands for: pinned processes, slowdown.py's stragglers,
+  `share` of every core (the rest taken by other jobs on a shared machine), and the
+  `sharing_efficiency` of a time-shared core."""
   o = spec['overrides']
   p = spec['processes']
   spec_text = o.get('parallel.slowdown', '')
@@ -254,7 +339,7 @@ def local_cluster(spec: dict[str, Any], num_cores: int,
                            o.get('parallel.straggler_factor', 1.0), seed=0)
   groups, cores = engine.pinned(p, num_cores)
   return model.Cluster((1.0,) * p, LOCAL_NETWORK, strag, tuple(groups),
-                       tuple(c * share for c in cores), LOCAL_SLEEPER_CREDIT_S)
+                       tuple(c * share for c in cores), LOCAL_SLEEPER_CREDIT_S, efficiency)
 
 
 def predict_run(spec: dict[str, Any], calib: dict[str, Any], *, overhead: bool = True,
@@ -270,12 +355,15 @@ def predict_run(spec: dict[str, Any], calib: dict[str, Any], *, overhead: bool =
   """
   o = spec['overrides']
   p, mode = spec['processes'], spec['mode']
-  cluster = local_cluster(spec, calib['num_cores'], capacity)
+  cluster = local_cluster(spec, calib['num_cores'], capacity,
+                          calib.get('sharing_efficiency', {}).get(mode, 1.0))
   cost = cost_of(calib, mode)
-  extra = calib['overhead_s'].get(mode, {}).get(str(p), 0.0) / capacity if overhead else 0.0
+  local = o['data.batch_size'] // p
+  extra = (calib['overhead_s'].get(mode, {}).get(str(p), 0.0)
+           + local * calib.get('overhead_per_example_s', {}).get(mode, {}).get(str(p), 0.0)
+           ) / capacity if overhead else 0.0
   once = (calib.get('run_overhead_s', {}).get(mode, {}).get(str(p), 0.0) / capacity
           if overhead else 0.0)
-  local = o['data.batch_size'] // p
   n = spec['train_subset']
   steps = int(round(o['num_epochs'] * (n // o['data.batch_size'])))
   if mode == 'sync':
@@ -284,14 +372,16 @@ def predict_run(spec: dict[str, Any], calib: dict[str, Any], *, overhead: bool =
   if mode == 'ssp':
     staleness = o.get('parallel.staleness', 0)
     extra += calib.get('transfer_s', {}).get('ssp', {}).get(str(p), 0.0) / capacity
-    return once + model.simulate_ssp(cost, cluster, local_batch=local, clocks=steps,
-                                     staleness=None if staleness < 0 else staleness,
-                                     param_bytes=0.0, overhead_s=extra).wall_s
-  return model.simulate_mapreduce(
+    result = model.simulate_ssp(cost, cluster, local_batch=local, clocks=steps,
+                                staleness=None if staleness < 0 else staleness,
+                                param_bytes=0.0, overhead_s=extra)
+    return once + second_half_rate_s(result.clock_s[0], (steps + 1) // 2)
+  rounds = model.simulate_mapreduce(
       cost, cluster, num_examples=n, num_blocks=o['parallel.num_blocks'],
       rounds_per_epoch=o['parallel.rounds_per_epoch'], epochs=o['num_epochs'],
       local_batch=local, param_bytes=0.0, balancer=o.get('parallel.balancer', 'equal'),
-      overhead_s=extra).wall_s
+      overhead_s=extra).rounds
+  return sum(r['round_s'] for r in rounds[STARTUP_ROUNDS:] or rounds)
 
 
 def load(path: str) -> dict[str, Any]:

@@ -37,14 +37,20 @@ def _load() -> str:
   return '/'.join(f'{v:.2f}' for v in os.getloadavg())
 
 
+# XLA on one thread: what a process pinned to one core (a one-core node) runs. With XLA's
+# default thread pool, two processes time-sharing a core each run a pool sized for the
+# machine, and the core serves them far below its single-process rate.
+SINGLE_THREAD_XLA = '--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'
+
+
 def _ssp_job(workers: int, args: list[str], *, timeout_s: float, stdout) -> int:
   """One SSP driver process starting ``workers`` Ray actors; its exit code.
 
-  Each actor's XLA runs single-threaded, as a process pinned to one core would: ``workers``
-  actors time-share the machine's cores the way ``workers`` pinned processes did.
+  Each actor's XLA runs single-threaded, as a pinned process does (`SINGLE_THREAD_XLA`):
+  ``workers`` actors time-share the machine's cores the way ``workers`` pinned processes do.
   """
   env = launch_local.process_env(1)
-  env['XLA_FLAGS'] += ' --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'
+  env['XLA_FLAGS'] += ' ' + SINGLE_THREAD_XLA
   cmd = [sys.executable, '-m', 'pdcnno_jax.perfmodel.runs', *args, f'--ssp_workers={workers}']
   try:
     done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -55,6 +61,21 @@ def _ssp_job(workers: int, args: list[str], *, timeout_s: float, stdout) -> int:
     return 124
   stdout.write(done.stdout)
   return done.returncode
+
+
+def _collective_job(processes: int, args: list[str], *, timeout_s: float, stdout) -> int:
+  """A sync / MapReduce job of ``processes`` processes pinned one core each, XLA on one
+  thread (`SINGLE_THREAD_XLA`); its exit code."""
+  flags = os.environ.get('XLA_FLAGS')
+  os.environ['XLA_FLAGS'] = f'{flags or ""} {SINGLE_THREAD_XLA}'.strip()
+  try:
+    return launch_local.launch(processes, args, module='pdcnno_jax.perfmodel.runs',
+                               timeout_s=timeout_s, stdout=stdout, cores_per_process=1)
+  finally:
+    if flags is None:
+      del os.environ['XLA_FLAGS']
+    else:
+      os.environ['XLA_FLAGS'] = flags
 
 
 def run_jobs(specs: list[dict[str, Any]], *, data_dir: str, timeout_s: float,
@@ -87,8 +108,7 @@ def run_jobs(specs: list[dict[str, Any]], *, data_dir: str, timeout_s: float,
       if ssp:
         code = _ssp_job(processes, args, timeout_s=timeout_s, stdout=log)
       else:
-        code = launch_local.launch(processes, args, module='pdcnno_jax.perfmodel.runs',
-                                   timeout_s=timeout_s, stdout=log, cores_per_process=1)
+        code = _collective_job(processes, args, timeout_s=timeout_s, stdout=log)
       done = _read(out)
       complete = sorted(r['name'] for r in done) == sorted(names)
       what = 'Ray SSP worker(s)' if ssp else 'process(es), sync/MapReduce'
@@ -150,18 +170,21 @@ def validate(args) -> float:
   results = _results(args, 'validation', specs)
   worst = 0.0
   print(f'{"run":40s} {"predicted_s":>11s} {"measured_s":>10s} {"rel_err":>8s} '
-        f'{"core_share":>10s}')
+        f'{"core_share":>10s} {"startup_s":>10s}')
   for result in results:
     spec = result['spec']
     share = calibration.capacity(result, calib['num_cores'])
     predicted = calibration.predict_run(spec, calib, capacity=share)
-    error = abs(predicted - result['measured_s']) / result['measured_s']
+    measured = calibration.measured_s(result)
+    error = abs(predicted - measured) / measured
     worst = max(worst, error)
-    print(f'{spec["name"]:40s} {predicted:11.2f} {result["measured_s"]:10.2f} {error:8.3f} '
-          f'{share:10.2f}')
-  print(f'framework constants (calibrated, per step or round): {calib["overhead_s"]}; per run: '
+    print(f'{spec["name"]:40s} {predicted:11.2f} {measured:10.2f} {error:8.3f} '
+          f'{share:10.2f} {calibration.startup_s(result):10.2f}')
+  print(f'framework constants (calibrated, per step or round): {calib["overhead_s"]}; per '
+        f'local example and step: {calib.get("overhead_per_example_s", {})}; per run: '
         f'{calib.get("run_overhead_s", {})}; SSP transfer per clock: '
-        f'{calib.get("transfer_s", {})}')
+        f'{calib.get("transfer_s", {})}; sharing efficiency of a time-shared core: '
+        f'{calib.get("sharing_efficiency", {})}')
   print(f'max relative error: {worst:.3f}')
   return worst
 

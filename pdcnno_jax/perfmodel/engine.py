@@ -68,20 +68,23 @@ def _levels(slots: list[_Slot]) -> list[list[_Slot]]:
   return levels
 
 
-def _rates(live: list[_Slot], cores: Sequence[float], fair: bool
+def _rates(live: list[_Slot], cores: Sequence[float], fair: bool, efficiency: float = 1.0
            ) -> tuple[dict[int, float], float]:
   """Core-seconds per second of each computing worker (by id), and the time until a fair
-  share changes (a less-served level catching up with the next; inf for processor sharing)."""
+  share changes (a less-served level catching up with the next; inf for processor sharing).
+  A core set with more computing workers than cores delivers `efficiency` of its cores."""
   by_group: dict[int, list[_Slot]] = {}
   for s in live:
     if s.kind == 'cpu':
       by_group.setdefault(s.group, []).append(s)
   rates, catch_up = {}, math.inf
   for g, members in by_group.items():
+    shared = len(members) > math.ceil(cores[g] - 1e-9)  # cores[g] may be a share of cores.
+    capacity = cores[g] * (efficiency if shared else 1.0)
     if not fair:
-      rates.update({id(s): min(1.0, cores[g] / len(members)) for s in members})
+      rates.update({id(s): min(1.0, capacity / len(members)) for s in members})
       continue
-    remaining, previous = float(cores[g]), None
+    remaining, previous = float(capacity), None
     for level in _levels(members):
       rate = min(1.0, max(remaining, 0.0) / len(level))
       remaining -= rate * len(level)
@@ -93,7 +96,7 @@ def _rates(live: list[_Slot], cores: Sequence[float], fair: bool
 
 
 def run(workers: Sequence[Worker], groups: Sequence[int], cores: Sequence[float],
-        *, sleeper_credit_s: float | None = None,
+        *, sleeper_credit_s: float | None = None, sharing_efficiency: float = 1.0,
         max_events: int = 10_000_000) -> list[WorkerTrace]:
   """Runs the workers to completion.
 
@@ -102,6 +105,8 @@ def run(workers: Sequence[Worker], groups: Sequence[int], cores: Sequence[float]
     groups: core set of each worker (index into `cores`).
     cores: cores in each core set.
     sleeper_credit_s: None for processor sharing; else fair sharing with this wake-up credit.
+    sharing_efficiency: share of its cores a core set delivers while more workers compute on
+      it than it has cores (context switches, caches refilled; 1: none lost).
     max_events: guard against a deadlock (raises RuntimeError).
 
   Returns:
@@ -163,7 +168,7 @@ def run(workers: Sequence[Worker], groups: Sequence[int], cores: Sequence[float]
     live = [s for s in slots if not s.done]
     if not live:
       return traces
-    rate, step = _rates(live, cores, fair)
+    rate, step = _rates(live, cores, fair, sharing_efficiency)
     for s in live:
       if s.kind == 'cpu' and rate[id(s)] > 0:
         step = min(step, s.remaining / rate[id(s)])

@@ -118,13 +118,16 @@ class Cluster:
   """N nodes: relative speeds (work on node k takes 1 / speeds[k] of the reference time),
   where they run (core sets; default one dedicated node each), the network and stragglers.
   ``sleeper_credit_s``: how workers sharing a core set are scheduled (`engine.run`): None for
-  processor sharing, else fair sharing with that wake-up credit (the local time-shared runs)."""
+  processor sharing, else fair sharing with that wake-up credit (the local time-shared runs);
+  ``sharing_efficiency``: share of a core set's cores it delivers while time-shared
+  (`engine.run`)."""
   speeds: tuple[float, ...]
   network: Network = Network()
   stragglers: Stragglers = Stragglers()
   groups: tuple[int, ...] | None = None
   cores: tuple[float, ...] | None = None
   sleeper_credit_s: float | None = None
+  sharing_efficiency: float = 1.0
 
   def __post_init__(self):
     if not self.speeds or min(self.speeds) <= 0:
@@ -145,16 +148,21 @@ class Cluster:
 
   def run(self, workers: Sequence[engine.Worker]) -> list[engine.WorkerTrace]:
     """`engine.run` of one generator per node, placed and scheduled as this cluster says."""
-    return engine.run(workers, *self.placement(), sleeper_credit_s=self.sleeper_credit_s)
+    return engine.run(workers, *self.placement(), sleeper_credit_s=self.sleeper_credit_s,
+                      sharing_efficiency=self.sharing_efficiency)
 
 
 @dataclasses.dataclass
 class Result:
-  """Simulated wall time and per-worker figures (seconds)."""
+  """Simulated wall time and per-worker figures (seconds).
+
+  ``clock_s[k][c]``: when worker k finished clock (SSP) or step (sync) c + 1, its update sent.
+  """
   wall_s: float
   busy_s: list[float]
   wait_s: list[float]
   rounds: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  clock_s: list[list[float]] = dataclasses.field(default_factory=list)
 
 
 def _step(cost: StepCost, speed: float, batch: int, draws: Iterator[float]):
@@ -274,6 +282,7 @@ def simulate_ssp(cost: StepCost, cluster: Cluster, *, local_batch: int | Sequenc
              else [int(b) for b in local_batch])
   published = [0] * n
   busy = [0.0] * n
+  done_at: list[list[float]] = [[] for _ in range(n)]
   net = cluster.network
   server = {'free': 0.0}
 
@@ -296,9 +305,11 @@ def simulate_ssp(cost: StepCost, cluster: Cluster, *, local_batch: int | Sequenc
       if comm > 0:
         now += yield ('sleep', comm)
       published[k] = c + 1
+      done_at[k].append(now)
 
   traces = cluster.run([worker(k) for k in range(n)])
-  return Result(max(t.finish_s for t in traces), busy, [t.blocked_s for t in traces])
+  return Result(max(t.finish_s for t in traces), busy, [t.blocked_s for t in traces],
+                clock_s=done_at)
 
 
 def serial_time(cost: StepCost, *, num_examples: int, epochs: float, batch: int,
