@@ -125,3 +125,10 @@ def test_a_claim_is_covered_only_when_every_one_of_its_cells_is_chosen():
   assert runner.covered_claims(cells_, chosen) == ['P5']  # P3 and P6 also need other methods.
   assert runner.covered_claims(cells_, runner.select(cells_, claims=['P4'])) == ['P4']
   assert runner.covered_claims(cells_, []) == []
+
+
+def test_fewer_seeds_on_purpose_still_cover_a_claim(tmp_path):
+  cells_ = grids.grid('pdcnno', 'full', str(tmp_path))
+  one_seed = runner.select(cells_, methods=['dense_sgd', 'cgmse'], max_seeds=1)
+  assert runner.covered_claims(runner.select(cells_, max_seeds=1), one_seed) == ['P5']
+  assert runner.covered_claims(cells_, one_seed) == []  # Seeds 1 and 2 are missing.
