@@ -22,6 +22,14 @@ side by side:
    each of ``--mac_targets``: MACs and measured training-step speed-up. Bars: measured >= 1.9x,
    predicted within 15% of measured.
 
+Measured (quiet machine, load 0.4-3.0, 3 seeds, ``--epochs=10 --mac_targets=4,6,8``, and
+``--lenet_runs=latency --lenet_speedup=1.25``): LeNet-5 dense 91.85% on average; latency target
+1.25 cuts conv2 50 -> 44 maps (1.12x fewer MACs), measures 1.25-1.30x and keeps the accuracy
+(+0.04 pp); MAC targets 4 / 6 / 8x measure 0.99-1.19x / 1.17-1.25x / 1.05-1.29x and lose
+0.55 / 0.75 / 1.14 pp (they cut conv1 below 20 maps, a slow XLA:CPU shape); latency target 2.5
+stops at conv2 = 2 maps ("no faster width"), 1.87-1.92x, -2.51 pp: on XLA:CPU conv1 alone
+costs more than a 2.5x network may (``bench_lenet_latency_breakdown.py``).
+
 Network measurements are cached under ``--cache_dir`` (a second run only checks its choice).
 
 Measured (quiet machine, load 2.5-3.3; ``--parts=vgg --step=0.25 --measurements=96
