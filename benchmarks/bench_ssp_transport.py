@@ -13,7 +13,8 @@ Measures, side by side on this machine:
     ``blocking_key_value_get_bytes``, as the SSP store used them), as MiB moved per second;
   * LeNet-5: SSP on Ray, 2 workers, 1 shard, 128 examples per worker, generated data, s = 3
     with the read for the next clock prefetched during the step (``parallel.ssp_prefetch``),
-    s = 3 without (the default) and s = 0 (BSP: it cannot be prefetched): overhead = transfer seconds per clock / compute seconds of a step. Transfer seconds are
+    s = 3 without (the default) and s = 0 (BSP: it cannot be prefetched): overhead =
+    transfer seconds per clock / compute seconds of a step. Transfer seconds are
     the seconds a worker's clock is blocked in transport and not waiting for the staleness bound
     (`ps_client`'s definition; the bound's waits are reported apart, per clock).
 
