@@ -166,7 +166,7 @@ def main() -> None:
   parser.add_argument('--num_workers', type=int, default=2)
   parser.add_argument('--stalenesses', default='0,3', help='(a) the settings run: 0,3 or one')
   parser.add_argument('--only', default='a', help='scenario letters to run: a, b or ab')
-  parser.add_argument('--ssp_prefetch', default='on', choices=('on', 'off', 'both'),
+  parser.add_argument('--ssp_prefetch', default='off', choices=('on', 'off', 'both'),
                       help='config.parallel.ssp_prefetch of (a) (s = 0 never prefetches); both: '
                       'each s > 0 with and without, against the same s = 0 runs')
   parser.add_argument('--print_only', action='store_true',
