@@ -374,3 +374,42 @@ def test_mapreduce_is_compared_without_its_first_round():
   assert len(sim.rounds) > 1
   assert calibration.predict_run(spec, calib) == pytest.approx(
       sum(r['round_s'] for r in sim.rounds[1:]))
+
+
+def _rescaled(result, factor, name):
+  """``result`` as if measured ``factor`` times slower, under the run name ``name``."""
+  report = dict(result['report'])
+  if 'rounds' in report:
+    report['rounds'] = [{**r, 'round_s': r['round_s'] * factor} for r in report['rounds']]
+  return {**result, 'name': name, 'spec': {**result['spec'], 'name': name},
+          'measured_s': result['measured_s'] * factor, 'report': report}
+
+
+def test_repeats_run_every_configuration_once_per_repeat_and_fit_their_medians():
+  specs = calibration.calibration_runs(quick=True)
+  repeats = calibration.repeated(specs, 3)
+  assert [s['name'] for s in repeats[0]] == [s['name'] for s in specs]
+  assert [calibration.base_name(s['name']) for s in repeats[2]] == [s['name'] for s in specs]
+  assert len({s['name'] for r in repeats for s in r}) == 3 * len(specs)
+  with pytest.raises(ValueError, match='repeats'):
+    calibration.repeated(specs, 0)
+  cost = {'per_example_s': 4e-4, 'fixed_s': 5e-3, 'host_s': 0.0}
+  truth = {'num_cores': 2, 'costs': {m: cost for m in model.MODES},
+           'pruned_sync_cost': {'per_example_s': 2e-4, 'fixed_s': 3e-3, 'host_s': 0.0},
+           'overhead_s': {m: {'1': 0.0, '2': 0.01, '4': 0.03} for m in model.MODES},
+           'run_overhead_s': {}, 'transfer_s': {'ssp': {'1': 0.002, '2': 0.003, '4': 0.005}},
+           'sharing_efficiency': {'sync': 0.8, 'mapreduce': 0.8, 'ssp': 0.9}}
+  exact = _synthetic_results(truth, 1.0)
+  # Repeat 0 ran in a slow spell, repeat 2 in a fast one: the median is the exact machine.
+  results = ([_rescaled(r, 1.4, s['name']) for r, s in zip(exact, repeats[0])]
+             + [_rescaled(r, 1.0, s['name']) for r, s in zip(exact, repeats[1])]
+             + [_rescaled(r, 0.7, s['name']) for r, s in zip(exact, repeats[2])])
+  medians = calibration.median_runs(results)
+  assert [r['name'] for r in medians] == [s['name'] for s in specs]
+  for median, r in zip(medians, exact):
+    assert calibration.measured_s(median) == pytest.approx(calibration.measured_s(r))
+    assert median['repeats_measured_s'] == pytest.approx(
+        [calibration.measured_s(r) * f for f in (1.4, 1.0, 0.7)])
+  assert calibration.fit(medians, 2) == calibration.fit(exact, 2)
+  assert calibration.spread([1.4, 1.0, 0.7]) == pytest.approx(0.7)
+  assert calibration.spread([2.0]) == 0.0

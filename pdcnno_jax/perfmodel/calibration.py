@@ -106,6 +106,51 @@ def validation_runs(quick: bool) -> list[dict[str, Any]]:
   return runs
 
 
+REPEAT_SEPARATOR = '~r'  # A repeat's run name: '<name>~r<k>' (k >= 1; repeat 0 keeps '<name>').
+
+
+def repeated(specs: list[dict[str, Any]], repeats: int) -> list[list[dict[str, Any]]]:
+  """``repeats`` copies of ``specs``, one list per repeat, each run named apart.
+
+  The copies run one repeat after another (every configuration once, then again), so a slow
+  spell of the machine falls on all configurations of a repeat rather than on all repeats of
+  one configuration.
+  """
+  if repeats < 1:
+    raise ValueError(f'--repeats={repeats}: give at least 1.')
+  return [[dict(s, name=s['name'] + (f'{REPEAT_SEPARATOR}{k}' if k else '')) for s in specs]
+          for k in range(repeats)]
+
+
+def base_name(name: str) -> str:
+  """The configuration's name of a repeat's run name (`repeated`)."""
+  return name.split(REPEAT_SEPARATOR)[0]
+
+
+def median_runs(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Per configuration, its repeat of median `measured_s` (the lower median of an even count).
+
+  Each returned run carries its configuration's name and ``repeats_measured_s``, the measured
+  seconds of every repeat, in the order of the configurations' first appearance.
+  """
+  groups: dict[str, list[dict[str, Any]]] = {}
+  for result in results:
+    groups.setdefault(base_name(result['name']), []).append(result)
+  chosen = []
+  for name, group in groups.items():
+    ordered = sorted(group, key=measured_s)
+    median = ordered[(len(ordered) - 1) // 2]
+    chosen.append({**median, 'name': name, 'spec': {**median['spec'], 'name': name},
+                   'repeats_measured_s': [measured_s(r) for r in group]})
+  return chosen
+
+
+def spread(values: list[float]) -> float:
+  """(max - min) / median of a configuration's repeated measurements (0 for one)."""
+  values = sorted(values)
+  return (values[-1] - values[0]) / values[(len(values) - 1) // 2]
+
+
 # ----------------------------------------------------------------------------------------------
 # Fitting.
 

@@ -5,6 +5,9 @@
                actors) and writes the fitted inputs to --calibration_file.
   --validate   runs `calibration.validation_runs` and prints predicted vs measured wall time
                per run, then `max relative error: X`.
+  --repeats N  runs every configuration N times (all of them once, then again): calibration
+               fits the median repeat of each, validation compares the median and prints
+               every repeat and their spread.
   --from_saved re-uses the raw runs a previous --calibrate / --validate saved in --workdir
                (calibration_runs.json, validation_runs.json) instead of running them again.
   --predict    speed-up tables (2, 4, 8, 16 nodes; 1-16 in the JSON) for each paper's setting
@@ -134,14 +137,19 @@ def _read(path: str) -> list[dict[str, Any]]:
 
 
 def _results(args, phase: str, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Runs the specs, or with --from_saved reads the results a previous run saved."""
+  """Runs the specs --repeats times (`calibration.repeated`: every configuration once, then
+  again), or with --from_saved reads the results a previous run saved; every repeat's run."""
   path = os.path.join(args.workdir, f'{phase}_runs.json')
   if args.from_saved:
     with open(path) as f:
       return json.load(f)
-  results = run_jobs(specs, data_dir=args.data_dir, timeout_s=args.timeout_s,
-                     jobs_dir=os.path.abspath(os.path.join(args.workdir, 'jobs')),
-                     cache_dir=os.path.abspath(os.path.join(args.workdir, 'jax_cache')))
+  results = []
+  for k, repeat in enumerate(calibration.repeated(specs, args.repeats)):
+    if args.repeats > 1:
+      print(f'{phase}: repeat {k + 1} of {args.repeats}', flush=True)
+    results += run_jobs(repeat, data_dir=args.data_dir, timeout_s=args.timeout_s,
+                        jobs_dir=os.path.abspath(os.path.join(args.workdir, 'jobs')),
+                        cache_dir=os.path.abspath(os.path.join(args.workdir, 'jax_cache')))
   os.makedirs(args.workdir, exist_ok=True)
   with open(path, 'w') as f:
     json.dump(results, f)
@@ -150,10 +158,10 @@ def _results(args, phase: str, specs: list[dict[str, Any]]) -> list[dict[str, An
 
 def calibrate(args) -> None:
   specs = calibration.calibration_runs(args.quick)
-  results = _results(args, 'calibration', specs)
+  results = calibration.median_runs(_results(args, 'calibration', specs))
   calib = calibration.fit(results, len(os.sched_getaffinity(0)))
-  calib['runs'] = [{k: r[k] for k in ('name', 'mode', 'measured_s', 'param_bytes')}
-                   for r in results]
+  calib['runs'] = [{k: r[k] for k in ('name', 'mode', 'measured_s', 'param_bytes',
+                                      'repeats_measured_s')} for r in results]
   calib['load_average_at_end'] = _load()
   os.makedirs(os.path.dirname(os.path.abspath(args.calibration_file)), exist_ok=True)
   with open(args.calibration_file, 'w') as f:
@@ -167,24 +175,30 @@ def calibrate(args) -> None:
 def validate(args) -> float:
   calib = calibration.load(args.calibration_file)
   specs = calibration.validation_runs(args.quick)
-  results = _results(args, 'validation', specs)
-  worst = 0.0
+  results = calibration.median_runs(_results(args, 'validation', specs))
+  worst, widest = 0.0, 0.0
   print(f'{"run":40s} {"predicted_s":>11s} {"measured_s":>10s} {"rel_err":>8s} '
-        f'{"core_share":>10s} {"startup_s":>10s}')
+        f'{"core_share":>10s} {"startup_s":>10s} {"repeats_s":>18s} {"spread":>7s}')
   for result in results:
     spec = result['spec']
     share = calibration.capacity(result, calib['num_cores'])
     predicted = calibration.predict_run(spec, calib, capacity=share)
-    measured = calibration.measured_s(result)
+    measured = calibration.measured_s(result)  # The median repeat's.
     error = abs(predicted - measured) / measured
     worst = max(worst, error)
+    repeats = result['repeats_measured_s']
+    widest = max(widest, calibration.spread(repeats))
     print(f'{spec["name"]:40s} {predicted:11.2f} {measured:10.2f} {error:8.3f} '
-          f'{share:10.2f} {calibration.startup_s(result):10.2f}')
+          f'{share:10.2f} {calibration.startup_s(result):10.2f} '
+          f'{"/".join(f"{t:.2f}" for t in repeats):>18s} {calibration.spread(repeats):7.3f}')
   print(f'framework constants (calibrated, per step or round): {calib["overhead_s"]}; per '
         f'local example and step: {calib.get("overhead_per_example_s", {})}; per run: '
         f'{calib.get("run_overhead_s", {})}; SSP transfer per clock: '
         f'{calib.get("transfer_s", {})}; sharing efficiency of a time-shared core: '
         f'{calib.get("sharing_efficiency", {})}')
+  if len(results) and len(results[0]['repeats_measured_s']) > 1:
+    print(f'measured_s is the median of {len(results[0]["repeats_measured_s"])} repeats; '
+          f'widest run-to-run spread (max - min) / median: {widest:.3f}')
   print(f'max relative error: {worst:.3f}')
   return worst
 
@@ -256,6 +270,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--predictions_file', default=None,
                       help='default: <workdir>/predictions.json')
   parser.add_argument('--data_dir', default=os.path.join('data', 'tfds'))
+  parser.add_argument('--repeats', type=int, default=1,
+                      help='run every calibration and validation configuration this many times, '
+                      'one repeat after another, and compare at the median')
   parser.add_argument('--timeout_s', type=float, default=1800)
   parser.add_argument('--from_saved', action='store_true',
                       help='refit / re-predict from the runs a previous call saved in --workdir')
