@@ -68,7 +68,7 @@ def test_engine_fair_sharing_gives_a_waking_sleeper_its_credit(credit, finish):
   assert traces[1].cpu_s == pytest.approx(finish - 9.0)
 
 
-def test_local_runs_are_fairly_scheduled_and_cluster_predictions_carry_no_local_constant():
+def test_local_runs_share_cores_as_measured_and_cluster_predictions_carry_no_local_constant():
   spec = calibration.validation_runs(quick=True)[-3]
   assert calibration.local_cluster(spec, 2).sleeper_credit_s == (
       calibration.LOCAL_SLEEPER_CREDIT_S)

@@ -118,7 +118,8 @@ class Cluster:
   """N nodes: relative speeds (work on node k takes 1 / speeds[k] of the reference time),
   where they run (core sets; default one dedicated node each), the network and stragglers.
   ``sleeper_credit_s``: how workers sharing a core set are scheduled (`engine.run`): None for
-  processor sharing, else fair sharing with that wake-up credit (the local time-shared runs);
+  processor sharing (the local time-shared runs: `calibration.LOCAL_SLEEPER_CREDIT_S`), else
+  fair sharing with that wake-up credit (a scheduler with a sleeper bonus, e.g. CFS);
   ``sharing_efficiency``: share of a core set's cores it delivers while time-shared
   (`engine.run`)."""
   speeds: tuple[float, ...]
