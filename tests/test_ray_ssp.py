@@ -279,6 +279,32 @@ def test_a_non_finite_loss_stops_the_job_with_the_one_message(ray_session, tmp_p
   assert code == 4 and len(lines) == 1 and lines[0].startswith('Training diverged: Training loss')
 
 
+def test_a_collapsed_run_stops_the_job_with_the_one_message(ray_session, tmp_path):
+  # conv1's bias far below zero kills every ReLU from the start: the logits no longer depend
+  # on the input, the classifier settles on the class prior, and after a post-warm-up epoch
+  # of clocks at it the job stops (the trainer's collapse watch, in every worker actor).
+  import jax  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.diagnostics import collapse  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.parallel.ray_engine import ssp_driver  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.testing import experiments  # pylint: disable=g-import-not-at-top
+  from pdcnno_jax.train import sharding  # pylint: disable=g-import-not-at-top
+  del ray_session
+  config = _config(staleness=1)
+  config.num_epochs = 4
+  config.optimizer.warmup_epochs = 0.0
+  config.log_every_steps = 2
+  exp, tx, host_state = experiments.make_experiment(config, tmp_path, num_devices=1)
+  dead = jax.tree_util.tree_map_with_path(
+      lambda path, x: (np.full_like(x, -1e3) if "['conv1']" in jax.tree_util.keystr(path)
+                       and 'bias' in jax.tree_util.keystr(path) else x), host_state.params)
+  host_state = host_state.replace(params=dead)
+  with pytest.raises(collapse.TrainingCollapseError, match=r'\(SSP worker \d\)') as e:
+    ssp_driver.train(exp, sharding.replicate(host_state, exp.mesh), tx=tx)
+  from pdcnno_jax import main  # pylint: disable=g-import-not-at-top
+  code, lines = main.error_lines(e.value)
+  assert code == 4 and len(lines) == 1 and lines[0].startswith('Training collapsed: ')
+
+
 def test_bad_ray_keys_are_clear_errors(tmp_path):
   from pdcnno_jax.parallel.ssp import training  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.testing import experiments  # pylint: disable=g-import-not-at-top

@@ -53,13 +53,17 @@ class CollapseWatch:
   ``config.diagnostics.collapse_check=False`` turns the watch off.
   """
 
-  def __init__(self, exp: context.Experiment, *, examples_per_epoch: int, warmup_steps: int,
-               phase: str):
-    self.detector = collapse.make_detector(exp.config.diagnostics, exp.dataset.num_classes,
-                                           examples_per_epoch)
+  def __init__(self, diagnostics_config: ml_collections.ConfigDict, num_classes: int,
+               workdir: str, *, examples_per_epoch: int, warmup_steps: int, phase: str):
+    self.detector = collapse.make_detector(diagnostics_config, num_classes, examples_per_epoch)
     self.warmup_steps = warmup_steps
     self.phase = phase
-    self.workdir = exp.workdir
+    self.workdir = workdir
+
+  @classmethod
+  def of(cls, exp: context.Experiment, **kwargs) -> CollapseWatch:
+    """The watch of ``exp``'s loop (keyword arguments as the constructor's)."""
+    return cls(exp.config.diagnostics, exp.dataset.num_classes, exp.workdir, **kwargs)
 
   def observe(self, loss: float, accuracy: float, *, first_step: int, step: int,
               examples: int, epoch: int, last_good: int | None) -> None:

@@ -347,7 +347,7 @@ class Rounds:
     if blocks is None:
       blocks = balancers.equal(plan.blocks_per_round,
                                balancers.WorkerStats(np.ones(num_workers)))
-    watch = checks.CollapseWatch(
+    watch = checks.CollapseWatch.of(
         exp, examples_per_epoch=exp.dataset.num_examples['train'],
         warmup_steps=checks.warmup_steps(config, exp.steps_per_epoch), phase='mapreduce')
     return cls(exp, plan, num_workers, total_rounds, checkpointer, first, blocks, rounds,

@@ -100,9 +100,9 @@ def train_epochs(exp: context.Experiment, state: state_lib.TrainState, *,
   eval_step = steps_lib.make_eval_step(exp.graphdef, exp.preprocess, exp.mesh)
   progress = metrics_lib.Progress(total_steps, batch, first_step=step)
   window = windows.MetricWindow()
-  watch = checks.CollapseWatch(exp, examples_per_epoch=steps_per_epoch * batch,
-                               warmup_steps=checks.warmup_steps(config, steps_per_epoch),
-                               phase=log_prefix)
+  watch = checks.CollapseWatch.of(exp, examples_per_epoch=steps_per_epoch * batch,
+                                  warmup_steps=checks.warmup_steps(config, steps_per_epoch),
+                                  phase=log_prefix)
   compiled, loss = None, None
   epoch = step // steps_per_epoch
   while step < total_steps:

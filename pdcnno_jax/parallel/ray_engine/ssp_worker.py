@@ -86,6 +86,7 @@ class SSPWorkerActor:
     self.slow = slowdown.Slowdown.from_config(config.parallel, me, num_workers, seed=config.seed)
     self.sizes = batching.equal_batch_sizes(self.global_batch, num_workers, self.granularity)
     self.checkpoint_dir = os.path.join(workdir, f'ssp_worker_{me}')
+    self.num_classes = dataset.num_classes
     self._order_epoch, self._order = -1, None
 
   def _batch(self, clock: int) -> dict[str, Any]:
@@ -144,7 +145,14 @@ class SSPWorkerActor:
     eval_every = (int(parallel.ssp_eval_every_steps)
                   or max(1, int(config.eval_every_epochs) * self.steps_per_epoch))
     compiled: dict[int, Any] = {}
-    warmup_step_s, snapshots, losses = [], [], []
+    warmup_step_s, snapshots, losses, accuracies = [], [], [], []
+    # Clocks count as examples of the global batch: a collapse is a whole epoch of clocks at
+    # the class prior, whatever this worker's share of each batch.
+    watch = checks.CollapseWatch(
+        config.diagnostics, self.num_classes, self.checkpoint_dir,
+        examples_per_epoch=self.steps_per_epoch * self.global_batch,
+        warmup_steps=checks.warmup_steps(config, self.steps_per_epoch),
+        phase=f'SSP worker {self.me}')
     busy_s, examples, steps, saved = 0.0, 0, 0, None
     # Clock 0 trains on the starting parameters: a read could already hold a faster worker's
     # clock 0, which BSP must not see.
@@ -152,7 +160,7 @@ class SSPWorkerActor:
       fresh = first == 0 and not self.resume
       leaves = self.pipeline.begin(first, jax.tree.leaves(self.host_state.params)
                                    if fresh else None)
-    loop_start = time.perf_counter()
+    loop_start, window_start = time.perf_counter(), first
     for clock in range(first, self.total_steps):
       if proportional and clock == warmup:
         self._balance(warmup_step_s)
@@ -174,6 +182,7 @@ class SSPWorkerActor:
         time.sleep(1.0)
       busy_s, examples, steps = busy_s + seconds, examples + size, steps + 1
       losses.append(float(metrics['loss']))
+      accuracies.append(float(metrics['accuracy']))
       if 0 < clock < warmup:
         warmup_step_s.append(seconds)
       done = clock + 1
@@ -188,11 +197,15 @@ class SSPWorkerActor:
               {'next_clock': np.asarray(done, np.int64),
                'applied': np.full(self.num_workers, -1, np.int64)})
       if done % int(config.log_every_steps) == 0 or done == self.total_steps:
-        window = float(np.mean(losses[-int(config.log_every_steps):]))
+        clocks, window_start = done - window_start, done
+        window = float(np.mean(losses[-clocks:]))
         metrics_lib.log_line(f'[ssp/ray] worker {self.me} clock {done}/{self.total_steps} '
                              f'loss={window:.4f}')
         checks.check_finite_loss(window, where=f'clock {done} of SSP worker {self.me}',
                                  last_good=saved, workdir=self.checkpoint_dir)
+        watch.observe(window, float(np.mean(accuracies[-clocks:])), first_step=done - clocks,
+                      step=done, examples=clocks * self.global_batch,
+                      epoch=clock // self.steps_per_epoch, last_good=saved)
     loop_s = time.perf_counter() - loop_start
     report = self._report(first, steps, examples, busy_s, loop_s)
     final = worker_checkpoints.to_host(state) if self.me == 0 else None
