@@ -141,17 +141,20 @@ def median_runs(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups.setdefault(base_name(result['name']), []).append(result)
   chosen = []
   for name, group in groups.items():
-    ordered = sorted(group, key=measured_s)
-    median = ordered[(len(ordered) - 1) // 2]
+    median = _lower_median(sorted(group, key=measured_s))
     chosen.append({**median, 'name': name, 'spec': {**median['spec'], 'name': name},
                    'repeats_measured_s': [measured_s(r) for r in group]})
   return chosen
 
 
+def _lower_median(ordered: list[Any]) -> Any:
+  return ordered[(len(ordered) - 1) // 2]
+
+
 def spread(values: list[float]) -> float:
   """(max - min) / median of a configuration's repeated measurements (0 for one)."""
   values = sorted(values)
-  return (values[-1] - values[0]) / values[(len(values) - 1) // 2]
+  return (values[-1] - values[0]) / _lower_median(values)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -187,16 +187,17 @@ def validate(args) -> float:
     error = abs(predicted - measured) / measured
     worst = max(worst, error)
     repeats = result['repeats_measured_s']
-    widest = max(widest, calibration.spread(repeats))
+    spread = calibration.spread(repeats)
+    widest = max(widest, spread)
     print(f'{spec["name"]:40s} {predicted:11.2f} {measured:10.2f} {error:8.3f} '
           f'{share:10.2f} {calibration.startup_s(result):10.2f} '
-          f'{"/".join(f"{t:.2f}" for t in repeats):>18s} {calibration.spread(repeats):7.3f}')
+          f'{"/".join(f"{t:.2f}" for t in repeats):>18s} {spread:7.3f}')
   print(f'framework constants (calibrated, per step or round): {calib["overhead_s"]}; per '
         f'local example and step: {calib.get("overhead_per_example_s", {})}; per run: '
         f'{calib.get("run_overhead_s", {})}; SSP transfer per clock: '
         f'{calib.get("transfer_s", {})}; sharing efficiency of a time-shared core: '
         f'{calib.get("sharing_efficiency", {})}')
-  if len(results) and len(results[0]['repeats_measured_s']) > 1:
+  if results and len(results[0]['repeats_measured_s']) > 1:
     print(f'measured_s is the median of {len(results[0]["repeats_measured_s"])} repeats; '
           f'widest run-to-run spread (max - min) / median: {widest:.3f}')
   print(f'max relative error: {worst:.3f}')
