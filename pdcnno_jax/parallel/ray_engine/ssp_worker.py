@@ -181,8 +181,9 @@ class SSPWorkerActor:
       while clock == self.hold_at_clock:
         time.sleep(1.0)
       busy_s, examples, steps = busy_s + seconds, examples + size, steps + 1
-      losses.append(float(metrics['loss']))
-      accuracies.append(float(metrics['accuracy']))
+      loss, accuracy = jax.device_get((metrics['loss'], metrics['accuracy']))  # One transfer.
+      losses.append(float(loss))
+      accuracies.append(float(accuracy))
       if 0 < clock < warmup:
         warmup_step_s.append(seconds)
       done = clock + 1
