@@ -214,7 +214,7 @@ def main():
           f'transfer {1e3 * row["transfer_s_per_clock"]:.1f} ms per clock, step '
           f'{1e3 * row["step_s"]:.1f} ms: overhead {100 * row["overhead"]:.1f}% of a step '
           f'(bar: <= 10%); wait for the bound {1e3 * row["wait_s_per_clock"]:.1f} ms per clock '
-          f'(not counted); loop {1e3 * row["clock_s"]:.1f} ms per clock (with compilation)')
+          f'(not counted); loop {1e3 * row["clock_s"]:.1f} ms per clock')
 
 
 if __name__ == '__main__':

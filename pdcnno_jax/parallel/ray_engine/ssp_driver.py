@@ -159,6 +159,7 @@ def _wait(ray, workers: list[Any], shards: list[Any], faults: FaultPlan) -> list
   The first worker that fails (e.g. a non-finite loss) raises here at once, while the others
   may still wait for its clocks.
   """
+  ray.get([w.prepare.remote() for w in workers])  # Every step compiled: the clocks start now.
   runs = [w.run.remote() for w in workers]
   pending = list(runs)
   while pending:

@@ -6,7 +6,9 @@ every update through c - s - 1, its own through c - 1) and pushes ``delta_k = (b
 the same call under s = 0, and prefetches them during the step under s >= 1 (and ASP). Batches
 are its consecutive piece of global batch c of the epoch's permutation, equal or proportional to
 the speeds measured over the first ``ssp_warmup_steps`` clocks; `slowdown.Slowdown` injects
-stragglers. Every ``checkpoint_every_steps`` clocks it writes its optimizer and model state to
+stragglers. The driver has every worker compile its step (`prepare`) before any clock starts,
+so the clocks of all workers start together and no clock's time holds a compilation. Every
+``checkpoint_every_steps`` clocks it writes its optimizer and model state to
 ``<workdir>/ssp_worker_<k>/``; restarted by Ray after a crash it loads the newest one and goes on
 after the last clock every shard applied, so none of its clocks is applied twice.
 """
@@ -88,6 +90,8 @@ class SSPWorkerActor:
     self.checkpoint_dir = os.path.join(workdir, f'ssp_worker_{me}')
     self.num_classes = dataset.num_classes
     self._order_epoch, self._order = -1, None
+    self._compiled: dict[int, tuple[Any, Any]] = {}  # Batch size -> (step, weight).
+    self.compile_s = 0.0
 
   def _batch(self, clock: int) -> dict[str, Any]:
     import jax  # pylint: disable=g-import-not-at-top
@@ -101,6 +105,16 @@ class SSPWorkerActor:
     rows = batching.worker_rows(self._order, index, self.sizes, self.me)
     return jax.device_put({'image': self.split.images[rows], 'label': self.split.labels[rows]},
                           self.data_sharding)
+
+  def _step_for(self, size: int, state: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+    """The step compiled for a batch of ``size`` examples and its weight b_k / B (cached)."""
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    if size not in self._compiled:
+      start = time.perf_counter()
+      weight = jnp.asarray(size / self.global_batch, jnp.float32)
+      self._compiled[size] = (self.step_fn.lower(state, batch, weight).compile(), weight)
+      self.compile_s += time.perf_counter() - start
+    return self._compiled[size]
 
   def _balance(self, warmup_step_s: list[float]) -> None:
     """Proportional batches from every worker's median warm-up speed (kept by shard 0)."""
@@ -128,10 +142,20 @@ class SSPWorkerActor:
     state = state.replace(step=np.asarray(first, np.asarray(state.step).dtype))
     return placement.to_local(state, self.replicated, copy=True), first
 
+  def prepare(self) -> None:
+    """Compiles the step for this worker's batch, so that the job's clocks start together.
+
+    The driver waits for every worker's `prepare` before it starts any `run`: a worker that
+    compiled first would otherwise spend the others' compilation time waiting in its first
+    clocks, and the job's times would count it.
+    """
+    from pdcnno_jax.loop import placement  # pylint: disable=g-import-not-at-top
+    state = placement.to_local(self.host_state, self.replicated, copy=True)
+    self._step_for(int(self.sizes[self.me]), state, self._batch(0))
+
   def run(self) -> dict[str, Any]:
     """Trains clocks until ``total_steps``; this worker's report (worker 0: its state too)."""
     import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     from pdcnno_jax.parallel.ssp import worker_checkpoints  # pylint: disable=g-import-not-at-top
     from pdcnno_jax.loop import checks  # pylint: disable=g-import-not-at-top
     from pdcnno_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
@@ -144,7 +168,6 @@ class SSPWorkerActor:
       self._balance([])  # Shard 0 kept every speed: this only reads them back.
     eval_every = (int(parallel.ssp_eval_every_steps)
                   or max(1, int(config.eval_every_epochs) * self.steps_per_epoch))
-    compiled: dict[int, Any] = {}
     warmup_step_s, snapshots, losses, accuracies = [], [], [], []
     # Clocks count as examples of the global batch: a collapse is a whole epoch of clocks at
     # the class prior, whatever this worker's share of each batch.
@@ -157,6 +180,9 @@ class SSPWorkerActor:
     # Clock 0 trains on the starting parameters: a read could already hold a faster worker's
     # clock 0, which BSP must not see.
     if first < self.total_steps:
+      # Compiled before the clocks start (already, after `prepare`), so that the run's times
+      # are its clocks' alone; a batch size the balancer picks later compiles when it comes.
+      self._step_for(int(self.sizes[self.me]), state, self._batch(first))
       fresh = first == 0 and not self.resume
       leaves = self.pipeline.begin(first, jax.tree.leaves(self.host_state.params)
                                    if fresh else None)
@@ -164,14 +190,13 @@ class SSPWorkerActor:
     for clock in range(first, self.total_steps):
       if proportional and clock == warmup:
         self._balance(warmup_step_s)
-      params = jax.tree.unflatten(self.treedef, [jnp.asarray(x) for x in leaves])
-      state = state.replace(params=jax.device_put(params, self.replicated))
-      weight = jnp.asarray(self.sizes[self.me] / self.global_batch, jnp.float32)
+      # One transfer of every leaf (not one per leaf, which cost ~5 ms a clock for LeNet-5).
+      state = state.replace(params=jax.device_put(jax.tree.unflatten(self.treedef, leaves),
+                                                  self.replicated))
       batch = self._batch(clock)
       size = int(self.sizes[self.me])
-      if size not in compiled:
-        compiled[size] = self.step_fn.lower(state, batch, weight).compile()
-      (state, delta, metrics), seconds = self.slow.run(compiled[size], state, batch, weight)
+      step, weight = self._step_for(size, state, batch)
+      (state, delta, metrics), seconds = self.slow.run(step, state, batch, weight)
       delta = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(delta))]
       leaves = self.pipeline.advance(clock, delta)
       if clock in (self.kill_at_clock, self.hold_at_clock):
@@ -224,7 +249,7 @@ class SSPWorkerActor:
         'clock': self.total_steps, 'steps': steps,
         'restarted': bool(self.restarted), 'resumed': bool(self.resume), 'examples': examples,
         'batch_size': int(self.sizes[self.me]), 'loop_s': loop_s, 'busy_s': busy_s,
-        'slept_s': self.slow.slept_s, 'transient_steps': self.slow.transient_steps,
+        'slept_s': self.slow.slept_s, 'compile_s': self.compile_s, 'transient_steps': self.slow.transient_steps,
         'examples_per_s': examples / loop_s if loop_s > 0 else float('nan'),
         'steps_per_s': steps / loop_s if loop_s > 0 else float('nan'),
         'wait_s': waited, 'blocked_pulls': int(sum(w > 0 for w in client.wait_seconds)),
