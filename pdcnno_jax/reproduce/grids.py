@@ -15,12 +15,11 @@ Scales:
          compilation cache for all cells: the whole pipeline in minutes, numbers that test the
          code, not the papers.
   full   Fashion-MNIST (60k / 10k), 3 epochs (pruning: 1 pre-training epoch on 10% of the
-         data), 3 seeds, 1-4 processes: 117 cells. One cell of a kind, 2-core CPU under load
-         2-15: dense SGD 66 s, FMPTL at equal MACs 357 s, IFAS 585 s (its swarm search),
-         synchronous on 2 launched processes 198 s, SSP s = 3 on 2 Ray workers 315 s,
-         CGMSE MapReduce on 1 Ray worker 328 s; synchronous CGMSE, pruned MapReduce and
-         latency-selection cells have not run at full scale. From these
-         (`runner.ESTIMATES_S`) all three papers take an estimated 10 h; the runner prints its
+         data), 3 seeds, 1-4 processes: 117 cells, 149 min on a quiet 2-core CPU (the
+         reference run of docs/reproduction). Mean wall time of a cell: dense SGD 65 s,
+         pruning 82 s (86 s with latency selection), IFAS 142 s (its swarm search),
+         synchronous on 2-4 launched processes 133 s, SSP on 1-4 Ray workers 85 s, CGMSE
+         MapReduce 124 s (165 s pruned) (`runner.ESTIMATES_S`); the runner prints its
          estimate before it starts.
 The papers' SVHN / EMNIST / ILSVRC settings scale down to Fashion-MNIST and LeNet-5; node
 counts beyond this machine come from the cluster model and are marked `source=model`.

@@ -24,16 +24,15 @@ from pdcnno_jax.reproduce import results
 
 
 # Wall seconds of one cell by `cost_class`, start-up included, on this 2-core CPU. smoke: the
-# quiet smoke run. full: one cell of each class run under load (grids docstring); the classes
-# marked guess have not run at full scale yet.
+# quiet smoke run. full: the mean over the cells of each class in the quiet reference run of
+# 2026-12-02 (docs/reproduction: 117 cells in 149 min).
 ESTIMATES_S = {
     'smoke': {'simulation': 0.1, 'sync': 12.0, 'sync_prune': 14.0, 'sync_prune_latency': 30.0,
               'sync_ifas': 16.0, 'sync_cgmse': 11.0, 'sync_launched': 23.0, 'ssp': 22.0,
               'mapreduce_cgmse': 18.0, 'mapreduce_cgmse_prune': 30.0},
-    'full': {'simulation': 0.1, 'sync': 66.0, 'sync_prune': 357.0, 'sync_ifas': 585.0,
-             'sync_launched': 198.0, 'ssp': 315.0, 'mapreduce_cgmse': 328.0,
-             'sync_prune_latency': 600.0, 'sync_cgmse': 300.0,  # guess
-             'mapreduce_cgmse_prune': 450.0},  # guess
+    'full': {'simulation': 0.1, 'sync': 65.0, 'sync_prune': 82.0, 'sync_prune_latency': 86.0,
+             'sync_ifas': 142.0, 'sync_cgmse': 92.0, 'sync_launched': 133.0, 'ssp': 85.0,
+             'mapreduce_cgmse': 124.0, 'mapreduce_cgmse_prune': 165.0},
 }
 
 
