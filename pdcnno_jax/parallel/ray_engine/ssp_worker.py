@@ -116,6 +116,12 @@ class SSPWorkerActor:
       self.compile_s += time.perf_counter() - start
     return self._compiled[size]
 
+  def _compile_ahead(self, state: Any, clock: int) -> None:
+    """Compiles the step for this worker's batch size now, unless it is compiled already."""
+    size = int(self.sizes[self.me])
+    if size not in self._compiled:
+      self._step_for(size, state, self._batch(clock))
+
   def _balance(self, warmup_step_s: list[float]) -> None:
     """Proportional batches from every worker's median warm-up speed (kept by shard 0)."""
     import ray  # pylint: disable=g-import-not-at-top
@@ -150,8 +156,7 @@ class SSPWorkerActor:
     clocks, and the job's times would count it.
     """
     from pdcnno_jax.loop import placement  # pylint: disable=g-import-not-at-top
-    state = placement.to_local(self.host_state, self.replicated, copy=True)
-    self._step_for(int(self.sizes[self.me]), state, self._batch(0))
+    self._compile_ahead(placement.to_local(self.host_state, self.replicated, copy=True), 0)
 
   def run(self) -> dict[str, Any]:
     """Trains clocks until ``total_steps``; this worker's report (worker 0: its state too)."""
@@ -182,7 +187,7 @@ class SSPWorkerActor:
     if first < self.total_steps:
       # Compiled before the clocks start (already, after `prepare`), so that the run's times
       # are its clocks' alone; a batch size the balancer picks later compiles when it comes.
-      self._step_for(int(self.sizes[self.me]), state, self._batch(first))
+      self._compile_ahead(state, first)
       fresh = first == 0 and not self.resume
       leaves = self.pipeline.begin(first, jax.tree.leaves(self.host_state.params)
                                    if fresh else None)
@@ -249,7 +254,8 @@ class SSPWorkerActor:
         'clock': self.total_steps, 'steps': steps,
         'restarted': bool(self.restarted), 'resumed': bool(self.resume), 'examples': examples,
         'batch_size': int(self.sizes[self.me]), 'loop_s': loop_s, 'busy_s': busy_s,
-        'slept_s': self.slow.slept_s, 'compile_s': self.compile_s, 'transient_steps': self.slow.transient_steps,
+        'slept_s': self.slow.slept_s, 'transient_steps': self.slow.transient_steps,
+        'compile_s': self.compile_s,
         'examples_per_s': examples / loop_s if loop_s > 0 else float('nan'),
         'steps_per_s': steps / loop_s if loop_s > 0 else float('nan'),
         'wait_s': waited, 'blocked_pulls': int(sum(w > 0 for w in client.wait_seconds)),
