@@ -4,16 +4,20 @@ Measures, side by side on this machine:
 
   * Ray PS: 2 local worker actors push a VGG-16-sized delta (the vgg16 model at width 1.0 on
     28x28x1, ~15M float32 parameters, ~60 MB) to ``--shards`` parameter-server shards and read
-    the parameters back, clock after clock (`ps_client.PSClient.step`, ASP so no read waits);
-    effective throughput = (bytes_sent + bytes_received) / transfer_seconds over both workers,
-    and the transfer seconds per clock of one worker;
+    the parameters back, clock after clock (ASP so no read waits), once with the read in the
+    push's reply (`ps_client.PSClient.step`) and once from the shards' shared-memory
+    publications (`PSClient.read_shared`, the default for s >= 1 where the shards are on the
+    workers' node); effective throughput = (bytes_sent + bytes_received) / transfer_seconds
+    over both workers, and the transfer seconds per clock of one worker;
   * the old store: one set by process 0 and one get by process 1 of a ``--store_mib`` MiB random
     payload through the key-value store of JAX's coordination service (2 processes joined by
     jax.distributed; the raw client's ``key_value_set_bytes`` and
     ``blocking_key_value_get_bytes``, as the SSP store used them), as MiB moved per second;
   * LeNet-5: SSP on Ray, 2 workers, 1 shard, 128 examples per worker, generated data, s = 3
-    with the read for the next clock prefetched during the step (``parallel.ssp_prefetch``),
-    s = 3 without (the default) and s = 0 (BSP: it cannot be prefetched): overhead =
+    reading the shards' shared-memory publications (``parallel.ssp_shared_memory``, the
+    default), s = 3 reading in the push's reply (a call), s = 3 with that read prefetched during
+    the step (``parallel.ssp_prefetch``) and s = 0 (BSP: a call, nothing else is exact),
+    interleaved ``--lenet_repeats`` times: overhead =
     transfer seconds per clock / compute seconds of a step. Transfer seconds are
     the seconds a worker's clock is blocked in transport and not waiting for the staleness bound
     (`ps_client`'s definition; the bound's waits are reported apart, per clock).
@@ -31,6 +35,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import socket
@@ -56,13 +61,14 @@ def _vgg_leaves(width):
   return [(1e-3 * rng.standard_normal(s)).astype(np.float32) for s in shapes]
 
 
-def _ray_ps(ray, leaves, clocks, num_shards, workdir):
+def _ray_ps(ray, leaves, clocks, num_shards, workdir, shared):
   from pdcnno_jax.parallel.ray_engine import ps  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.parallel.ray_engine import transport  # pylint: disable=g-import-not-at-top
   assignment = ps.split_by_bytes([x.nbytes for x in leaves], num_shards)
   shard_cls = ray.remote(ps.ParameterShard)
   shards = [shard_cls.options(num_cpus=1, max_concurrency=100).remote(
-      i, [leaves[j] for j in a], 2, None, workdir, 0, 300.0) for i, a in enumerate(assignment)]
+      i, [leaves[j] for j in a], 2, None, workdir, 0, 300.0, publish=shared)
+      for i, a in enumerate(assignment)]
 
   @ray.remote(num_cpus=1)
   class Pusher:
@@ -70,11 +76,22 @@ def _ray_ps(ray, leaves, clocks, num_shards, workdir):
     def run(self, me, delta):
       from pdcnno_jax.parallel.ray_engine import ps_client  # pylint: disable=g-import-not-at-top
       client = ps_client.PSClient(shards, assignment, me, None, 300.0)
-      client.step(0, delta, 1)  # Warm-up: first touch of the object store's pages.
+      if shared:
+        assert client.attach_shared(), 'the shards do not publish on this node'
+        pipeline = ps_client.ClockPipeline(client, clocks + 2, prefetch=False, shared=True)
+        pipeline.begin(0, delta)
+        advance = pipeline.advance
+      else:
+        advance = lambda clock, d: client.step(clock, d, clock + 1)
+      advance(0, delta)  # Warm-up: first touch of the object store's pages.
       first = client.log.as_dict()
       for clock in range(1, clocks + 1):
-        client.step(clock, delta, clock + 1)
-      log = client.log
+        advance(clock, delta)
+      # Shared memory: clock c's push is collected at clock c + 1, so the window holds the
+      # pushes of clocks 0 .. clocks - 1 and the reads of 1 .. clocks, as many as the calls'.
+      log = dataclasses.replace(client.log)
+      if shared:
+        pipeline.drain()
       log.bytes_sent -= first['bytes_sent']
       log.bytes_received -= first['bytes_received']
       log.transfer_seconds -= first['transfer_seconds']
@@ -83,6 +100,7 @@ def _ray_ps(ray, leaves, clocks, num_shards, workdir):
 
   delta_ref = ray.put(leaves)
   logs = ray.get([Pusher.remote().run.remote(k, delta_ref) for k in range(2)])
+  ray.get([shard.remove_shared_view.remote() for shard in shards])
   for shard in shards:
     ray.kill(shard)
   job = transport.job_transport(logs)
@@ -134,7 +152,7 @@ def _old_store(store_mib):
   return dict(mib=store_mib, set_s=set_s, get_s=get_s, mib_per_s=2 * store_mib / (set_s + get_s))
 
 
-def _lenet(clocks, workdir, staleness, prefetch=False):
+def _lenet(clocks, workdir, staleness, prefetch=False, shared=True):
   """SSP on Ray for LeNet-5, 2 workers x 128 examples, 1 shard: transfer per clock vs a step."""
   from pdcnno_jax.parallel.ray_engine import ssp_driver  # pylint: disable=g-import-not-at-top
   from pdcnno_jax.testing import experiments  # pylint: disable=g-import-not-at-top
@@ -142,6 +160,7 @@ def _lenet(clocks, workdir, staleness, prefetch=False):
   config = experiments.mapreduce_config(mode='ssp', engine='ray', num_workers=2,
                                         staleness=staleness)
   config.parallel.ssp_prefetch = prefetch
+  config.parallel.ssp_shared_memory = shared
   config.data.batch_size = 256
   config.num_epochs = 1
   config.checkpoint_every_steps = 0
@@ -153,22 +172,25 @@ def _lenet(clocks, workdir, staleness, prefetch=False):
   step = sum(r['busy_s'] for r in report['per_worker']) / steps
   wait = sum(sum(w) for w in report['transport']['wait_seconds']) / steps
   clock = sum(r['loop_s'] for r in report['per_worker']) / steps
+  paths = sorted({r['read_path'] for r in report['per_worker']})
   return dict(clocks=report['clocks'], transfer_s_per_clock=transfer, step_s=step,
-              wait_s_per_clock=wait, clock_s=clock, overhead=transfer / step)
+              wait_s_per_clock=wait, clock_s=clock, overhead=transfer / step, paths=paths)
 
 
-def _print_vgg(new, old, width, params, shards):
-  if new:
+def _print_vgg(runs, old, width, params, shards):
+  if runs:
     print(f'\nvgg16 width {width}: {params:,} params ({4 * params / 2**20:.1f} MiB float32)')
-    print(f'  Ray PS ({shards} shard(s), 2 workers, {new["clocks"]} clocks): '
+  for name, new in runs:
+    print(f'  Ray PS, read {name} ({shards} shard(s), 2 workers, {new["clocks"]} clocks): '
           f'{new["mib_per_s"]:.0f} MiB/s, {new["transfer_s_per_clock"]:.3f} s transfer per '
           f'clock ({new["mib_per_clock"]:.0f} MiB pushed + pulled per worker)   bars: '
           '>= 500 MiB/s, <= 0.4 s')
   if old:
     print(f'  old coordination store ({old["mib"]} MiB): set {old["set_s"]:.2f} s + get '
           f'{old["get_s"]:.2f} s = {old["mib_per_s"]:.1f} MiB/s')
-  if new and old:
-    print(f'  ratio Ray PS / old store: {new["mib_per_s"] / old["mib_per_s"]:.1f}x')
+  for name, new in runs if old else ():
+    print(f'  ratio Ray PS (read {name}) / old store: '
+          f'{new["mib_per_s"] / old["mib_per_s"]:.1f}x')
 
 
 def main():
@@ -178,7 +200,8 @@ def main():
   parser.add_argument('--shards', type=int, default=1)
   parser.add_argument('--lenet_clocks', type=int, default=40)
   parser.add_argument('--lenet_repeats', type=int, default=2,
-                      help='LeNet-5 (s=3 prefetched, s=3, s=0) triples, in A B C A B C order')
+                      help='LeNet-5 rounds of (s=3 shared memory, s=3 call, s=3 prefetched, '
+                      's=0), in A B C D A B C D order')
   parser.add_argument('--only', default='store,vgg,lenet', help='parts to run')
   parser.add_argument('--quick', action='store_true')
   parser.add_argument('--process_id', type=int, default=None)
@@ -201,16 +224,21 @@ def main():
   leaves = _vgg_leaves(width)
   lenet = []
   with tempfile.TemporaryDirectory() as workdir:
-    new = _ray_ps(ray, leaves, args.clocks, args.shards, workdir) if 'vgg' in parts else None
+    vgg = [(name, _ray_ps(ray, leaves, args.clocks, args.shards, workdir, shared))
+           for name, shared in (('in the reply', False), ('from shared memory', True))
+           if 'vgg' in parts]
     for _ in range(args.lenet_repeats if 'lenet' in parts else 0):
-      for staleness, prefetch in ((3, True), (3, False), (0, False)):
-        lenet.append((f's={staleness}' + (' prefetched' if prefetch else ''),
-                      _lenet(args.lenet_clocks, workdir, staleness, prefetch)))
+      for name, staleness, prefetch, shared in (('s=3 shared memory', 3, False, True),
+                                                ('s=3 call', 3, False, False),
+                                                ('s=3 call prefetched', 3, True, False),
+                                                ('s=0 call', 0, False, False)):
+        lenet.append((name, _lenet(args.lenet_clocks, workdir, staleness, prefetch, shared)))
   runtime.stop()
   print(f'load average (1, 5, 15 min) at end: {os.getloadavg()}')
-  _print_vgg(new, old, width, sum(x.size for x in leaves), args.shards)
+  _print_vgg(vgg, old, width, sum(x.size for x in leaves), args.shards)
   for name, row in lenet:
-    print(f'\nlenet5 {name}, 2 workers x 128 examples, 1 shard, {row["clocks"]} clocks: '
+    print(f'\nlenet5 {name} (read path {"/".join(row["paths"])}), 2 workers x 128 examples, '
+          f'1 shard, {row["clocks"]} clocks: '
           f'transfer {1e3 * row["transfer_s_per_clock"]:.1f} ms per clock, step '
           f'{1e3 * row["step_s"]:.1f} ms: overhead {100 * row["overhead"]:.1f}% of a step '
           f'(bar: <= 10%); wait for the bound {1e3 * row["wait_s_per_clock"]:.1f} ms per clock '

@@ -168,6 +168,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Ray round trip per clock but its view lacks the other workers' clock-c updates, which cost
   # more time to accuracy than the round trip saves (bench_ssp_training --ssp_prefetch=both).
   config.parallel.ssp_prefetch = False
+  # s >= 1 and ASP: workers on the node of every shard read the parameters from the shards'
+  # shared-memory publications instead of waiting for a call's reply (a Ray round trip a clock).
+  config.parallel.ssp_shared_memory = True
   # JAX's coordination service (jax.distributed jobs): a process without heartbeats this long
   # is dead to the runtime (generous, so that a busy host is not declared dead).
   config.parallel.runtime_heartbeat_timeout_s = 100.0

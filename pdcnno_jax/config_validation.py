@@ -128,6 +128,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
                            'an integer >= 0, or -1 for no bound (ASP)'),
     'parallel.ssp_timeout_s': _POSITIVE,
     'parallel.ssp_prefetch': _BOOL,
+    'parallel.ssp_shared_memory': _BOOL,
     'parallel.runtime_heartbeat_timeout_s': _number(1.0),
     # Speeds are measured on clocks 1 .. warmup - 1 (clock 0 may include first-touch costs).
     'parallel.ssp_warmup_steps': _int_at_least(2),

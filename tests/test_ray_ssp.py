@@ -33,15 +33,19 @@ def _one_hot_worker_class(ray):
   class OneHotWorker:
 
     def __init__(self, me, shards, assignment, sizes, staleness, kill_at, slow_s,
-                 pipelined=False):
+                 pipelined=False, shared=False):
       from pdcnno_jax.parallel.ray_engine import ps_client  # pylint: disable=g-import-not-at-top
       self.me, self.sizes, self.staleness, self.slow_s = me, sizes, staleness, slow_s
       restarted = ray.get_runtime_context().was_current_actor_reconstructed
       self.kill_at = -1 if restarted else kill_at
       self.client = ps_client.PSClient(shards, assignment, me, staleness, 60.0)
-      # The worker actor's path: the read for clock c + 1 prefetched during clock c.
-      self.pipeline = (ps_client.ClockPipeline(self.client, _CLOCKS, prefetch=True)
-                       if pipelined else None)
+      # The worker actor's paths: the read for clock c + 1 prefetched during clock c, or read
+      # from the shards' shared-memory publications after an unanswered push.
+      if shared:
+        assert self.client.attach_shared()  # Every shard is on this (the only) node.
+      self.pipeline = (ps_client.ClockPipeline(self.client, _CLOCKS, prefetch=pipelined,
+                                               shared=shared)
+                       if pipelined or shared else None)
 
     def run(self):
       first = self.client.applied_clock() + 1  # A restarted worker goes on after its last push.
@@ -67,26 +71,27 @@ def _one_hot_worker_class(ray):
           if self.pipeline:
             self.pipeline.drain()
           os.kill(os.getpid(), 9)
-      return views, self.client.kept_clocks(), self.client.resends
+      return views, self.client.kept_clocks(), self.client.resends, self.client.shared_reads
 
   return OneHotWorker
 
 
 def _run_one_hot(ray, workdir, staleness, *, kill_worker_at=-1, kill_shard_after=0,
-                 snapshot_every=3, pipelined=False):
+                 snapshot_every=3, pipelined=False, shared=False):
   sizes = [10, 14]  # Two leaves of the 24-element vector, one per shard.
   leaves = [np.zeros(n, np.float32) for n in sizes]
   shard_cls = ray.remote(ps.ParameterShard)
   shards = [shard_cls.options(num_cpus=0, max_restarts=2, max_concurrency=100).remote(
       i, [leaves[i]], _WORKERS, staleness, str(workdir), snapshot_every, 60.0,
-      kill_shard_after if i == 1 else 0) for i in range(2)]
+      kill_shard_after if i == 1 else 0, False, shared) for i in range(2)]
   worker_cls = _one_hot_worker_class(ray)
   workers = [worker_cls.remote(k, shards, [[0], [1]], sizes, staleness,
                                kill_worker_at if k == 1 else -1, 0.002 * (1 + 3 * k),
-                               pipelined)
+                               pipelined, shared)
              for k in range(_WORKERS)]
   results = ray.get([w.run.remote() for w in workers])
   finals = ray.get([s.final.remote() for s in shards])
+  ray.get([s.remove_shared_view.remote() for s in shards])
   for actor in workers + shards:
     ray.kill(actor, no_restart=True)
   final = np.concatenate([f['leaves'][0] for f in finals])
@@ -95,7 +100,7 @@ def _run_one_hot(ray, workdir, staleness, *, kill_worker_at=-1, kill_shard_after
 
 def _assert_views_within_bound(results, staleness):
   reached = 0
-  for me, (views, _, _) in enumerate(results):
+  for me, (views, *_) in enumerate(results):
     for clock, seen in views:
       np.testing.assert_array_equal(seen[me, :clock], 1.0)  # Always its own updates.
       assert set(np.unique(seen)) <= {0.0, 1.0}  # Nothing ever applied twice.
@@ -145,10 +150,50 @@ def test_prefetched_worker_killed_restarts_and_nothing_is_applied_twice(ray_sess
   _assert_views_within_bound(results, 2)
 
 
+@pytest.mark.parametrize('staleness', [1, 3, None])
+def test_shared_memory_reads_keep_the_bound_and_every_update_once(ray_session, tmp_path,
+                                                                  staleness):
+  """Reads from the publications, own deltas added locally: every view obeys the rule."""
+  results, finals, final = _run_one_hot(ray_session, tmp_path, staleness, shared=True)
+  np.testing.assert_array_equal(final, 1.0)
+  assert [f['duplicates'] for f in finals] == [0, 0]
+  assert [r[3] for r in results] == [_CLOCKS - 1] * _WORKERS  # Every read after clock 0's.
+  reached = _assert_views_within_bound(results, staleness)
+  if staleness is not None:
+    assert reached <= staleness
+  assert reached >= 1  # The slow worker really lagged: the check is not vacuous.
+  assert not any(os.path.exists(ps.shared_view.default_path(str(tmp_path), i)) for i in (0, 1))
+
+
+def test_shared_memory_worker_killed_restarts_and_nothing_is_applied_twice(ray_session,
+                                                                          tmp_path):
+  results, finals, final = _run_one_hot(ray_session, tmp_path, 2, kill_worker_at=5, shared=True)
+  np.testing.assert_array_equal(final, 1.0)
+  assert results[1][0][0][0] == 6  # The restarted worker's first view is for clock 6.
+  assert [f['duplicates'] for f in finals] == [0, 0]
+  _assert_views_within_bound(results, 2)
+
+
+def test_shared_memory_shard_killed_restarts_and_gets_the_lost_deltas(ray_session, tmp_path):
+  """The restarted shard republishes its snapshot; the workers re-send what it lost."""
+  results, finals, final = _run_one_hot(ray_session, tmp_path, 1, kill_shard_after=11,
+                                        shared=True)
+  np.testing.assert_array_equal(final, 1.0)  # Equal to a run without the failure, bitwise.
+  assert finals[1]['restarted'] and not finals[0]['restarted']
+  assert sum(r[2] for r in results) > 0  # Deltas after the snapshot were re-sent.
+  _assert_views_within_bound(results, 1)
+
+
+def test_shared_publication_is_refused_under_bsp(tmp_path):
+  with pytest.raises(ValueError, match='publish needs staleness >= 1'):
+    ps.ParameterShard(0, [np.zeros(3, np.float32)], _WORKERS, 0, str(tmp_path), 0, 1.0,
+                      publish=True)
+
+
 def test_prefetch_is_refused_under_bsp():
   from pdcnno_jax.parallel.ray_engine import ps_client  # pylint: disable=g-import-not-at-top
   client = ps_client.PSClient([], [], 0, 0, 1.0)
-  with pytest.raises(ValueError, match='prefetch needs staleness >= 1'):
+  with pytest.raises(ValueError, match='prefetch and shared reads need staleness >= 1'):
     ps_client.ClockPipeline(client, 4, prefetch=True)
 
 

@@ -17,6 +17,13 @@ writes ``<workdir>/ssp_ps_<i>/snapshot.npz`` (leaves and applied clocks) and ack
 clocks it covers; workers keep their deltas until acknowledged, so a shard that Ray restarts
 reloads its snapshot and gets back, by re-send, every delta it lost.
 
+Under s >= 1 (and ASP) a shard created with ``publish`` also writes its buffers and clocks to
+shared memory after every push it applies or finds out of order (`shared_view.SharedView`: per
+worker the applied, acknowledged and first missing clock), and takes the deltas the workers on
+its node put in their shared-memory outboxes when they ring its doorbell (a FIFO its event loop
+reads): those workers push and read without a Ray call (`ps_client.PSClient.send`,
+`read_shared`).
+
 References:
   Ho et al., "More effective distributed ML via a stale synchronous parallel parameter
     server", NIPS 2013, section 2; DESIGN.md, "SSP".
@@ -32,6 +39,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from pdcnno_jax.parallel.ray_engine import shared_view
 from pdcnno_jax.parallel.ray_engine import transport
 
 SNAPSHOT_NAME = 'snapshot.npz'
@@ -74,11 +82,17 @@ class ParameterShard:
       many pushes (0: never).
     resume: start from the snapshot in the workdir (a rerun after the driver died); a shard
       that Ray restarts always does.
+    publish: also publish the parameters to shared memory after every applied push (for
+      the workers on this node; s >= 1 and ASP only).
   """
 
   def __init__(self, shard: int, leaves: Sequence[np.ndarray], num_workers: int,
                staleness: int | None, workdir: str, snapshot_every: int, timeout_s: float,
-               kill_after_pushes: int = 0, resume: bool = False):
+               kill_after_pushes: int = 0, resume: bool = False, publish: bool = False):
+    if publish and staleness == 0:
+      raise ValueError('ParameterShard: publish needs staleness >= 1 (or ASP): under s = 0 a '
+                       'read must hold exactly the updates through c - 1, which only the '
+                       'reply to a read that waited for its bound gives.')
     import ray  # pylint: disable=g-import-not-at-top
     self.shard = shard
     self.num_workers = num_workers
@@ -101,6 +115,10 @@ class ParameterShard:
       if os.path.exists(path):
         os.remove(path)
     self.acked = self.applied.copy()
+    self.resend_from = np.full(num_workers, -1, np.int64)  # Per worker; -1: nothing missing.
+    # Per worker, pushes without a reply (`push`) that came before a clock they follow: Ray
+    # does not promise to run an async actor's calls in the order they were sent.
+    self._early: list[dict[int, Sequence[np.ndarray]]] = [{} for _ in range(num_workers)]
     self.pushes = 0
     self.duplicates = 0
     self.snapshots = 0
@@ -108,6 +126,21 @@ class ParameterShard:
     self._since_snapshot = 0
     self._waiters: list[tuple[int, asyncio.Future]] = []
     self._speed_waiters: list[asyncio.Future] = []
+    self.shared: shared_view.SharedView | None = None
+    self._outboxes: dict[tuple[int, int], shared_view.SharedView] = {}  # (worker, slot).
+    if publish:
+      self.shared = shared_view.SharedView(shared_view.default_path(workdir, shard),
+                                           self.layout, num_workers, writer=True)
+      self._publish()
+      # Workers announce the deltas they put in their outboxes here; the actor's event loop
+      # (running: Ray builds an async actor on it) reads it. The shard keeps a writer open
+      # itself, so that the FIFO never reads as closed while workers come and go.
+      path = shared_view.doorbell_path(self.shared.path)
+      if not os.path.exists(path):
+        os.mkfifo(path, 0o600)
+      self._doorbell = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+      self._doorbell_writer = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+      asyncio.get_running_loop().add_reader(self._doorbell, self._ring)
 
   def _restore(self) -> None:
     path = os.path.join(self.directory, SNAPSHOT_NAME)
@@ -149,6 +182,10 @@ class ParameterShard:
       os.kill(os.getpid(), signal.SIGKILL)
     return True
 
+  def _publish(self) -> None:
+    if self.shared is not None:
+      self.shared.publish(self.buffers, self.applied, self.acked, self.resend_from)
+
   def _view(self, wait_s: float) -> dict[str, Any]:
     return dict(buffers=list(self.buffers), applied=self.applied.copy(),
                 acked=self.acked.copy(), wait_s=wait_s)
@@ -179,10 +216,8 @@ class ParameterShard:
       waited for its bound; with ``resend_from`` and nothing applied when this shard lacks the
       worker's clocks from ``resend_from`` on (it restarted from a snapshot).
     """
-    if delta is not None:
-      if not self._apply(worker, clock, delta):
-        return dict(self._view(0.0), buffers=None, resend_from=int(self.applied[worker]) + 1)
-      self._wake()
+    if delta is not None and not self._receive(worker, clock, delta, hold_early=False):
+      return dict(self._view(0.0), buffers=None, resend_from=int(self.applied[worker]) + 1)
     if read_clock is None:
       return dict(self._view(0.0), buffers=None)
     bound = read_bound(read_clock, self.staleness)
@@ -199,6 +234,83 @@ class ParameterShard:
           f'worker to reach clock {bound} (applied {self.applied.tolist()}); raise '
           'config.parallel.ssp_timeout_s if workers are that slow.') from e
     return dict(view, wait_s=time.perf_counter() - start)
+
+  def _receive(self, worker: int, clock: int, delta: Sequence[np.ndarray],
+               hold_early: bool) -> bool:
+    """Applies a push, then any held pushes that follow it; False: clocks before it are missing.
+
+    A push that comes before the clocks it follows is held (``hold_early``: a doorbell push can
+    overtake a re-send in a call, or follow a ring lost with a restart) or refused (a caller
+    that reads the reply re-sends); either way the publication asks the worker to re-send from
+    the first missing clock, in case they were lost.
+    """
+    last = int(self.applied[worker])
+    if clock > last + 1:
+      if hold_early:
+        self._early[worker][clock] = delta
+      if self.resend_from[worker] != last + 1:
+        self.resend_from[worker] = last + 1
+        self._publish()
+      return hold_early
+    self._apply(worker, clock, delta)
+    early = self._early[worker]
+    while early and self.applied[worker] + 1 in early:
+      self._apply(worker, int(self.applied[worker]) + 1, early.pop(self.applied[worker] + 1))
+    for stale in [c for c in early if c <= self.applied[worker]]:
+      del early[stale]
+    if self.applied[worker] != last:
+      self.resend_from[worker] = -1
+      self._publish()
+      self._wake()
+    return True
+
+  def _ring(self) -> None:
+    """Takes the pushes the doorbell announces: (worker, clock) records of 16 bytes each."""
+    try:
+      data = os.read(self._doorbell, 1 << 16)
+    except BlockingIOError:
+      return
+    for worker, clock in np.frombuffer(data, np.int64).reshape(-1, 2).tolist():
+      key = (worker, clock % 2)
+      if key not in self._outboxes:
+        self._outboxes[key] = shared_view.SharedView(
+            shared_view.outbox_path(self.shared.path, *key), self.layout, 1, writer=False)
+      delta = self._outboxes[key].read()
+      if delta is not None and int(delta.applied[0]) == clock:
+        self._receive(worker, clock, delta.buffers, hold_early=True)
+      elif clock > self.applied[worker] and self.resend_from[worker] < 0:
+        # Torn or overwritten (a writer that died, or an old record after a restart): the
+        # worker re-sends it from what it keeps.
+        self.resend_from[worker] = self.applied[worker] + 1
+        self._publish()
+
+  async def shared_view_info(self) -> dict[str, str] | None:
+    """Where this shard publishes (``path``, ``num_workers``), on which Ray node (``node_id``).
+
+    None: it does not publish.
+    """
+    if self.shared is None:
+      return None
+    import ray  # pylint: disable=g-import-not-at-top
+    return dict(path=self.shared.path, num_workers=self.num_workers,
+                node_id=ray.get_runtime_context().get_node_id())
+
+  async def remove_shared_view(self) -> None:
+    """Closes and deletes the publication (the driver calls it at the end of the job)."""
+    if self.shared is not None:
+      asyncio.get_running_loop().remove_reader(self._doorbell)
+      os.close(self._doorbell)
+      os.close(self._doorbell_writer)
+      shared_view.remove(shared_view.doorbell_path(self.shared.path))
+      for box in self._outboxes.values():
+        box.close()
+      self._outboxes = {}
+      for worker in range(self.num_workers):
+        for slot in range(2):
+          shared_view.remove(shared_view.outbox_path(self.shared.path, worker, slot))
+      self.shared.close()
+      shared_view.remove(self.shared.path)
+      self.shared = None
 
   async def get_layout(self) -> transport.FlatLayout:
     """How this shard packs its leaves (a client asks once)."""

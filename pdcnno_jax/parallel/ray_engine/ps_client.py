@@ -17,6 +17,18 @@ shard answers the read under the bound of clock c + 1 (every worker's updates th
 so the view obeys the SSP rule for the clock it is used at. Under s = 0 that bound includes the
 clock being trained, so the push of clock c and the read for c + 1 are one blocking call.
 
+Where every shard runs on the worker's node and publishes to shared memory (`shared_view`),
+s >= 1 and ASP need no reply at all (``shared``): the push of clock c goes out as a call
+without a return value (`PSClient.send`), and the parameters for clock c + 1 are the shards'
+newest publications (others' updates as fresh as a blocking call's, not a clock older as the
+prefetch's) plus the worker's own deltas they lack, all of which it still keeps. The
+publications also carry what the replies did: the acknowledged clocks (kept deltas through them
+are dropped) and a restarted shard's first missing clock (re-sent from there). A publication
+that misses the bound is read again until it holds it (the wait goes to ``wait_seconds``);
+before waiting the worker makes sure, with one blocking call (`PSClient.settle`), that every
+shard holds all its pushes, and re-sends what a restarted shard lost, so that no two workers
+wait on each other's re-sends.
+
 Transfer seconds (`transport.TransferLog`) are the seconds a worker's clock is blocked in
 transport: issuing calls (packing, serialising), waiting for replies and adding its own delta to a
 prefetched view, less the part of that wait the shard spent waiting for the staleness bound, which
@@ -28,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import time
 from typing import Any, Sequence
 
@@ -35,6 +48,12 @@ import numpy as np
 
 from pdcnno_jax.parallel.ray_engine import transport
 from pdcnno_jax.parallel.ssp import serialization
+
+# Seconds between two reads of a publication that misses the bound (`PSClient.read_shared`).
+SHARED_POLL_S = 5e-4
+# Seconds `PSClient.settle` waits for a publication to show this worker's pushes before it asks
+# the shard in a call (a push that is late, not lost, is then a duplicate the shard ignores).
+SETTLE_GRACE_S = 1.0
 
 
 @dataclasses.dataclass
@@ -72,6 +91,12 @@ class PSClient:
     self.view_staleness: collections.Counter = collections.Counter()
     self.update_age: collections.Counter = collections.Counter()
     self.resends = 0
+    self.shared_reads = 0
+    self.last_sent = -1  # The newest clock pushed by `send`.
+    self.shared: list[Any] | None = None  # `shared_view.SharedView` per shard (`attach_shared`).
+    self.outboxes: list[list[Any]] = []  # Per shard, this worker's two outbox slots.
+    self.doorbells: list[int] = []  # Per shard, the write end of its doorbell FIFO.
+    self.dropped_rings = 0
     # Per shard, this worker's newest clock in the view `collect` returned last.
     self.own_in_view: list[int] = [-1] * len(self.shards)
     self._layouts: list[transport.FlatLayout] | None = None
@@ -84,6 +109,42 @@ class PSClient:
       import ray  # pylint: disable=g-import-not-at-top
       self._layouts = ray.get([s.get_layout.remote() for s in self.shards])
     return self._layouts
+
+  def attach_shared(self) -> bool:
+    """Maps every shard's shared-memory publication; False (nothing mapped) unless all are here.
+
+    A shard publishes only when it was started with ``publish`` (s >= 1 or ASP); a shard on
+    another Ray node is read through calls.
+    """
+    import ray  # pylint: disable=g-import-not-at-top
+    from pdcnno_jax.parallel.ray_engine import shared_view  # pylint: disable=g-import-not-at-top
+    infos = ray.get([s.shared_view_info.remote() for s in self.shards])
+    here = ray.get_runtime_context().get_node_id()
+    if not infos or any(info is None or info['node_id'] != here for info in infos):
+      return False
+    self.shared = [shared_view.SharedView(info['path'], layout, info['num_workers'],
+                                          writer=False)
+                   for info, layout in zip(infos, self.layouts())]
+    self.outboxes = [[shared_view.SharedView(shared_view.outbox_path(info['path'], self.worker,
+                                                                     slot),
+                                             layout, 1, writer=True) for slot in range(2)]
+                     for info, layout in zip(infos, self.layouts())]
+    # Open while the shard holds its reading end (it opened it before answering).
+    self.doorbells = [os.open(shared_view.doorbell_path(info['path']),
+                              os.O_WRONLY | os.O_NONBLOCK) for info in infos]
+    return True
+
+  def _ring(self, shard: int, clock: int) -> None:
+    """Announces clock ``clock``'s delta in the outbox to ``shard`` (16 bytes, one write).
+
+    A ring that cannot be written (the shard died: no reader; or it stopped reading: the pipe
+    is full) is dropped: the restarted shard asks for the clocks it lacks (``resend_from``),
+    or `settle` finds them missing, and the kept deltas are sent again.
+    """
+    try:
+      os.write(self.doorbells[shard], np.array([self.worker, clock], np.int64).tobytes())
+    except (BrokenPipeError, BlockingIOError):
+      self.dropped_rings += 1
 
   def _call(self, shard: int, clock: int, part: list[np.ndarray] | None,
             read_clock: int | None) -> dict[str, Any]:
@@ -105,11 +166,13 @@ class PSClient:
       self._resend(shard, reply['resend_from'], clock)
 
   def _resend(self, shard: int, first: int, upto: int) -> None:
-    """Pushes the kept deltas of clocks ``first`` .. ``upto`` - 1 to ``shard`` in order."""
-    import ray  # pylint: disable=g-import-not-at-top
-    for clock, part in self._kept[shard].items():
+    """Pushes the kept deltas of clocks ``first`` .. ``upto`` - 1 to ``shard`` in order.
+
+    Each waits out a shard that is restarting (`_call`), so a re-send is never lost.
+    """
+    for clock, part in list(self._kept[shard].items()):
       if first <= clock < upto:
-        ray.get(self.shards[shard].push_and_read.remote(self.worker, clock, part, None))
+        self._call(shard, clock, part, None)
         self.resends += 1
         self.log.record(sent=serialization.payload_nbytes(part))
 
@@ -162,8 +225,7 @@ class PSClient:
     else:
       self.wait_seconds[-1] += wait
     for shard, reply in enumerate(replies):
-      for kept in [c for c in self._kept[shard] if c <= reply['acked'][self.worker]]:
-        del self._kept[shard][kept]
+      self._drop_acknowledged(shard, int(reply['acked'][self.worker]))
     if call.read_clock is None:
       return None
     self.own_in_view = [int(r['applied'][self.worker]) for r in replies]
@@ -187,6 +249,136 @@ class PSClient:
       The parameter leaves (read-only NumPy views), or None.
     """
     return self.collect(self.issue(clock, delta, read_clock))
+
+  def send(self, clock: int, delta: Sequence[np.ndarray]) -> None:
+    """Pushes ``delta`` (clock ``clock``) through the outboxes (`attach_shared`): no call.
+
+    Each shard's part goes to this worker's outbox slot clock % 2 and the shard's doorbell
+    rings; the publications tell what a reply would (applied, acknowledged and missing
+    clocks; `read_shared`).
+    """
+    start = time.perf_counter()
+    sent, settle_s = 0, 0.0
+    for shard, (layout, leaves) in enumerate(zip(self.layouts(), self.assignment)):
+      part = layout.pack([delta[i] for i in leaves])
+      self._kept[shard][clock] = part  # Kept until a snapshot of that shard covers it.
+      sent += serialization.payload_nbytes(part)
+      # The slot's previous delta (clock - 2) must have been taken before it is overwritten:
+      # `settle` waits for that (and re-sends what a restarted shard lost).
+      clocks = self.shared[shard].clocks()
+      if clocks is None or clocks[0][self.worker] < clock - 2:
+        settled = time.perf_counter()
+        self.settle()  # It logs its own seconds.
+        settle_s += time.perf_counter() - settled
+      self.outboxes[shard][clock % 2].publish(part, np.array([clock]), np.zeros(1),
+                                              np.zeros(1))
+      self._ring(shard, clock)
+    self.last_sent = clock
+    self.log.record(sent=sent, seconds=time.perf_counter() - start - settle_s)
+
+  def settle(self) -> None:
+    """Blocks until every shard holds every clock `send` pushed, re-sending what one lost.
+
+    Pushes normally show in the publications within a few milliseconds. One that a shard asks
+    for again (``resend_from``: it restarted) is re-sent at once; a shard whose publication
+    still lacks a push after `SETTLE_GRACE_S` is asked in a call (which waits out a restart),
+    and the clocks it lacks are re-sent.
+    """
+    if self.last_sent < 0:
+      return
+    start = time.perf_counter()
+    while True:
+      clocks = [view.clocks() for view in self.shared]  # (applied, acked, resend_from).
+      lagging = [i for i, c in enumerate(clocks) if c is None or c[0][self.worker]
+                 < self.last_sent]
+      if not lagging:
+        break
+      for shard in lagging:
+        if clocks[shard] is not None and clocks[shard][2][self.worker] >= 0:
+          self._resend(shard, int(clocks[shard][2][self.worker]), self.last_sent + 1)
+      if time.perf_counter() - start > SETTLE_GRACE_S:
+        for shard in lagging:
+          reply = self._call(shard, self.last_sent, None, None)
+          applied = int(reply['applied'][self.worker])
+          if applied < self.last_sent:
+            self._resend(shard, applied + 1, self.last_sent + 1)
+        break
+      time.sleep(SHARED_POLL_S)
+    self.log.record(seconds=time.perf_counter() - start)
+
+  def _drop_acknowledged(self, shard: int, acked: int) -> None:
+    for kept in [c for c in self._kept[shard] if c <= acked]:
+      del self._kept[shard][kept]
+
+  def read_shared(self, read_clock: int) -> list[np.ndarray]:
+    """The parameters for ``read_clock`` from the shards' publications (`attach_shared`).
+
+    Each publication must hold every other worker's updates through read_clock - s - 1 (ASP:
+    any); this worker's clocks through read_clock - 1 that it lacks are added from the kept
+    deltas, so every one of them must have been pushed (`send`) already.
+
+    Returns:
+      The parameter leaves (writable copies).
+
+    Raises:
+      TimeoutError: the publications miss the bound for longer than ``timeout_s``.
+      RuntimeError: a delta the view lacks is no longer kept (a broken invariant).
+    """
+    if self.shared is None:
+      raise RuntimeError('PSClient.read_shared: no publications mapped (attach_shared first).')
+    start = time.perf_counter()
+    bound = None if self.staleness is None else read_clock - self.staleness - 1
+    unmet_since, settle_s = None, 0.0
+    while True:
+      views = [view.read() for view in self.shared]
+      for shard, view in enumerate(views):
+        if view is None:
+          continue
+        self._drop_acknowledged(shard, int(view.acked[self.worker]))
+        missing = int(view.resend_from[self.worker])
+        if missing >= 0 or (unmet_since is not None
+                            and view.applied[self.worker] < self.last_sent):
+          # A restarted shard lacks clocks of this worker (it said so, or it holds fewer than
+          # `settle` left it with): send them again.
+          first = missing if missing >= 0 else int(view.applied[self.worker]) + 1
+          self._resend(shard, first, self.last_sent + 1)
+          views[shard] = None
+      if all(v is not None for v in views) and all(
+          bound is None or np.delete(v.applied, self.worker).min(initial=bound) >= bound
+          for v in views):
+        break
+      now = time.perf_counter()
+      if unmet_since is None:
+        unmet_since = now
+        self.settle()
+        settle_s = time.perf_counter() - now
+      if now - start > self.timeout_s:
+        raise TimeoutError(
+            f'PS worker {self.worker}: the shared-memory publications missed the bound of '
+            f'clock {read_clock} for {self.timeout_s:.3g} s (applied '
+            f'{[None if v is None else v.applied.tolist() for v in views]}); raise '
+            'config.parallel.ssp_timeout_s if workers are that slow.')
+      time.sleep(SHARED_POLL_S)
+    ready = time.perf_counter()
+    wait = 0.0 if unmet_since is None else max(ready - unmet_since - settle_s, 0.0)
+    leaves: list[Any] = [None] * self.num_leaves
+    for shard, (view, layout) in enumerate(zip(views, self.layouts())):
+      for clock in range(int(view.applied[self.worker]) + 1, read_clock):
+        if clock not in self._kept[shard]:
+          raise RuntimeError(f'PS worker {self.worker}: shard {shard} lacks clock {clock} of '
+                             'this worker, which is no longer kept.')
+        for buffer, part in zip(view.buffers, self._kept[shard][clock]):
+          np.add(buffer, part, out=buffer)
+      for i, leaf in zip(self.assignment[shard], layout.unpack(view.buffers)):
+        leaves[i] = leaf
+    self.own_in_view = [read_clock - 1] * len(self.shards)
+    self._count_staleness(read_clock, np.min([v.applied for v in views], axis=0))
+    self.shared_reads += 1
+    self.wait_seconds.append(wait)
+    # `settle` logged its own seconds.
+    self.log.record(received=sum(view.nbytes for view in self.shared),
+                    seconds=time.perf_counter() - start - wait - settle_s)
+    return leaves
 
   def _count_staleness(self, read_clock: int, applied: np.ndarray) -> None:
     """View staleness: read_clock - 1 - the oldest other worker's newest clock in the view."""
@@ -214,16 +406,29 @@ class ClockPipeline:
     client: the worker's `PSClient`.
     total_clocks: clocks of the run (no read goes out for clock ``total_clocks``).
     prefetch: read for clock c + 1 while clock c trains (only where s >= 1 or ASP).
+    shared: read from the shards' shared-memory publications (``client.attach_shared()``
+      returned True; only where s >= 1 or ASP); overrides ``prefetch``.
   """
 
-  def __init__(self, client: PSClient, total_clocks: int, prefetch: bool):
-    if prefetch and client.staleness == 0:
-      raise ValueError('ClockPipeline: prefetch needs staleness >= 1 (or ASP): under s = 0 the '
-                       'read for clock c + 1 must wait for every worker\'s clock c.')
+  def __init__(self, client: PSClient, total_clocks: int, prefetch: bool,
+               shared: bool = False):
+    if (prefetch or shared) and client.staleness == 0:
+      raise ValueError('ClockPipeline: prefetch and shared reads need staleness >= 1 (or ASP): '
+                       'under s = 0 the read for clock c + 1 must wait for every worker\'s '
+                       'clock c.')
+    if shared and client.shared is None:
+      raise ValueError('ClockPipeline: shared reads need the publications mapped '
+                       '(client.attach_shared() returned False or was not called).')
     self.client = client
     self.total = int(total_clocks)
-    self.prefetch = prefetch
+    self.shared = shared
+    self.prefetch = prefetch and not shared
     self._pending: PendingCall | None = None
+
+  @property
+  def read_path(self) -> str:
+    """How this pipeline reads: ``shared_memory``, ``prefetch`` or ``call``."""
+    return 'shared_memory' if self.shared else 'prefetch' if self.prefetch else 'call'
 
   def begin(self, first: int, leaves: Sequence[np.ndarray] | None = None) -> list[Any]:
     """The parameters for clock ``first``: ``leaves`` if given, else read from the shards."""
@@ -235,6 +440,12 @@ class ClockPipeline:
 
   def advance(self, clock: int, delta: Sequence[np.ndarray]) -> list[np.ndarray] | None:
     """Pushes clock ``clock``'s ``delta``; the parameters for clock + 1 (None after the last)."""
+    if self.shared:
+      self.client.send(clock, delta)
+      if clock + 1 >= self.total:
+        self.drain()
+        return None
+      return self.client.read_shared(clock + 1)
     if not self.prefetch:
       return self.client.step(clock, delta, clock + 1 if clock + 1 < self.total else None)
     call = self.client.issue(clock, delta, clock + 2 if clock + 2 < self.total else None)
@@ -257,7 +468,9 @@ class ClockPipeline:
     return leaves
 
   def drain(self) -> None:
-    """Waits for the call in flight (its push applied); its wait joins the last clock's."""
+    """Waits until this worker's pushes are applied; a call's wait joins the last clock's."""
+    if self.shared:
+      self.client.settle()
     if self._pending is not None:
       call, self._pending = self._pending, None
       self.client.collect(call, new_clock=False)

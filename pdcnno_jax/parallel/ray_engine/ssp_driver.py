@@ -136,7 +136,8 @@ def _start_actors(ray, exp: context.Experiment, host_state, tx, total_steps: int
       shard_cls.options(num_cpus=1, max_restarts=MAX_RESTARTS, max_concurrency=1000).remote(
           i, leaf_refs[i], int(parallel.num_workers), staleness, exp.workdir,
           int(parallel.ps_snapshot_every_clocks), float(parallel.ssp_timeout_s),
-          faults.shard_pushes.get(i, 0), resume)
+          faults.shard_pushes.get(i, 0), resume,
+          staleness != 0 and bool(parallel.ssp_shared_memory))
       for i in range(len(assignment))]
   train_only = dataclasses.replace(exp.dataset,
                                    host_splits={'train': exp.dataset.host_splits['train']})
@@ -236,6 +237,10 @@ def train(exp: context.Experiment, state: state_lib.TrainState, *, tx,
       results = _wait(ray, job.workers, job.shards, faults)
     finals = ray.get([s.final.remote() for s in job.shards])
   finally:
+    try:
+      ray.get([s.remove_shared_view.remote() for s in job.shards], timeout=30)
+    except (ray.exceptions.RayError, TimeoutError) as e:
+      logging.warning('Could not remove the shards\' shared-memory files: %s', e)
     for actor in job.workers + job.shards:
       ray.kill(actor, no_restart=True)
   os.remove(os.path.join(exp.workdir, JOB_FILE))
