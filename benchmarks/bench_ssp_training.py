@@ -1,6 +1,7 @@
 """SSP training benchmark on Ray: s = 3 against s = 0 (BSP) under transient stragglers.
 
   python benchmarks/bench_ssp_training.py [--data_dir=data/tfds] [--seeds=0,1,2] [--only=a]
+      [--read_paths=shared,call,prefetch]
 
 LeNet-5 on Fashion-MNIST, SSP on the Ray engine (`parallel/ray_engine/ssp_driver.py`, the code
 behind ``parallel.mode = 'ssp'``): one driver process, ``--num_workers`` worker actors (2) and
@@ -12,8 +13,11 @@ start of the clocks (after each actor's start-up and compilation).
   (a) transient stragglers, the delay-synchronization paper's "unrelated load": every step of
       every worker is stretched to 4x its compute time with probability 0.1, independently;
       3 epochs, global batch 512, learning rate 0.05 after a 0.25-epoch linear warm-up; s = 3
-      against s = 0 per seed, the pairs in A B B A order over the seeds so that a drift of the
-      machine's load weighs on both alike. Prints per seed and over all seeds the ratio of the
+      against s = 0 per seed, in an order that rotates over the seeds so that a drift of the
+      machine's load weighs on all alike. ``--read_paths`` picks how s = 3 reads: ``shared``
+      (the shards' shared-memory publications, the default; run ``s3``), ``call`` (in the
+      push's reply, ``s3call``), ``prefetch`` (``parallel.ssp_prefetch``, ``s3pf``); s = 0
+      always reads in the reply. Prints per seed and over all seeds the ratio of the
       wall times to 85% test accuracy (or to the highest 0.5 pp step every run reaches, said
       so) and the final accuracy difference. Bar: ratio <= 0.75, accuracy within 1 pp.
   (b) a persistent straggler (the last worker always 4x slower), 1 epoch: s = 3 with equal
@@ -38,13 +42,17 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _REPO = os.path.dirname(_HERE)
 
 
+# --read_paths -> (suffix of the run's name, ssp_shared_memory, ssp_prefetch).
+_READ_PATHS = {'shared': ('', True, False), 'call': ('call', False, False),
+               'prefetch': ('pf', False, True)}
+
+
 def _scenarios(seeds: list[int], only: str, stalenesses: tuple[int, ...] = (0, 3),
-               prefetch: str = 'on') -> list[tuple[str, dict]]:
+               read_paths: tuple[str, ...] = ('shared',)) -> list[tuple[str, dict]]:
   """(name, config overrides) of every run, in order (of (a), only ``stalenesses``).
 
-  (a)'s runs are ``a_<variant>_seed<k>``: ``s0``, ``s3`` (prefetch as ``prefetch`` says) and,
-  with ``prefetch='both'``, ``s3`` with prefetch and ``s3nopf`` without, in an order that
-  rotates over the seeds.
+  (a)'s runs are ``a_<variant>_seed<k>``: ``s0`` and, for every s > 0 and read path,
+  ``s<s><suffix>`` (`_READ_PATHS`), in an order that rotates over the seeds.
   """
   lenet = {'data.batch_size': 512, 'optimizer.learning_rate': 0.05,
            'optimizer.warmup_epochs': 0.25, 'optimizer.schedule': 'constant'}
@@ -52,12 +60,13 @@ def _scenarios(seeds: list[int], only: str, stalenesses: tuple[int, ...] = (0, 3
                'parallel.straggler_factor': 4.0, 'parallel.ssp_eval_every_steps': 20}
   runs = []
   if 'a' in only:
-    variants = [(f's{s}', s, prefetch != 'off') for s in stalenesses]
-    if prefetch == 'both':
-      variants += [(f's{s}nopf', s, False) for s in stalenesses if s != 0]
+    variants = [('s0', 0, False, False)] if 0 in stalenesses else []
+    variants += [(f's{s}{_READ_PATHS[path][0]}', s) + _READ_PATHS[path][1:]
+                 for s in stalenesses if s != 0 for path in read_paths]
     for i, seed in enumerate(seeds):
-      for name, s, fetch in variants[i % len(variants):] + variants[:i % len(variants)]:
+      for name, s, shared, fetch in variants[i % len(variants):] + variants[:i % len(variants)]:
         runs.append((f'a_{name}_seed{seed}', {**transient, 'parallel.staleness': s,
+                                              'parallel.ssp_shared_memory': shared,
                                               'parallel.ssp_prefetch': fetch, 'seed': seed}))
   if 'b' in only:
     persistent = {**lenet, 'num_epochs': 1, 'parallel.straggler_probability': 0.0,
@@ -166,9 +175,9 @@ def main() -> None:
   parser.add_argument('--num_workers', type=int, default=2)
   parser.add_argument('--stalenesses', default='0,3', help='(a) the settings run: 0,3 or one')
   parser.add_argument('--only', default='a', help='scenario letters to run: a, b or ab')
-  parser.add_argument('--ssp_prefetch', default='off', choices=('on', 'off', 'both'),
-                      help='config.parallel.ssp_prefetch of (a) (s = 0 never prefetches); both: '
-                      'each s > 0 with and without, against the same s = 0 runs')
+  parser.add_argument('--read_paths', default='shared',
+                      help='(a) how each s > 0 reads, against the same s = 0 runs: a comma list '
+                      f'of {sorted(_READ_PATHS)}')
   parser.add_argument('--print_only', action='store_true',
                       help='print the figures of <out_dir>/results.json (e.g. of a cut-short run)')
   args = parser.parse_args()
@@ -187,7 +196,10 @@ def main() -> None:
   base.data.data_dir = args.data_dir
   base.parallel.engine = 'ray'
   base.parallel.num_workers = args.num_workers
-  base.parallel.ssp_prefetch = args.ssp_prefetch != 'off'
+  read_paths = tuple(p for p in args.read_paths.split(',') if p)
+  unknown = sorted(set(read_paths) - set(_READ_PATHS))
+  if unknown:
+    parser.error(f'--read_paths: unknown {unknown}; choose from {sorted(_READ_PATHS)}')
   base.parallel.ssp_timeout_s = 600.0
   base.checkpoint_every_steps = 0
   base.log_every_steps = 10_000
@@ -196,7 +208,7 @@ def main() -> None:
   results = {}
   seeds = [int(s) for s in args.seeds.split(',') if s]
   stalenesses = tuple(int(s) for s in args.stalenesses.split(','))
-  for name, overrides in _scenarios(seeds, args.only, stalenesses, args.ssp_prefetch):
+  for name, overrides in _scenarios(seeds, args.only, stalenesses, read_paths):
     config = _configure(exp.config, overrides, args.num_workers)
     results[name] = report = _train_once(exp, config, os.path.join(args.out_dir, name))
     with open(os.path.join(args.out_dir, 'results.json'), 'w') as f:  # A cut-short job reports.
@@ -204,8 +216,8 @@ def main() -> None:
     print(f'[bench] {name}: wall {report["wall_s"]:.1f}s final accuracy '
           f'{report["accuracy_vs_time"][-1]["accuracy"]:.4f}', flush=True)
   runtime.stop()
-  print(f'bench_ssp_training: Ray engine, {args.num_workers} workers, 1 shard, prefetch '
-        f'{args.ssp_prefetch}, '
+  print(f'bench_ssp_training: Ray engine, {args.num_workers} workers, 1 shard, s > 0 read '
+        f'paths {read_paths}, '
         f'{time.monotonic() - start:.0f}s in all; load average before: {load_before}, after: '
         f'{tuple(round(x, 2) for x in os.getloadavg())} (2 cores, shared)')
   _print_transient(results)

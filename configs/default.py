@@ -164,12 +164,13 @@ def get_config() -> ml_collections.ConfigDict:
   # SSP (delay synchronization).
   config.parallel.staleness = 2  # -1: infinite (ASP); 0: BSP.
   config.parallel.ssp_timeout_s = 120.0  # A PS read or push waiting longer is an error.
-  # s >= 1 and ASP: a worker reads clock c+1's parameters while it trains clock c. It hides a
-  # Ray round trip per clock but its view lacks the other workers' clock-c updates, which cost
-  # more time to accuracy than the round trip saves (bench_ssp_training --ssp_prefetch=both).
+  # s >= 1 and ASP, where a worker reads through calls (ssp_shared_memory off, or shards on
+  # another node): read clock c+1's parameters while clock c trains. It hides the Ray round
+  # trip but the view lacks the other workers' clock-c updates (bench_ssp_training
+  # --read_paths=shared,call,prefetch compares the three).
   config.parallel.ssp_prefetch = False
-  # s >= 1 and ASP: workers on the node of every shard read the parameters from the shards'
-  # shared-memory publications instead of waiting for a call's reply (a Ray round trip a clock).
+  # s >= 1 and ASP: workers on the node of every shard push through shared-memory outboxes and
+  # read the shards' shared-memory publications: no Ray call in a clock (README, "SSP on Ray").
   config.parallel.ssp_shared_memory = True
   # JAX's coordination service (jax.distributed jobs): a process without heartbeats this long
   # is dead to the runtime (generous, so that a busy host is not declared dead).

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from pdcnno_jax.parallel.ray_engine import ps
+from pdcnno_jax.parallel.ray_engine import shared_view
 
 _WORKERS = 2
 _CLOCKS = 12
@@ -33,7 +34,7 @@ def _one_hot_worker_class(ray):
   class OneHotWorker:
 
     def __init__(self, me, shards, assignment, sizes, staleness, kill_at, slow_s,
-                 pipelined=False, shared=False):
+                 pipelined=False, shared=False, drop_ring_every=0):
       from pdcnno_jax.parallel.ray_engine import ps_client  # pylint: disable=g-import-not-at-top
       self.me, self.sizes, self.staleness, self.slow_s = me, sizes, staleness, slow_s
       restarted = ray.get_runtime_context().was_current_actor_reconstructed
@@ -43,6 +44,15 @@ def _one_hot_worker_class(ray):
       # from the shards' shared-memory publications after an unanswered push.
       if shared:
         assert self.client.attach_shared()  # Every shard is on this (the only) node.
+      if drop_ring_every:  # Lose every k-th doorbell ring, as a dead shard's pipe would.
+        ring, rung = self.client._ring, [0]  # pylint: disable=protected-access
+
+        def lossy_ring(shard, clock):
+          rung[0] += 1
+          if rung[0] % drop_ring_every:
+            ring(shard, clock)
+
+        self.client._ring = lossy_ring  # pylint: disable=protected-access
       self.pipeline = (ps_client.ClockPipeline(self.client, _CLOCKS, prefetch=pipelined,
                                                shared=shared)
                        if pipelined or shared else None)
@@ -77,7 +87,7 @@ def _one_hot_worker_class(ray):
 
 
 def _run_one_hot(ray, workdir, staleness, *, kill_worker_at=-1, kill_shard_after=0,
-                 snapshot_every=3, pipelined=False, shared=False):
+                 snapshot_every=3, pipelined=False, shared=False, drop_ring_every=0):
   sizes = [10, 14]  # Two leaves of the 24-element vector, one per shard.
   leaves = [np.zeros(n, np.float32) for n in sizes]
   shard_cls = ray.remote(ps.ParameterShard)
@@ -87,7 +97,7 @@ def _run_one_hot(ray, workdir, staleness, *, kill_worker_at=-1, kill_shard_after
   worker_cls = _one_hot_worker_class(ray)
   workers = [worker_cls.remote(k, shards, [[0], [1]], sizes, staleness,
                                kill_worker_at if k == 1 else -1, 0.002 * (1 + 3 * k),
-                               pipelined, shared)
+                               pipelined, shared, drop_ring_every)
              for k in range(_WORKERS)]
   results = ray.get([w.run.remote() for w in workers])
   finals = ray.get([s.final.remote() for s in shards])
@@ -158,11 +168,14 @@ def test_shared_memory_reads_keep_the_bound_and_every_update_once(ray_session, t
   np.testing.assert_array_equal(final, 1.0)
   assert [f['duplicates'] for f in finals] == [0, 0]
   assert [r[3] for r in results] == [_CLOCKS - 1] * _WORKERS  # Every read after clock 0's.
+  # Every push came through the doorbell, none in a call: a clock made no Ray call.
+  assert [f['rung_pushes'] for f in finals] == [f['pushes'] for f in finals]
+  assert sum(r[2] for r in results) == 0
   reached = _assert_views_within_bound(results, staleness)
   if staleness is not None:
     assert reached <= staleness
   assert reached >= 1  # The slow worker really lagged: the check is not vacuous.
-  assert not any(os.path.exists(ps.shared_view.default_path(str(tmp_path), i)) for i in (0, 1))
+  assert not any(os.path.exists(shared_view.default_path(str(tmp_path), i)) for i in (0, 1))
 
 
 def test_shared_memory_worker_killed_restarts_and_nothing_is_applied_twice(ray_session,
@@ -182,6 +195,17 @@ def test_shared_memory_shard_killed_restarts_and_gets_the_lost_deltas(ray_sessio
   assert finals[1]['restarted'] and not finals[0]['restarted']
   assert sum(r[2] for r in results) > 0  # Deltas after the snapshot were re-sent.
   _assert_views_within_bound(results, 1)
+
+
+def test_shared_memory_lost_doorbell_rings_are_recovered_and_applied_once(ray_session,
+                                                                          tmp_path):
+  """A push whose ring is lost reaches the shard by re-send: asked for, or found missing."""
+  results, finals, final = _run_one_hot(ray_session, tmp_path, 2, shared=True,
+                                        drop_ring_every=5)
+  np.testing.assert_array_equal(final, 1.0)
+  assert sum(r[2] for r in results) > 0  # The lost ones were re-sent.
+  assert all(f['rung_pushes'] < f['pushes'] for f in finals)
+  _assert_views_within_bound(results, 2)
 
 
 def test_shared_publication_is_refused_under_bsp(tmp_path):
@@ -247,6 +271,12 @@ def test_proportional_batches_follow_speeds_and_stragglers_are_injected(ray_sess
   sizes = report['batch_sizes']
   assert sum(sizes) == config.data.batch_size and sizes[0] > sizes[1], sizes
   assert all(r['transient_steps'] > 0 for r in report['per_worker'])  # Seeded draws.
+  # s >= 1 on one node: every clock through shared memory, every push through the doorbell.
+  assert [r['read_path'] for r in report['per_worker']] == ['shared_memory'] * _WORKERS
+  assert all(r['shared_memory_reads'] == r['steps'] - 1 for r in report['per_worker'])
+  assert [p['rung_pushes'] for p in report['ps']] == [p['pushes'] for p in report['ps']]
+  assert not any(os.path.exists(shared_view.default_path(str(tmp_path), 0) + suffix)
+                 for suffix in ('', '_doorbell', '_worker0_slot0'))
 
 
 def test_bsp_on_ray_matches_synchronous_training_through_a_shard_kill(ray_session, tmp_path):
@@ -268,6 +298,7 @@ def test_bsp_on_ray_matches_synchronous_training_through_a_shard_kill(ray_sessio
   experiments.assert_states_close(jax.device_get(state.params), jax.device_get(plain.params),
                                   rtol=1e-4, atol=2e-6)
   assert report['clocks'] == 16 and report['max_view_staleness'] == 0
+  assert [r['read_path'] for r in report['per_worker']] == ['call'] * _WORKERS  # Exact BSP.
   assert [p['applied'] for p in report['ps']] == [[15, 15]] * 2
   moved = report['transport']
   assert moved['bytes_sent'] > 0 and moved['bytes_received'] > 0

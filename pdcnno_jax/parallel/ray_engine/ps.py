@@ -120,6 +120,7 @@ class ParameterShard:
     # does not promise to run an async actor's calls in the order they were sent.
     self._early: list[dict[int, Sequence[np.ndarray]]] = [{} for _ in range(num_workers)]
     self.pushes = 0
+    self.rung_pushes = 0  # Pushes that came through the doorbell, new when they came.
     self.duplicates = 0
     self.snapshots = 0
     self.rejoins = 0
@@ -277,6 +278,8 @@ class ParameterShard:
             shared_view.outbox_path(self.shared.path, *key), self.layout, 1, writer=False)
       delta = self._outboxes[key].read()
       if delta is not None and int(delta.applied[0]) == clock:
+        if clock > self.applied[worker] and clock not in self._early[worker]:
+          self.rung_pushes += 1
         self._receive(worker, clock, delta.buffers, hold_early=True)
       elif clock > self.applied[worker] and self.resend_from[worker] < 0:
         # Torn or overwritten (a writer that died, or an old record after a restart): the
@@ -339,7 +342,7 @@ class ParameterShard:
   async def final(self) -> dict[str, Any]:
     """The shard's ``leaves`` (unpacked) and counters at the end of the run."""
     return dict(self._view(0.0), leaves=self.layout.unpack(self.buffers), pushes=self.pushes,
-                duplicates=self.duplicates,
+                rung_pushes=self.rung_pushes, duplicates=self.duplicates,
                 snapshots=self.snapshots, rejoins=self.rejoins, restarted=self.restarted)
 
   async def pid(self) -> int:

@@ -18,21 +18,23 @@ so the view obeys the SSP rule for the clock it is used at. Under s = 0 that bou
 clock being trained, so the push of clock c and the read for c + 1 are one blocking call.
 
 Where every shard runs on the worker's node and publishes to shared memory (`shared_view`),
-s >= 1 and ASP need no reply at all (``shared``): the push of clock c goes out as a call
-without a return value (`PSClient.send`), and the parameters for clock c + 1 are the shards'
-newest publications (others' updates as fresh as a blocking call's, not a clock older as the
-prefetch's) plus the worker's own deltas they lack, all of which it still keeps. The
-publications also carry what the replies did: the acknowledged clocks (kept deltas through them
-are dropped) and a restarted shard's first missing clock (re-sent from there). A publication
-that misses the bound is read again until it holds it (the wait goes to ``wait_seconds``);
-before waiting the worker makes sure, with one blocking call (`PSClient.settle`), that every
-shard holds all its pushes, and re-sends what a restarted shard lost, so that no two workers
-wait on each other's re-sends.
+s >= 1 and ASP make no Ray call in a clock (``shared``): the push of clock c goes to the
+worker's shared-memory outbox and rings the shard's doorbell (`PSClient.send`), and the
+parameters for clock c + 1 are the shards' newest publications (others' updates as fresh as a
+blocking call's, not a clock older as the prefetch's) plus the worker's own deltas they lack,
+all of which it still keeps. The publications also carry what the replies did: the
+acknowledged clocks (kept deltas through them are dropped) and a shard's first missing clock
+(re-sent from there, in calls). A publication that misses the bound is read again until it
+holds it (the wait goes to ``wait_seconds``); before waiting the worker makes sure that every
+shard holds all its pushes (`PSClient.settle`: the publications show them within
+milliseconds, or a call after `SETTLE_GRACE_S` finds what a restart or a lost ring lost, and it
+is re-sent), so that no two workers wait on each other's re-sends.
 
 Transfer seconds (`transport.TransferLog`) are the seconds a worker's clock is blocked in
-transport: issuing calls (packing, serialising), waiting for replies and adding its own delta to a
-prefetched view, less the part of that wait the shard spent waiting for the staleness bound, which
-goes to ``wait_seconds`` (one entry per clock). A prefetched reply that arrived during the step
+transport: issuing calls (packing, serialising), waiting for replies, writing outboxes, reading
+publications and adding its own delta to a view, less the part of that wait the shard spent
+waiting for the staleness bound (or, reading publications, that they missed it), which goes to
+``wait_seconds`` (one entry per clock). A prefetched reply that arrived during the step
 costs only its deserialisation.
 """
 

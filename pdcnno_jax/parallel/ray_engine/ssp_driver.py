@@ -7,9 +7,12 @@ shards (`ps.ParameterShard`, a byte-balanced split of the parameter leaves) and
 goes into Ray's object store once (``ray.put``); the model travels as its graphdef and host
 state. Workers and shards restart under Ray (``max_restarts``): a worker resumes from its
 checkpoint after the last clock the shards applied, a shard from its snapshot with the deltas
-the workers kept re-sent. The result is worker 0's optimizer and model state with the server's
-final parameters; the report is the jax engine's ``ssp`` section plus ``transport`` (bytes and
-transfer seconds in total and per worker, clocks, per-clock waits) and ``ps`` (per shard).
+the workers kept re-sent. Under s >= 1 (and ASP) the shards also publish to shared memory, and
+workers on their node exchange every clock there (``parallel.ssp_shared_memory``; `ps_client`);
+the driver removes those files at the end. The result is worker 0's optimizer and model state
+with the server's final parameters; the report is the jax engine's ``ssp`` section plus
+``transport`` (bytes and transfer seconds in total and per worker, clocks, per-clock waits) and
+``ps`` (per shard).
 
 References:
   Ho et al., NIPS 2013 (SSP); DESIGN.md, "SSP"; papers/delay_sync_parallel.txt.
@@ -195,8 +198,8 @@ def _job_report(exp: context.Experiment, results: list[dict[str, Any]],
                           'model state)',
       'transport': dict(transport.job_transport([r['transport'] for r in results]),
                         clocks=total_steps, wait_seconds=[r['wait_seconds'] for r in results]),
-      'ps': [{key: f[key] for key in ('pushes', 'duplicates', 'snapshots', 'rejoins',
-                                      'restarted')}
+      'ps': [{key: f[key] for key in ('pushes', 'rung_pushes', 'duplicates', 'snapshots',
+                                      'rejoins', 'restarted')}
              | {'applied': f['applied'].tolist(),
                 'nbytes': serialization.payload_nbytes(f['leaves'])}
              for f in finals],

@@ -271,4 +271,5 @@ class SSPWorkerActor:
         'view_staleness': {int(k): v for k, v in sorted(client.view_staleness.items())},
         'resent_deltas': client.resends,
         'read_path': self.pipeline.read_path, 'shared_memory_reads': client.shared_reads,
+        'dropped_rings': client.dropped_rings,
     }
