@@ -14,9 +14,9 @@ Measures, side by side on this machine:
     jax.distributed; the raw client's ``key_value_set_bytes`` and
     ``blocking_key_value_get_bytes``, as the SSP store used them), as MiB moved per second;
   * LeNet-5: SSP on Ray, 2 workers, 1 shard, 128 examples per worker, generated data, s = 3
-    reading the shards' shared-memory publications (``parallel.ssp_shared_memory``, the
-    default), s = 3 reading in the push's reply (a call), s = 3 with that read prefetched during
-    the step (``parallel.ssp_prefetch``) and s = 0 (BSP: a call, nothing else is exact),
+    pushing and reading through shared memory (``parallel.ssp_shared_memory``, the default),
+    s = 3 reading in the push's reply (a call), s = 3 with that read prefetched during the step
+    (``parallel.ssp_prefetch``), s = 0 (BSP) through shared memory and s = 0 in calls,
     interleaved ``--lenet_repeats`` times: overhead =
     transfer seconds per clock / compute seconds of a step. Transfer seconds are
     the seconds a worker's clock is blocked in transport and not waiting for the staleness bound
@@ -201,7 +201,7 @@ def main():
   parser.add_argument('--lenet_clocks', type=int, default=40)
   parser.add_argument('--lenet_repeats', type=int, default=2,
                       help='LeNet-5 rounds of (s=3 shared memory, s=3 call, s=3 prefetched, '
-                      's=0), in A B C D A B C D order')
+                      's=0 shared memory, s=0 call), in A B C D E A B C D E order')
   parser.add_argument('--only', default='store,vgg,lenet', help='parts to run')
   parser.add_argument('--quick', action='store_true')
   parser.add_argument('--process_id', type=int, default=None)
@@ -231,6 +231,7 @@ def main():
       for name, staleness, prefetch, shared in (('s=3 shared memory', 3, False, True),
                                                 ('s=3 call', 3, False, False),
                                                 ('s=3 call prefetched', 3, True, False),
+                                                ('s=0 shared memory', 0, False, True),
                                                 ('s=0 call', 0, False, False)):
         lenet.append((name, _lenet(args.lenet_clocks, workdir, staleness, prefetch, shared)))
   runtime.stop()

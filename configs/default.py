@@ -169,8 +169,8 @@ def get_config() -> ml_collections.ConfigDict:
   # trip but the view lacks the other workers' clock-c updates (bench_ssp_training
   # --read_paths=shared,call,prefetch compares the three).
   config.parallel.ssp_prefetch = False
-  # s >= 1 and ASP: workers on the node of every shard push through shared-memory outboxes and
-  # read the shards' shared-memory publications: no Ray call in a clock (README, "SSP on Ray").
+  # Workers on the node of every shard push through shared-memory outboxes and read the
+  # shards' shared-memory publications: no Ray call in a clock (README, "SSP on Ray").
   config.parallel.ssp_shared_memory = True
   # JAX's coordination service (jax.distributed jobs): a process without heartbeats this long
   # is dead to the runtime (generous, so that a busy host is not declared dead).

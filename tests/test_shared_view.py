@@ -29,20 +29,28 @@ def test_a_publication_reads_back_as_copies(tmp_path):
   writer = shared_view.SharedView(path, layout, _WORKERS, writer=True)
   reader = shared_view.SharedView(path, layout, _WORKERS, writer=False)
   assert reader.read() is None  # Nothing published yet.
-  writer.publish(_buffers(layout, 7), np.array([3, 1, 2]), np.array([2, 0, -1]),
-                 np.array([-1, -1, 1]))
-  buffers, applied, acked, resend_from = reader.read()
+  writer.publish(_buffers(layout, 7), np.array([3, 1, 2]), np.array([3, 2, 2]),
+                 np.array([2, 0, -1]), np.array([-1, -1, 1]))
+  buffers, applied, received, acked, resend_from = reader.read()
   assert [b.dtype for b in buffers] == layout.buffer_dtypes
   assert [b.size for b in buffers] == layout.buffer_sizes
   assert all((b == 7).all() for b in buffers)
   assert applied.tolist() == [3, 1, 2]
+  assert received.tolist() == [3, 2, 2]
   assert acked.tolist() == [2, 0, -1]
   assert resend_from.tolist() == [-1, -1, 1]
   buffers[0][:] = -1  # A copy: neither the file nor the next read changes.
   assert (reader.read().buffers[0] == 7).all()
   assert reader.nbytes == layout.nbytes()
+  # The clocks alone (s = 0 between two publications of the parameters).
+  writer.publish_clocks(np.array([4, 2, 3]), np.array([3, 0, -1]), np.array([-1, 0, -1]))
+  view = reader.read()
+  assert all((b == 7).all() for b in view.buffers) and view.applied.tolist() == [3, 1, 2]
+  assert view.received.tolist() == [4, 2, 3] and view.resend_from.tolist() == [-1, 0, -1]
+  np.testing.assert_array_equal(reader.clocks(), [view.applied, view.received, view.acked,
+                                                   view.resend_from])
   with pytest.raises(RuntimeError, match='a reader cannot publish'):
-    reader.publish(_buffers(layout, 0), *np.zeros((3, _WORKERS)))
+    reader.publish(_buffers(layout, 0), *np.zeros((4, _WORKERS)))
   reader.close()
   writer.close()
   shared_view.remove(path)
@@ -53,7 +61,7 @@ def test_a_publication_reads_back_as_copies(tmp_path):
 def test_a_torn_publication_reads_as_none_until_the_next_one(tmp_path):
   layout, path = _layout(), str(tmp_path / 'view')
   writer = shared_view.SharedView(path, layout, _WORKERS, writer=True)
-  writer.publish(_buffers(layout, 1), *np.zeros((3, _WORKERS), np.int64))
+  writer.publish(_buffers(layout, 1), *np.zeros((4, _WORKERS), np.int64))
   writer._header[1] |= 1  # pylint: disable=protected-access  # As a writer that died writing.
   writer.close()
   reader = shared_view.SharedView(path, layout, _WORKERS, writer=False)
@@ -61,7 +69,7 @@ def test_a_torn_publication_reads_as_none_until_the_next_one(tmp_path):
   # The restarted shard reopens the same file (same inode: the reader's map stays valid).
   restarted = shared_view.SharedView(path, layout, _WORKERS, writer=True)
   assert reader.read() is None
-  restarted.publish(_buffers(layout, 2), np.array([5, 5, 4]), *np.zeros((2, _WORKERS)))
+  restarted.publish(_buffers(layout, 2), np.array([5, 5, 4]), *np.zeros((3, _WORKERS)))
   view = reader.read()
   assert all((b == 2).all() for b in view.buffers) and view.applied.tolist() == [5, 5, 4]
 
@@ -104,7 +112,7 @@ def test_reads_racing_a_writer_process_never_see_a_mixed_publication(tmp_path):
       for k in range(1, 401):
         writer.publish([np.full(n, k, d) for n, d in zip(layout.buffer_sizes,
                                                         layout.buffer_dtypes)],
-                       *np.full((3, {_WORKERS}), k))
+                       *np.full((4, {_WORKERS}), k))
       """)
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
   writer = subprocess.Popen([sys.executable, '-c', script], env=env)

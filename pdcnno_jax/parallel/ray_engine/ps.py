@@ -17,12 +17,13 @@ writes ``<workdir>/ssp_ps_<i>/snapshot.npz`` (leaves and applied clocks) and ack
 clocks it covers; workers keep their deltas until acknowledged, so a shard that Ray restarts
 reloads its snapshot and gets back, by re-send, every delta it lost.
 
-Under s >= 1 (and ASP) a shard created with ``publish`` also writes its buffers and clocks to
-shared memory after every push it applies or finds out of order (`shared_view.SharedView`: per
-worker the applied, acknowledged and first missing clock), and takes the deltas the workers on
-its node put in their shared-memory outboxes when they ring its doorbell (a FIFO its event loop
-reads): those workers push and read without a Ray call (`ps_client.PSClient.send`,
-`read_shared`).
+A shard created with ``publish`` also writes its buffers and clocks to shared memory after every
+push it applies or finds out of order (`shared_view.SharedView`: per worker the applied,
+received, acknowledged and first missing clock; under s = 0 the buffers only at the moment the
+slowest worker's clock is in, as a read that waited for its bound is answered), and takes the
+deltas the workers on its node put in their shared-memory outboxes when they ring its doorbell
+(a FIFO its event loop reads): those workers push and read without a Ray call
+(`ps_client.PSClient.send`, `read_shared`).
 
 References:
   Ho et al., "More effective distributed ML via a stale synchronous parallel parameter
@@ -82,17 +83,13 @@ class ParameterShard:
       many pushes (0: never).
     resume: start from the snapshot in the workdir (a rerun after the driver died); a shard
       that Ray restarts always does.
-    publish: also publish the parameters to shared memory after every applied push (for
-      the workers on this node; s >= 1 and ASP only).
+    publish: also publish the parameters to shared memory (for the workers on this node):
+      after every applied push, under s = 0 only when every worker's next clock is in.
   """
 
   def __init__(self, shard: int, leaves: Sequence[np.ndarray], num_workers: int,
                staleness: int | None, workdir: str, snapshot_every: int, timeout_s: float,
                kill_after_pushes: int = 0, resume: bool = False, publish: bool = False):
-    if publish and staleness == 0:
-      raise ValueError('ParameterShard: publish needs staleness >= 1 (or ASP): under s = 0 a '
-                       'read must hold exactly the updates through c - 1, which only the '
-                       'reply to a read that waited for its bound gives.')
     import ray  # pylint: disable=g-import-not-at-top
     self.shard = shard
     self.num_workers = num_workers
@@ -128,11 +125,12 @@ class ParameterShard:
     self._waiters: list[tuple[int, asyncio.Future]] = []
     self._speed_waiters: list[asyncio.Future] = []
     self.shared: shared_view.SharedView | None = None
+    self._view_lowest = -2  # min(applied) of the parameters published last.
     self._outboxes: dict[tuple[int, int], shared_view.SharedView] = {}  # (worker, slot).
     if publish:
       self.shared = shared_view.SharedView(shared_view.default_path(workdir, shard),
                                            self.layout, num_workers, writer=True)
-      self._publish()
+      self._publish(view=True)
       # Workers announce the deltas they put in their outboxes here; the actor's event loop
       # (running: Ray builds an async actor on it) reads it. The shard keeps a writer open
       # itself, so that the FIFO never reads as closed while workers come and go.
@@ -183,9 +181,21 @@ class ParameterShard:
       os.kill(os.getpid(), signal.SIGKILL)
     return True
 
-  def _publish(self) -> None:
-    if self.shared is not None:
-      self.shared.publish(self.buffers, self.applied, self.acked, self.resend_from)
+  def _publish(self, view: bool = False) -> None:
+    """Publishes the clocks, and the parameters unless s = 0 holds them back.
+
+    Under s = 0 a read for clock c must hold exactly every update through c - 1: the
+    parameters go out only at the moment the slowest worker's clock is in (as a call waiting
+    for its bound is answered), or with ``view`` (the start, a restart).
+    """
+    if self.shared is None:
+      return
+    lowest = int(self.applied.min())
+    if view or self.staleness != 0 or lowest > self._view_lowest:
+      self.shared.publish(self.buffers, self.applied, self.applied, self.acked, self.resend_from)
+      self._view_lowest = lowest
+    else:
+      self.shared.publish_clocks(self.applied, self.acked, self.resend_from)
 
   def _view(self, wait_s: float) -> dict[str, Any]:
     return dict(buffers=list(self.buffers), applied=self.applied.copy(),

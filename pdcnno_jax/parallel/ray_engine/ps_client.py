@@ -17,18 +17,18 @@ shard answers the read under the bound of clock c + 1 (every worker's updates th
 so the view obeys the SSP rule for the clock it is used at. Under s = 0 that bound includes the
 clock being trained, so the push of clock c and the read for c + 1 are one blocking call.
 
-Where every shard runs on the worker's node and publishes to shared memory (`shared_view`),
-s >= 1 and ASP make no Ray call in a clock (``shared``): the push of clock c goes to the
-worker's shared-memory outbox and rings the shard's doorbell (`PSClient.send`), and the
-parameters for clock c + 1 are the shards' newest publications (others' updates as fresh as a
-blocking call's, not a clock older as the prefetch's) plus the worker's own deltas they lack,
-all of which it still keeps. The publications also carry what the replies did: the
-acknowledged clocks (kept deltas through them are dropped) and a shard's first missing clock
-(re-sent from there, in calls). A publication that misses the bound is read again until it
-holds it (the wait goes to ``wait_seconds``); before waiting the worker makes sure that every
-shard holds all its pushes (`PSClient.settle`: the publications show them within
-milliseconds, or a call after `SETTLE_GRACE_S` finds what a restart or a lost ring lost, and it
-is re-sent), so that no two workers wait on each other's re-sends.
+Where every shard runs on the worker's node and publishes to shared memory (`shared_view`), a
+clock makes no Ray call (``shared``): the push of clock c goes to the worker's shared-memory
+outbox and rings the shard's doorbell (`PSClient.send`), and the parameters for clock c + 1 are
+the shards' newest publications (others' updates as fresh as a blocking call's, not a clock
+older as the prefetch's; under s = 0 the one published when every clock c was in) plus the
+worker's own deltas they lack, all of which it still keeps. The publications also carry what the
+replies did: the acknowledged clocks (kept deltas through them are dropped) and a shard's first
+missing clock (re-sent from there, in calls). A publication that misses the bound is read again
+until it holds it (the wait goes to ``wait_seconds``); once it has waited `SETTLE_AFTER_S` the
+worker makes sure that every shard holds all its pushes (`PSClient.settle`: the publications
+show them within milliseconds, or a call after `SETTLE_GRACE_S` finds what a restart or a lost
+ring lost, and it is re-sent), so that no two workers wait on each other's re-sends.
 
 Transfer seconds (`transport.TransferLog`) are the seconds a worker's clock is blocked in
 transport: issuing calls (packing, serialising), waiting for replies, writing outboxes, reading
@@ -53,6 +53,9 @@ from pdcnno_jax.parallel.ssp import serialization
 
 # Seconds between two reads of a publication that misses the bound (`PSClient.read_shared`).
 SHARED_POLL_S = 5e-4
+# Seconds a read waits for the bound before it makes sure the shards hold this worker's pushes
+# (`PSClient.settle`): by then they normally do, and the check costs one read of the clocks.
+SETTLE_AFTER_S = 0.05
 # Seconds `PSClient.settle` waits for a publication to show this worker's pushes before it asks
 # the shard in a call (a push that is late, not lost, is then a duplicate the shard ignores).
 SETTLE_GRACE_S = 1.0
@@ -115,8 +118,8 @@ class PSClient:
   def attach_shared(self) -> bool:
     """Maps every shard's shared-memory publication; False (nothing mapped) unless all are here.
 
-    A shard publishes only when it was started with ``publish`` (s >= 1 or ASP); a shard on
-    another Ray node is read through calls.
+    A shard publishes only when it was started with ``publish``; a shard on another Ray node
+    is read through calls.
     """
     import ray  # pylint: disable=g-import-not-at-top
     from pdcnno_jax.parallel.ray_engine import shared_view  # pylint: disable=g-import-not-at-top
@@ -267,13 +270,13 @@ class PSClient:
       sent += serialization.payload_nbytes(part)
       # The slot's previous delta (clock - 2) must have been taken before it is overwritten:
       # `settle` waits for that (and re-sends what a restarted shard lost).
-      clocks = self.shared[shard].clocks()
-      if clocks is None or clocks[0][self.worker] < clock - 2:
+      clocks = self.shared[shard].clocks()  # Taken by the shard: `received`.
+      if clocks is None or clocks[1][self.worker] < clock - 2:
         settled = time.perf_counter()
         self.settle()  # It logs its own seconds.
         settle_s += time.perf_counter() - settled
-      self.outboxes[shard][clock % 2].publish(part, np.array([clock]), np.zeros(1),
-                                              np.zeros(1))
+      stamp = np.array([clock])  # The slot's one clock: the delta's.
+      self.outboxes[shard][clock % 2].publish(part, stamp, stamp, stamp, stamp)
       self._ring(shard, clock)
     self.last_sent = clock
     self.log.record(sent=sent, seconds=time.perf_counter() - start - settle_s)
@@ -290,14 +293,15 @@ class PSClient:
       return
     start = time.perf_counter()
     while True:
-      clocks = [view.clocks() for view in self.shared]  # (applied, acked, resend_from).
-      lagging = [i for i, c in enumerate(clocks) if c is None or c[0][self.worker]
+      # (applied, received, acked, resend_from) per shard.
+      clocks = [view.clocks() for view in self.shared]
+      lagging = [i for i, c in enumerate(clocks) if c is None or c[1][self.worker]
                  < self.last_sent]
       if not lagging:
         break
       for shard in lagging:
-        if clocks[shard] is not None and clocks[shard][2][self.worker] >= 0:
-          self._resend(shard, int(clocks[shard][2][self.worker]), self.last_sent + 1)
+        if clocks[shard] is not None and clocks[shard][3][self.worker] >= 0:
+          self._resend(shard, int(clocks[shard][3][self.worker]), self.last_sent + 1)
       if time.perf_counter() - start > SETTLE_GRACE_S:
         for shard in lagging:
           reply = self._call(shard, self.last_sent, None, None)
@@ -330,35 +334,42 @@ class PSClient:
       raise RuntimeError('PSClient.read_shared: no publications mapped (attach_shared first).')
     start = time.perf_counter()
     bound = None if self.staleness is None else read_clock - self.staleness - 1
-    unmet_since, settle_s = None, 0.0
+    unmet_since, settled, settle_s = None, False, 0.0
+
+    def meets_bound(applied: np.ndarray) -> bool:
+      return bound is None or np.delete(applied, self.worker).min(initial=bound) >= bound
+
     while True:
-      views = [view.read() for view in self.shared]
-      for shard, view in enumerate(views):
-        if view is None:
+      # The clocks first (a few bytes): the parameters are copied once the bound is met.
+      clocks = [view.clocks() for view in self.shared]  # (applied, received, acked, resend).
+      for shard, vectors in enumerate(clocks):
+        if vectors is None:
           continue
-        self._drop_acknowledged(shard, int(view.acked[self.worker]))
-        missing = int(view.resend_from[self.worker])
-        if missing >= 0 or (unmet_since is not None
-                            and view.applied[self.worker] < self.last_sent):
+        _, received, acked, resend_from = vectors
+        self._drop_acknowledged(shard, int(acked[self.worker]))
+        missing = int(resend_from[self.worker])
+        if missing >= 0 or (settled and received[self.worker] < self.last_sent):
           # A restarted shard lacks clocks of this worker (it said so, or it holds fewer than
           # `settle` left it with): send them again.
-          first = missing if missing >= 0 else int(view.applied[self.worker]) + 1
-          self._resend(shard, first, self.last_sent + 1)
-          views[shard] = None
-      if all(v is not None for v in views) and all(
-          bound is None or np.delete(v.applied, self.worker).min(initial=bound) >= bound
-          for v in views):
-        break
+          self._resend(shard, missing if missing >= 0 else int(received[self.worker]) + 1,
+                       self.last_sent + 1)
+          clocks[shard] = None
+      if all(c is not None and meets_bound(c[0]) for c in clocks):
+        views = [view.read() for view in self.shared]
+        if all(v is not None and meets_bound(v.applied) for v in views):
+          break
       now = time.perf_counter()
       if unmet_since is None:
         unmet_since = now
+      elif not settled and now - unmet_since > SETTLE_AFTER_S:
+        settled = True
         self.settle()
         settle_s = time.perf_counter() - now
       if now - start > self.timeout_s:
         raise TimeoutError(
             f'PS worker {self.worker}: the shared-memory publications missed the bound of '
             f'clock {read_clock} for {self.timeout_s:.3g} s (applied '
-            f'{[None if v is None else v.applied.tolist() for v in views]}); raise '
+            f'{[None if c is None else c[0].tolist() for c in clocks]}); raise '
             'config.parallel.ssp_timeout_s if workers are that slow.')
       time.sleep(SHARED_POLL_S)
     ready = time.perf_counter()
@@ -408,16 +419,15 @@ class ClockPipeline:
     client: the worker's `PSClient`.
     total_clocks: clocks of the run (no read goes out for clock ``total_clocks``).
     prefetch: read for clock c + 1 while clock c trains (only where s >= 1 or ASP).
-    shared: read from the shards' shared-memory publications (``client.attach_shared()``
-      returned True; only where s >= 1 or ASP); overrides ``prefetch``.
+    shared: push and read through shared memory (``client.attach_shared()`` returned True);
+      overrides ``prefetch``.
   """
 
   def __init__(self, client: PSClient, total_clocks: int, prefetch: bool,
                shared: bool = False):
-    if (prefetch or shared) and client.staleness == 0:
-      raise ValueError('ClockPipeline: prefetch and shared reads need staleness >= 1 (or ASP): '
-                       'under s = 0 the read for clock c + 1 must wait for every worker\'s '
-                       'clock c.')
+    if prefetch and client.staleness == 0:
+      raise ValueError('ClockPipeline: prefetch needs staleness >= 1 (or ASP): under s = 0 the '
+                       'read for clock c + 1 must wait for every worker\'s clock c.')
     if shared and client.shared is None:
       raise ValueError('ClockPipeline: shared reads need the publications mapped '
                        '(client.attach_shared() returned False or was not called).')
@@ -446,6 +456,7 @@ class ClockPipeline:
       self.client.send(clock, delta)
       if clock + 1 >= self.total:
         self.drain()
+        self.client.wait_seconds.append(0.0)  # One entry per clock; the last reads nothing.
         return None
       return self.client.read_shared(clock + 1)
     if not self.prefetch:

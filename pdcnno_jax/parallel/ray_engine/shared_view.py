@@ -1,14 +1,16 @@
-"""A parameter shard's newest parameters in shared memory, read without a call by its node's workers.
+"""A parameter shard's parameters in shared memory, read without a call by its node's workers.
 
-Under s >= 1 (and ASP) the SSP rule asks of the view a worker trains clock c on only that it
-hold every worker's updates through c - s - 1 and the worker's own (Ho et al. 2013, section 2);
+The SSP rule asks of the view a worker trains clock c on that it hold every worker's updates
+through c - s - 1 and the worker's own (Ho et al. 2013, section 2), under s = 0 exactly those;
 it need not come back in the reply to the worker's own push. A push that waits for that reply
 costs a Ray actor round trip a clock, which on a busy node is the wait for the shard's process
 to get a core (README, "Ray SSP": 6-7 ms of a 26 ms LeNet-5 step on 2 loaded cores). So each
 shard publishes its buffers and clocks into one file in ``/dev/shm`` after every push it applies
-(`SharedView.publish`): per worker, the newest clock applied, the newest its snapshot covers
+(`SharedView.publish`): per worker, the newest clock in the published parameters, the newest
+clock it has taken (the same under s >= 1; under s = 0 the parameters are published only when
+every worker's clock is in, `publish_clocks` updates the rest), the newest its snapshot covers
 (acknowledged: the worker may drop the deltas it keeps through it) and the first clock it lacks
-after a restart (the worker re-sends from there). A worker on the same node pushes without a
+(the worker re-sends from there). A worker on the same node pushes without a
 reply, reads the newest publication (`SharedView.read`) and adds its own deltas it lacks
 (`ps_client.PSClient.read_shared`): Bösen's process cache, written by the server. The worker's
 deltas take the opposite way: it writes each into one of two outbox files of its own
@@ -49,8 +51,8 @@ _HEADER_WORDS = 5  # magic, sequence, number of workers, total bytes, layout fin
 _ALIGN = 64
 
 
-# Per worker: applied, acknowledged, resend-from clocks.
-_CLOCK_VECTORS = 3
+# Per worker: applied (in the buffers), received, acknowledged, resend-from clocks.
+_CLOCK_VECTORS = 4
 
 
 class Publication(NamedTuple):
@@ -58,12 +60,14 @@ class Publication(NamedTuple):
 
   Attributes:
     buffers: the packed parameter buffers (`transport.FlatLayout`).
-    applied: per worker, the newest clock applied (-1: none).
+    applied: per worker, the newest clock in ``buffers`` (-1: none).
+    received: per worker, the newest clock the shard has taken (>= ``applied``).
     acked: per worker, the newest clock the shard's snapshot covers.
     resend_from: per worker, the first clock to send again (-1: none missing).
   """
   buffers: list[np.ndarray]
   applied: np.ndarray
+  received: np.ndarray
   acked: np.ndarray
   resend_from: np.ndarray
 
@@ -159,9 +163,17 @@ class SharedView:
                        f'{found[3]:x}, expected {num_workers} workers and layout '
                        f'{expected[3]:x} (a file of another job?).')
 
-  def publish(self, buffers: Sequence[np.ndarray], applied: np.ndarray, acked: np.ndarray,
-              resend_from: np.ndarray) -> None:
+  def publish(self, buffers: Sequence[np.ndarray], applied: np.ndarray, received: np.ndarray,
+              acked: np.ndarray, resend_from: np.ndarray) -> None:
     """Writes the arguments as the newest publication (the shard's side; see `Publication`)."""
+    self._write(buffers, (applied, received, acked, resend_from))
+
+  def publish_clocks(self, received: np.ndarray, acked: np.ndarray,
+                     resend_from: np.ndarray) -> None:
+    """Updates all but the parameters and their ``applied`` clocks (a full `publish` first)."""
+    self._write(None, (None, received, acked, resend_from))
+
+  def _write(self, buffers, vectors) -> None:
     if not self.writer:
       raise RuntimeError(f'SharedView {self.path}: a reader cannot publish.')
     fcntl.flock(self._fd, fcntl.LOCK_EX)
@@ -169,15 +181,17 @@ class SharedView:
       # Odd while written (already odd after a writer that died writing): a writer that dies
       # here leaves it odd.
       self._header[1] |= 1
-      self._clocks[:] = (applied, acked, resend_from)
-      for target, source in zip(self._buffers, buffers):
+      for target, vector in zip(self._clocks, vectors):
+        if vector is not None:
+          target[:] = vector
+      for target, source in zip(self._buffers, buffers or ()):
         np.copyto(target, source)
       self._header[1] += 1
     finally:
       fcntl.flock(self._fd, fcntl.LOCK_UN)
 
   def clocks(self) -> np.ndarray | None:
-    """Only the clock vectors of the newest publication (applied, acked, resend_from)."""
+    """Only the clock vectors of the newest publication, in `Publication`'s order."""
     fcntl.flock(self._fd, fcntl.LOCK_SH)
     try:
       sequence = int(self._header[1])
@@ -197,8 +211,7 @@ class SharedView:
       sequence = int(self._header[1])
       if self._header[0] != _MAGIC or sequence == 0 or sequence % 2:
         return None
-      applied, acked, resend_from = self._clocks.copy()
-      return Publication([np.array(b) for b in self._buffers], applied, acked, resend_from)
+      return Publication([np.array(b) for b in self._buffers], *self._clocks.copy())
     finally:
       fcntl.flock(self._fd, fcntl.LOCK_UN)
 

@@ -7,8 +7,8 @@ shards (`ps.ParameterShard`, a byte-balanced split of the parameter leaves) and
 goes into Ray's object store once (``ray.put``); the model travels as its graphdef and host
 state. Workers and shards restart under Ray (``max_restarts``): a worker resumes from its
 checkpoint after the last clock the shards applied, a shard from its snapshot with the deltas
-the workers kept re-sent. Under s >= 1 (and ASP) the shards also publish to shared memory, and
-workers on their node exchange every clock there (``parallel.ssp_shared_memory``; `ps_client`);
+the workers kept re-sent. The shards also publish to shared memory, and workers on their node
+exchange every clock there (``parallel.ssp_shared_memory``; `ps_client`);
 the driver removes those files at the end. The result is worker 0's optimizer and model state
 with the server's final parameters; the report is the jax engine's ``ssp`` section plus
 ``transport`` (bytes and transfer seconds in total and per worker, clocks, per-clock waits) and
@@ -139,8 +139,7 @@ def _start_actors(ray, exp: context.Experiment, host_state, tx, total_steps: int
       shard_cls.options(num_cpus=1, max_restarts=MAX_RESTARTS, max_concurrency=1000).remote(
           i, leaf_refs[i], int(parallel.num_workers), staleness, exp.workdir,
           int(parallel.ps_snapshot_every_clocks), float(parallel.ssp_timeout_s),
-          faults.shard_pushes.get(i, 0), resume,
-          staleness != 0 and bool(parallel.ssp_shared_memory))
+          faults.shard_pushes.get(i, 0), resume, bool(parallel.ssp_shared_memory))
       for i in range(len(assignment))]
   train_only = dataclasses.replace(exp.dataset,
                                    host_splits={'train': exp.dataset.host_splits['train']})

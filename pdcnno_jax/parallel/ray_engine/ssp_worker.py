@@ -2,10 +2,10 @@
 
 Worker k at clock c trains one step on the parameters the server returned for clock c (they hold
 every update through c - s - 1, its own through c - 1) and pushes ``delta_k = (b_k / B) u_k``
-(`ssp.steps.ssp_train_step`); `ps_client.ClockPipeline` reads the parameters for clock c + 1 in
-the same call under s = 0; under s >= 1 (and ASP) it reads them from the shards' shared-memory
-publications where every shard runs on this worker's node (``parallel.ssp_shared_memory``),
-else in a call, or prefetched during the step (``parallel.ssp_prefetch``). Batches
+(`ssp.steps.ssp_train_step`); `ps_client.ClockPipeline` pushes it and reads the parameters for
+clock c + 1 through shared memory where every shard runs on this worker's node
+(``parallel.ssp_shared_memory``), else in one call, or, under s >= 1 (and ASP), with the read
+prefetched during the step (``parallel.ssp_prefetch``). Batches
 are its consecutive piece of global batch c of the epoch's permutation, equal or proportional to
 the speeds measured over the first ``ssp_warmup_steps`` clocks; `slowdown.Slowdown` injects
 stragglers. The driver has every worker compile its step (`prepare`) before any clock starts,
@@ -83,12 +83,10 @@ class SSPWorkerActor:
     self.staleness = protocol.normalise_staleness(config.parallel.staleness)
     self.client = ps_client.PSClient(shards, assignment, me, self.staleness,
                                      float(config.parallel.ssp_timeout_s))
-    bounded = self.staleness != 0
-    shared = (bounded and bool(config.parallel.ssp_shared_memory)
-              and self.client.attach_shared())
+    shared = bool(config.parallel.ssp_shared_memory) and self.client.attach_shared()
     self.pipeline = ps_client.ClockPipeline(
         self.client, self.total_steps,
-        prefetch=bounded and bool(config.parallel.ssp_prefetch), shared=shared)
+        prefetch=self.staleness != 0 and bool(config.parallel.ssp_prefetch), shared=shared)
     self.shard0 = shards[0]
     self.slow = slowdown.Slowdown.from_config(config.parallel, me, num_workers, seed=config.seed)
     self.sizes = batching.equal_batch_sizes(self.global_batch, num_workers, self.granularity)
