@@ -126,6 +126,7 @@ class ParameterShard:
     self._speed_waiters: list[asyncio.Future] = []
     self.shared: shared_view.SharedView | None = None
     self._view_lowest = -2  # min(applied) of the parameters published last.
+    self._wakes: dict[int, int] = {}  # Worker -> the write end of its wake FIFO.
     self._outboxes: dict[tuple[int, int], shared_view.SharedView] = {}  # (worker, slot).
     if publish:
       self.shared = shared_view.SharedView(shared_view.default_path(workdir, shard),
@@ -135,10 +136,8 @@ class ParameterShard:
       # (running: Ray builds an async actor on it) reads it. The shard keeps a writer open
       # itself, so that the FIFO never reads as closed while workers come and go.
       path = shared_view.doorbell_path(self.shared.path)
-      if not os.path.exists(path):
-        os.mkfifo(path, 0o600)
-      self._doorbell = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-      self._doorbell_writer = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+      self._doorbell = shared_view.open_fifo(path, reader=True)
+      self._doorbell_writer = shared_view.open_fifo(path, reader=False)
       asyncio.get_running_loop().add_reader(self._doorbell, self._ring)
 
   def _restore(self) -> None:
@@ -196,6 +195,14 @@ class ParameterShard:
       self._view_lowest = lowest
     else:
       self.shared.publish_clocks(self.applied, self.acked, self.resend_from)
+    for worker, fd in list(self._wakes.items()):
+      try:
+        os.write(fd, b'\0')
+      except BlockingIOError:
+        pass  # Full: the worker has wake-ups it has not read yet.
+      except OSError:
+        os.close(fd)  # The worker died; its next ring opens its new FIFO.
+        del self._wakes[worker]
 
   def _view(self, wait_s: float) -> dict[str, Any]:
     return dict(buffers=list(self.buffers), applied=self.applied.copy(),
@@ -282,6 +289,12 @@ class ParameterShard:
     except BlockingIOError:
       return
     for worker, clock in np.frombuffer(data, np.int64).reshape(-1, 2).tolist():
+      if worker not in self._wakes:
+        try:
+          self._wakes[worker] = shared_view.open_fifo(
+              shared_view.wake_path(self.shared.path, worker), reader=False)
+        except OSError:
+          pass  # Not there yet: the worker falls back on a timed wait.
       key = (worker, clock % 2)
       if key not in self._outboxes:
         self._outboxes[key] = shared_view.SharedView(
@@ -312,13 +325,15 @@ class ParameterShard:
     """Closes and deletes the publication (the driver calls it at the end of the job)."""
     if self.shared is not None:
       asyncio.get_running_loop().remove_reader(self._doorbell)
-      os.close(self._doorbell)
-      os.close(self._doorbell_writer)
+      for fd in [self._doorbell, self._doorbell_writer, *self._wakes.values()]:
+        os.close(fd)
+      self._wakes = {}
       shared_view.remove(shared_view.doorbell_path(self.shared.path))
       for box in self._outboxes.values():
         box.close()
       self._outboxes = {}
       for worker in range(self.num_workers):
+        shared_view.remove(shared_view.wake_path(self.shared.path, worker))
         for slot in range(2):
           shared_view.remove(shared_view.outbox_path(self.shared.path, worker, slot))
       self.shared.close()

@@ -43,6 +43,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import select
 import time
 from typing import Any, Sequence
 
@@ -51,8 +52,9 @@ import numpy as np
 from pdcnno_jax.parallel.ray_engine import transport
 from pdcnno_jax.parallel.ssp import serialization
 
-# Seconds between two reads of a publication that misses the bound (`PSClient.read_shared`).
-SHARED_POLL_S = 5e-4
+# Longest wait for a shard's wake-up before a worker that waits reads the publications again
+# (a backstop: the shard wakes it after each publication).
+SHARED_POLL_S = 0.01
 # Seconds a read waits for the bound before it makes sure the shards hold this worker's pushes
 # (`PSClient.settle`): by then they normally do, and the check costs one read of the clocks.
 SETTLE_AFTER_S = 0.05
@@ -101,6 +103,8 @@ class PSClient:
     self.shared: list[Any] | None = None  # `shared_view.SharedView` per shard (`attach_shared`).
     self.outboxes: list[list[Any]] = []  # Per shard, this worker's two outbox slots.
     self.doorbells: list[int] = []  # Per shard, the write end of its doorbell FIFO.
+    self._wakes: list[int] = []  # Per shard, the read end of this worker's wake FIFO.
+    self._wake_keepers: list[int] = []
     self.dropped_rings = 0
     # Per shard, this worker's newest clock in the view `collect` returned last.
     self.own_in_view: list[int] = [-1] * len(self.shards)
@@ -135,9 +139,25 @@ class PSClient:
                                              layout, 1, writer=True) for slot in range(2)]
                      for info, layout in zip(infos, self.layouts())]
     # Open while the shard holds its reading end (it opened it before answering).
-    self.doorbells = [os.open(shared_view.doorbell_path(info['path']),
-                              os.O_WRONLY | os.O_NONBLOCK) for info in infos]
+    self.doorbells = [shared_view.open_fifo(shared_view.doorbell_path(info['path']),
+                                            reader=False) for info in infos]
+    # Our own wake-up FIFOs, with a writer of our own so that they never read as closed.
+    self._wakes = [shared_view.open_fifo(shared_view.wake_path(info['path'], self.worker),
+                                         reader=True) for info in infos]
+    self._wake_keepers = [shared_view.open_fifo(shared_view.wake_path(info['path'],
+                                                                      self.worker),
+                                                reader=False) for info in infos]
     return True
+
+  def _await_publication(self) -> None:
+    """Blocks until a shard has published since the last call (or `SHARED_POLL_S`)."""
+    ready, _, _ = select.select(self._wakes, [], [], SHARED_POLL_S)
+    for fd in ready:
+      try:
+        while os.read(fd, 4096):
+          pass
+      except BlockingIOError:
+        pass
 
   def _ring(self, shard: int, clock: int) -> None:
     """Announces clock ``clock``'s delta in the outbox to ``shard`` (16 bytes, one write).
@@ -309,7 +329,7 @@ class PSClient:
           if applied < self.last_sent:
             self._resend(shard, applied + 1, self.last_sent + 1)
         break
-      time.sleep(SHARED_POLL_S)
+      self._await_publication()
     self.log.record(seconds=time.perf_counter() - start)
 
   def _drop_acknowledged(self, shard: int, acked: int) -> None:
@@ -371,7 +391,7 @@ class PSClient:
             f'clock {read_clock} for {self.timeout_s:.3g} s (applied '
             f'{[None if c is None else c[0].tolist() for c in clocks]}); raise '
             'config.parallel.ssp_timeout_s if workers are that slow.')
-      time.sleep(SHARED_POLL_S)
+      self._await_publication()
     ready = time.perf_counter()
     wait = 0.0 if unmet_since is None else max(ready - unmet_since - settle_s, 0.0)
     leaves: list[Any] = [None] * self.num_leaves
