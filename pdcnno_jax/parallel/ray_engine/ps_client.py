@@ -290,8 +290,8 @@ class PSClient:
       sent += serialization.payload_nbytes(part)
       # The slot's previous delta (clock - 2) must have been taken before it is overwritten:
       # `settle` waits for that (and re-sends what a restarted shard lost).
-      clocks = self.shared[shard].clocks()  # Taken by the shard: `received`.
-      if clocks is None or clocks[1][self.worker] < clock - 2:
+      clocks = self.shared[shard].clocks()
+      if clocks is None or clocks.received[self.worker] < clock - 2:
         settled = time.perf_counter()
         self.settle()  # It logs its own seconds.
         settle_s += time.perf_counter() - settled
@@ -313,15 +313,14 @@ class PSClient:
       return
     start = time.perf_counter()
     while True:
-      # (applied, received, acked, resend_from) per shard.
       clocks = [view.clocks() for view in self.shared]
-      lagging = [i for i, c in enumerate(clocks) if c is None or c[1][self.worker]
-                 < self.last_sent]
+      lagging = [i for i, c in enumerate(clocks)
+                 if c is None or c.received[self.worker] < self.last_sent]
       if not lagging:
         break
       for shard in lagging:
-        if clocks[shard] is not None and clocks[shard][3][self.worker] >= 0:
-          self._resend(shard, int(clocks[shard][3][self.worker]), self.last_sent + 1)
+        if clocks[shard] is not None:
+          self._resend_requested(shard, clocks[shard])
       if time.perf_counter() - start > SETTLE_GRACE_S:
         for shard in lagging:
           reply = self._call(shard, self.last_sent, None, None)
@@ -331,6 +330,20 @@ class PSClient:
         break
       self._await_publication()
     self.log.record(seconds=time.perf_counter() - start)
+
+  def _resend_requested(self, shard: int, clocks: Any, lost_after_settle: bool = False) -> bool:
+    """Re-sends what ``shard``'s publication (`shared_view.Clocks`) asks for; True if any.
+
+    It asks with ``resend_from``; with ``lost_after_settle`` (every push of this worker was
+    answered) a publication that holds fewer of them is a restarted shard's that lost some.
+    """
+    first = int(clocks.resend_from[self.worker])
+    if first < 0 and lost_after_settle and clocks.received[self.worker] < self.last_sent:
+      first = int(clocks.received[self.worker]) + 1
+    if first < 0:
+      return False
+    self._resend(shard, first, self.last_sent + 1)
+    return True
 
   def _drop_acknowledged(self, shard: int, acked: int) -> None:
     for kept in [c for c in self._kept[shard] if c <= acked]:
@@ -361,20 +374,14 @@ class PSClient:
 
     while True:
       # The clocks first (a few bytes): the parameters are copied once the bound is met.
-      clocks = [view.clocks() for view in self.shared]  # (applied, received, acked, resend).
+      clocks = [view.clocks() for view in self.shared]
       for shard, vectors in enumerate(clocks):
         if vectors is None:
           continue
-        _, received, acked, resend_from = vectors
-        self._drop_acknowledged(shard, int(acked[self.worker]))
-        missing = int(resend_from[self.worker])
-        if missing >= 0 or (settled and received[self.worker] < self.last_sent):
-          # A restarted shard lacks clocks of this worker (it said so, or it holds fewer than
-          # `settle` left it with): send them again.
-          self._resend(shard, missing if missing >= 0 else int(received[self.worker]) + 1,
-                       self.last_sent + 1)
-          clocks[shard] = None
-      if all(c is not None and meets_bound(c[0]) for c in clocks):
+        self._drop_acknowledged(shard, int(vectors.acked[self.worker]))
+        if self._resend_requested(shard, vectors, lost_after_settle=settled):
+          clocks[shard] = None  # Read again after the re-sends.
+      if all(c is not None and meets_bound(c.applied) for c in clocks):
         views = [view.read() for view in self.shared]
         if all(v is not None and meets_bound(v.applied) for v in views):
           break
@@ -389,7 +396,7 @@ class PSClient:
         raise TimeoutError(
             f'PS worker {self.worker}: the shared-memory publications missed the bound of '
             f'clock {read_clock} for {self.timeout_s:.3g} s (applied '
-            f'{[None if c is None else c[0].tolist() for c in clocks]}); raise '
+            f'{[None if c is None else c.applied.tolist() for c in clocks]}); raise '
             'config.parallel.ssp_timeout_s if workers are that slow.')
       self._await_publication()
     ready = time.perf_counter()

@@ -57,15 +57,27 @@ _ALIGN = 64
 _CLOCK_VECTORS = 4
 
 
+class Clocks(NamedTuple):
+  """The clock vectors of a publication (copies), one entry per worker.
+
+  Attributes:
+    applied: the newest clock in the published parameters (-1: none).
+    received: the newest clock the shard has taken (>= ``applied``).
+    acked: the newest clock the shard's snapshot covers.
+    resend_from: the first clock to send again (-1: none missing).
+  """
+  applied: np.ndarray
+  received: np.ndarray
+  acked: np.ndarray
+  resend_from: np.ndarray
+
+
 class Publication(NamedTuple):
   """One read of a shard's publication (copies).
 
   Attributes:
     buffers: the packed parameter buffers (`transport.FlatLayout`).
-    applied: per worker, the newest clock in ``buffers`` (-1: none).
-    received: per worker, the newest clock the shard has taken (>= ``applied``).
-    acked: per worker, the newest clock the shard's snapshot covers.
-    resend_from: per worker, the first clock to send again (-1: none missing).
+    applied, received, acked, resend_from: as in `Clocks`.
   """
   buffers: list[np.ndarray]
   applied: np.ndarray
@@ -208,28 +220,27 @@ class SharedView:
     finally:
       fcntl.flock(self._fd, fcntl.LOCK_UN)
 
-  def clocks(self) -> np.ndarray | None:
-    """Only the clock vectors of the newest publication, in `Publication`'s order."""
-    fcntl.flock(self._fd, fcntl.LOCK_SH)
-    try:
-      sequence = int(self._header[1])
-      if self._header[0] != _MAGIC or sequence == 0 or sequence % 2:
-        return None
-      return self._clocks.copy()
-    finally:
-      fcntl.flock(self._fd, fcntl.LOCK_UN)
+  def clocks(self) -> Clocks | None:
+    """Only the clock vectors of the newest publication (a few bytes); None as `read`."""
+    return self._copy(with_buffers=False)
 
   def read(self) -> Publication | None:
     """A copy of the newest publication; None if there is none.
 
     None too while the publication is torn (its writer died writing it) until the next one.
     """
+    return self._copy(with_buffers=True)
+
+  def _copy(self, with_buffers: bool) -> Clocks | Publication | None:
     fcntl.flock(self._fd, fcntl.LOCK_SH)
     try:
       sequence = int(self._header[1])
       if self._header[0] != _MAGIC or sequence == 0 or sequence % 2:
         return None
-      return Publication([np.array(b) for b in self._buffers], *self._clocks.copy())
+      clocks = self._clocks.copy()
+      if not with_buffers:
+        return Clocks(*clocks)
+      return Publication([np.array(b) for b in self._buffers], *clocks)
     finally:
       fcntl.flock(self._fd, fcntl.LOCK_UN)
 
