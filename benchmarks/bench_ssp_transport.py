@@ -6,8 +6,8 @@ Measures, side by side on this machine:
     28x28x1, ~15M float32 parameters, ~60 MB) to ``--shards`` parameter-server shards and read
     the parameters back, clock after clock (ASP so no read waits), once with the read in the
     push's reply (`ps_client.PSClient.step`) and once from the shards' shared-memory
-    publications (`PSClient.read_shared`, the default for s >= 1 where the shards are on the
-    workers' node); effective throughput = (bytes_sent + bytes_received) / transfer_seconds
+    publications (`PSClient.read_shared`, the default where the shards are on the workers'
+    node); effective throughput = (bytes_sent + bytes_received) / transfer_seconds
     over both workers, and the transfer seconds per clock of one worker;
   * the old store: one set by process 0 and one get by process 1 of a ``--store_mib`` MiB random
     payload through the key-value store of JAX's coordination service (2 processes joined by

@@ -40,8 +40,8 @@ def _one_hot_worker_class(ray):
       restarted = ray.get_runtime_context().was_current_actor_reconstructed
       self.kill_at = -1 if restarted else kill_at
       self.client = ps_client.PSClient(shards, assignment, me, staleness, 60.0)
-      # The worker actor's paths: the read for clock c + 1 prefetched during clock c, or read
-      # from the shards' shared-memory publications after an unanswered push.
+      # The worker actor's paths: the read for clock c + 1 prefetched during clock c, or the
+      # push through an outbox and the read from the shards' shared-memory publications.
       if shared:
         assert self.client.attach_shared()  # Every shard is on this (the only) node.
       if drop_ring_every:  # Lose every k-th doorbell ring, as a dead shard's pipe would.
@@ -273,8 +273,10 @@ def test_proportional_batches_follow_speeds_and_stragglers_are_injected(ray_sess
   assert [r['read_path'] for r in report['per_worker']] == ['shared_memory'] * _WORKERS
   assert all(r['shared_memory_reads'] == r['steps'] - 1 for r in report['per_worker'])
   assert [p['rung_pushes'] for p in report['ps']] == [p['pushes'] for p in report['ps']]
-  assert not any(os.path.exists(shared_view.default_path(str(tmp_path), 0) + suffix)
-                 for suffix in ('', '_doorbell', '_worker0_slot0'))
+  publication = shared_view.default_path(str(tmp_path), 0)
+  assert not any(os.path.exists(p) for p in (publication, shared_view.doorbell_path(publication),
+                                             shared_view.outbox_path(publication, 0, 0),
+                                             shared_view.wake_path(publication, 0)))
 
 
 def test_bsp_on_ray_matches_synchronous_training_through_a_shard_kill(ray_session, tmp_path):

@@ -113,8 +113,8 @@ class ParameterShard:
         os.remove(path)
     self.acked = self.applied.copy()
     self.resend_from = np.full(num_workers, -1, np.int64)  # Per worker; -1: nothing missing.
-    # Per worker, pushes without a reply (`push`) that came before a clock they follow: Ray
-    # does not promise to run an async actor's calls in the order they were sent.
+    # Per worker, doorbell pushes that came before a clock they follow (it was lost with a
+    # ring or a restart, or is on its way as a re-send in a call): held until it comes.
     self._early: list[dict[int, Sequence[np.ndarray]]] = [{} for _ in range(num_workers)]
     self.pushes = 0
     self.rung_pushes = 0  # Pushes that came through the doorbell, new when they came.

@@ -4,23 +4,23 @@ The SSP rule asks of the view a worker trains clock c on that it hold every work
 through c - s - 1 and the worker's own (Ho et al. 2013, section 2), under s = 0 exactly those;
 it need not come back in the reply to the worker's own push. A push that waits for that reply
 costs a Ray actor round trip a clock, which on a busy node is the wait for the shard's process
-to get a core (README, "Ray SSP": 6-7 ms of a 26 ms LeNet-5 step on 2 loaded cores). So each
-shard publishes its buffers and clocks into one file in ``/dev/shm`` after every push it applies
-(`SharedView.publish`): per worker, the newest clock in the published parameters, the newest
-clock it has taken (the same under s >= 1; under s = 0 the parameters are published only when
-every worker's clock is in, `publish_clocks` updates the rest), the newest its snapshot covers
-(acknowledged: the worker may drop the deltas it keeps through it) and the first clock it lacks
-(the worker re-sends from there). A worker on the same node pushes without a
-reply, reads the newest publication (`SharedView.read`) and adds its own deltas it lacks
+to get a core (README, "MapReduce and SSP on Ray": 5-8 ms of a 23-35 ms LeNet-5 step on 2 loaded
+cores). So each shard publishes its buffers and clocks into one file in ``/dev/shm`` after every
+push it applies (`SharedView.publish`): per worker, the newest clock in the published
+parameters, the newest clock it has taken (the same under s >= 1; under s = 0 the parameters are
+published only when every worker's clock is in, `publish_clocks` updates the rest), the newest
+its snapshot covers (acknowledged: the worker may drop the deltas it keeps through it) and the
+first clock it lacks (the worker re-sends from there). A worker on the same node pushes without
+a reply, reads the newest publication (`SharedView.read`) and adds its own deltas it lacks
 (`ps_client.PSClient.read_shared`): Bösen's process cache, written by the server. The worker's
 deltas take the opposite way: it writes each into one of two outbox files of its own
-(`outbox_path`, a `SharedView` whose one clock is the delta's) and rings the shard's doorbell,
-a FIFO (`doorbell_path`) that the shard's event loop reads, with 16 bytes (worker, clock): a push
+(`outbox_path`, a `SharedView` whose one clock is the delta's) and rings the shard's doorbell, a
+FIFO (`doorbell_path`) that the shard's event loop reads, with 16 bytes (worker, clock): a push
 is no Ray call at all. A worker that waits for the bound blocks on a FIFO of its own
 (`wake_path`), into which the shard writes a byte after each publication, so that waiting takes
-no CPU from the workers that compute (four workers share two cores in the tests). A Ray actor call costs 0.3-1 ms of the caller's time on a loaded 2-core
-node even without a payload or a reply (inline, a LeNet-5 delta adds ~0.4 ms), against a few
-microseconds for a write to a pipe.
+no CPU from the workers that compute (four workers share two cores in the tests). A Ray actor
+call costs 0.3-1 ms of the caller's time on a loaded 2-core node even without a payload or a
+reply (inline, a LeNet-5 delta adds ~0.4 ms), against a few microseconds for a write to a pipe.
 
 Consistency. A publication and a read hold an advisory lock on the file (``flock``: exclusive
 to publish, shared to read). The lock orders them on every architecture (it is a system call)

@@ -8,11 +8,10 @@ goes into Ray's object store once (``ray.put``); the model travels as its graphd
 state. Workers and shards restart under Ray (``max_restarts``): a worker resumes from its
 checkpoint after the last clock the shards applied, a shard from its snapshot with the deltas
 the workers kept re-sent. The shards also publish to shared memory, and workers on their node
-exchange every clock there (``parallel.ssp_shared_memory``; `ps_client`);
-the driver removes those files at the end. The result is worker 0's optimizer and model state
-with the server's final parameters; the report is the jax engine's ``ssp`` section plus
-``transport`` (bytes and transfer seconds in total and per worker, clocks, per-clock waits) and
-``ps`` (per shard).
+exchange every clock there (``parallel.ssp_shared_memory``; `ps_client`); the driver removes
+those files at the end. The result is worker 0's optimizer and model state with the server's
+final parameters; the report is the jax engine's ``ssp`` section plus ``transport`` (bytes and
+transfer seconds in total and per worker, clocks, per-clock waits) and ``ps`` (per shard).
 
 References:
   Ho et al., NIPS 2013 (SSP); DESIGN.md, "SSP"; papers/delay_sync_parallel.txt.

@@ -5,14 +5,14 @@ every update through c - s - 1, its own through c - 1) and pushes ``delta_k = (b
 (`ssp.steps.ssp_train_step`); `ps_client.ClockPipeline` pushes it and reads the parameters for
 clock c + 1 through shared memory where every shard runs on this worker's node
 (``parallel.ssp_shared_memory``), else in one call, or, under s >= 1 (and ASP), with the read
-prefetched during the step (``parallel.ssp_prefetch``). Batches
-are its consecutive piece of global batch c of the epoch's permutation, equal or proportional to
-the speeds measured over the first ``ssp_warmup_steps`` clocks; `slowdown.Slowdown` injects
-stragglers. The driver has every worker compile its step (`prepare`) before any clock starts,
-so the clocks of all workers start together and no clock's time holds a compilation. Every
-``checkpoint_every_steps`` clocks it writes its optimizer and model state to
-``<workdir>/ssp_worker_<k>/``; restarted by Ray after a crash it loads the newest one and goes on
-after the last clock every shard applied, so none of its clocks is applied twice.
+prefetched during the step (``parallel.ssp_prefetch``). Batches are its consecutive piece of
+global batch c of the epoch's permutation, equal or proportional to the speeds measured over the
+first ``ssp_warmup_steps`` clocks; `slowdown.Slowdown` injects stragglers. The driver has every
+worker compile its step (`prepare`) before any clock starts, so the clocks of all workers start
+together and no clock's time holds a compilation. Every ``checkpoint_every_steps`` clocks it
+writes its optimizer and model state to ``<workdir>/ssp_worker_<k>/``; restarted by Ray after a
+crash it loads the newest one and goes on after the last clock every shard applied, so none of
+its clocks is applied twice.
 """
 
 from __future__ import annotations
